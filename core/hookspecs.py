@@ -1,0 +1,23 @@
+"""Hooks a quantmint plugin can implement. Each takes a `register` callback built by the host, which
+validates what it is given and rejects duplicates in one place (see `quantmint.registry`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+__all__ = ["hookimpl", "hookspec"]
+
+hookspec = pluggy.HookspecMarker("quantmint")
+hookimpl = pluggy.HookimplMarker("quantmint")
+
+
+@hookspec
+def register_model_families(register: Callable[[Any], None]) -> None:
+    """Register `ModelFamily` objects that describe where a model's blocks and linears are."""
+
+
+@hookspec
+def register_cells(register: Callable[[Any], None]) -> None:
+    """Register `QuantizedLinear` classes (real int8 layers) of a runtime, one per scheme."""

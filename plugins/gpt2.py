@@ -1,0 +1,46 @@
+"""GPT2 (GPT2LMHeadModel, GPT2Model). Its linears are transformers' `Conv1D`, which stores the weight
+as [in, out]; the adapter below presents it as [out, in] so the core never sees the difference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from quantmint.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.hookspecs import hookimpl
+
+
+class Conv1DAdapter(LinearAdapter):
+    """`Conv1D` computes x @ weight + bias with weight [in, out]: its transpose is the linear weight."""
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+    def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+
+    def is_linear(self, module: nn.Module) -> bool:
+        return isinstance(module, (Conv1D, nn.Linear))
+
+
+GPT2 = ModelFamily(
+    name="gpt2",
+    architectures=("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification", "GPT2ForTokenClassification"),
+    blocks="h",
+    linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    smooth_pairs=(
+        SmoothPair("ln_1", ("attn.c_attn",)),
+        SmoothPair("ln_2", ("mlp.c_fc",)),
+    ),
+    kv=KVProjections(key="attn.c_attn", value="attn.c_attn", fused=True),
+    adapter=Conv1DAdapter(),
+)
+
+
+@hookimpl
+def register_model_families(register: Callable[[ModelFamily], None]) -> None:
+    register(GPT2)
