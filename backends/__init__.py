@@ -1,0 +1,1 @@
+"""Runtimes for quantized checkpoints: `torch` (reference, CPU and GPU) and, later, `vllm`."""

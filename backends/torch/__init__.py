@@ -1,0 +1,18 @@
+"""The reference PyTorch runtime: real int8 layers (cells) that run anywhere torch runs.
+
+Registered through the `quantmint` entry-point group like any third-party runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear, int8_weight_only_linear
+from quantmint.hookspecs import hookimpl
+
+__all__ = ["Int8WeightOnlyLinear", "int8_weight_only_linear"]
+
+
+@hookimpl
+def register_cells(register: Callable[[type], None]) -> None:
+    register(Int8WeightOnlyLinear)

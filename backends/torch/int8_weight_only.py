@@ -1,0 +1,106 @@
+"""W8A16: int8 weights with one float scale per output channel; activations stay float."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quantmint import quant_math
+from quantmint.cells.base import QuantizedLinear
+from quantmint.cells.fake_quant import FakeQuantLinear
+
+__all__ = ["Int8WeightOnlyLinear", "int8_weight_only_linear"]
+
+# dtypes for which torch has a fused int8-weight matmul (`aten._weight_int8pack_mm`) on CPU and CUDA.
+_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ (weight * scale).T + bias without materialising the float weight.
+
+    Args:
+        x: [..., in] float32 / bfloat16 / float16.
+        weight: [out, in] int8.
+        scale: [out] in x's dtype (the kernel multiplies in that dtype).
+        bias: [out] or None.
+    Returns:
+        [..., out] in x's dtype.
+
+    `aten._weight_int8pack_mm` converts int8 weights on the fly inside the GEMM; on this project's
+    AVX2 CPU it beats dequantize-then-matmul at every measured shape (benchmarks/int8_matmul.py).
+    Other dtypes (float64) fall back to dequantize-then-matmul.
+    """
+    if x.dtype not in _INT8PACK_DTYPES or x.device != weight.device:
+        w = weight.to(x.dtype) * scale.to(x.dtype)[:, None]
+        return F.linear(x, w, bias)
+    shape = x.shape
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), weight, scale)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
+    """Weight-only int8 linear (scheme `w8a16`).
+
+    Tensors (compressed-tensors names): `weight` int8 [out, in], `weight_scale` float32 [out, 1]
+    (or [1, 1] per tensor), `bias` [out] in the model's float dtype, if the layer has one.
+    """
+
+    scheme = "w8a16"
+
+    def __init__(
+        self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))
+        if bias is None:
+            self.bias = None
+        else:
+            self.register_buffer("bias", bias)
+        # Scales in the activation dtype, made on first use: the fused kernel wants them so.
+        self._scale_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_fake_quant(cls, layer: FakeQuantLinear) -> Int8WeightOnlyLinear:
+        q = quant_math.quantize(layer.weight.data, layer.weight_scale)
+        bias = None if layer.bias is None else layer.bias.data.clone()
+        return cls(q, layer.weight_scale.clone(), bias)
+
+    @classmethod
+    def empty(
+        cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, scale_shape: tuple[int, ...]
+    ) -> Int8WeightOnlyLinear:
+        return cls(
+            torch.empty(out_features, in_features, dtype=torch.int8),
+            torch.empty(scale_shape, dtype=torch.float32),
+            torch.empty(out_features, dtype=dtype) if bias else None,
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._scale_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._scale_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _scale_for(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        scale = self._scale_cache.get(key)
+        if scale is None:
+            scale = self.weight_scale.reshape(-1).expand(self.out_features).to(x.dtype).contiguous()
+            self._scale_cache[key] = scale
+        return scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_only_linear(x, self.weight, self._scale_for(x), self.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return quant_math.dequantize(self.weight, self.weight_scale)

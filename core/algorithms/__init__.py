@@ -1,0 +1,10 @@
+"""Algorithm modules that the PTQ algorithm assembles (Golden Stick's layered design).
+
+Each module lives in its own file and works on a `ModelLayout`, so every model family gets it through
+the structure its plugin declares.
+"""
+
+from quantmint.algorithms.ptq import PTQ, QuantState, quantize
+from quantmint.algorithms.rtn import RoundToNearest
+
+__all__ = ["PTQ", "QuantState", "RoundToNearest", "quantize"]
