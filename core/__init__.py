@@ -1,0 +1,56 @@
+"""quantmint: post-training int8 quantization of LLMs, decoupled from model code and serving backends.
+
+Top-level API::
+
+    import quantmint
+    model = quantmint.quantize(model, "w8a16")          # apply + convert, returns int8 model
+    quantmint.save_quantized(model, "out/", tokenizer=tok)
+    model = quantmint.load_quantized("out/")
+"""
+
+from quantmint.algorithms.ptq import PTQ, QuantState, quant_state, quantize
+from quantmint.checkpoint import load_quantized, save_quantized
+from quantmint.config import PRESETS, AlgorithmArgs, PTQConfig, QuantArgs, get_preset
+from quantmint.errors import (
+    CheckpointError,
+    ConfigError,
+    ModelMappingError,
+    NotSupportedError,
+    PluginError,
+    QuantmintError,
+    UnknownModelFamilyError,
+)
+from quantmint.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # top-level API
+    "PTQ",
+    "load_quantized",
+    "quant_state",
+    "quantize",
+    "save_quantized",
+    # configs
+    "PRESETS",
+    "AlgorithmArgs",
+    "PTQConfig",
+    "QuantArgs",
+    "QuantState",
+    "get_preset",
+    # plugins
+    "KVProjections",
+    "LinearAdapter",
+    "ModelFamily",
+    "SmoothPair",
+    "hookimpl",
+    # errors
+    "CheckpointError",
+    "ConfigError",
+    "ModelMappingError",
+    "NotSupportedError",
+    "PluginError",
+    "QuantmintError",
+    "UnknownModelFamilyError",
+]
