@@ -68,8 +68,14 @@ def _split_aliases(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for name, tensor in state_dict.items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
-               tensor.stride(), tensor.dtype)
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tensor.shape,
+            tensor.stride(),
+            tensor.dtype,
+        )
         if tensor.numel() > 0 and key in seen:
             aliases[name] = seen[key]
             continue
@@ -123,7 +129,9 @@ def save_quantized(
     """
     state = quant_state(model)
     if state is None:
-        raise ConfigError("save_quantized needs a model quantized by quantmint: call quantmint.quantize first")
+        raise ConfigError(
+            "save_quantized needs a model quantized by quantmint: call quantmint.quantize first"
+        )
     if state.phase != "converted":
         raise ConfigError("the model is fake-quantized (apply phase): call PTQ.convert(model) before saving")
     out = Path(out_dir)
@@ -158,7 +166,7 @@ def _write_checkpoint(model: nn.Module, tmp: Path, tokenizer: Any, max_bytes: in
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     shard_info = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         path = tmp / name
         save_file(shard, str(path), metadata={"format": "pt"})
         path.chmod(0o644)
@@ -166,7 +174,7 @@ def _write_checkpoint(model: nn.Module, tmp: Path, tokenizer: Any, max_bytes: in
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {t: n for n, shard in zip(names, shards) for t in shard},
+            "weight_map": {t: n for n, shard in zip(names, shards, strict=True) for t in shard},
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
@@ -261,9 +269,7 @@ def _read_shards(path: Path, manifest: dict[str, Any], verify: bool) -> dict[str
     return tensors
 
 
-def _check_tensors(
-    loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
-) -> None:
+def _check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise CheckpointError(
@@ -280,10 +286,13 @@ def _check_tensors(
         got = loaded[name]
         if got.shape != want.shape:
             raise CheckpointError(
-                f"tensor {name!r} in {path} has shape {tuple(got.shape)}, the model expects {tuple(want.shape)}"
+                f"tensor {name!r} in {path} has shape {tuple(got.shape)}, "
+                f"the model expects {tuple(want.shape)}"
             )
         if got.dtype != want.dtype:
-            raise CheckpointError(f"tensor {name!r} in {path} has dtype {got.dtype}, the model expects {want.dtype}")
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has dtype {got.dtype}, the model expects {want.dtype}"
+            )
 
 
 def load_quantized(

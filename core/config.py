@@ -84,7 +84,9 @@ class _Strict(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _Strict:
         if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__} must be a mapping of keys to values, got {type(data).__name__}")
+            raise ConfigError(
+                f"{cls.__name__} must be a mapping of keys to values, got {type(data).__name__}"
+            )
         return cls(**data)
 
 
@@ -171,7 +173,9 @@ class PTQConfig(_Strict):
     @model_validator(mode="after")
     def _check_combination(self) -> PTQConfig:
         if self.weight_dtype is None and self.activation_dtype is None and self.kvcache_dtype is None:
-            raise ValueError("nothing to quantize: set weight_dtype, activation_dtype or kvcache_dtype to int8")
+            raise ValueError(
+                "nothing to quantize: set weight_dtype, activation_dtype or kvcache_dtype to int8"
+            )
         if self.activation_dtype and not self.weight_dtype:
             raise ValueError("int8 activations need int8 weights (W8A8): set weight_dtype: int8")
         if self.outliers_suppression == "smooth" and not self.activation_dtype:
@@ -298,7 +302,9 @@ class PTQConfig(_Strict):
             "weight_dtype": self.weight_dtype,
             "activation_dtype": self.activation_dtype,
             "kvcache_dtype": self.kvcache_dtype,
-            "outliers_suppression": None if self.outliers_suppression == "none" else self.outliers_suppression,
+            "outliers_suppression": None
+            if self.outliers_suppression == "none"
+            else self.outliers_suppression,
             "modules_to_not_convert": list(self.ignore),
             "algorithm_args": {"alpha": self.algorithm_args.smooth_alpha} if method == "smooth_quant" else {},
         }

@@ -3,7 +3,8 @@ validates what it is given and rejects duplicates in one place (see `quantmint.r
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -29,7 +29,12 @@ class Conv1DAdapter(LinearAdapter):
 
 GPT2 = ModelFamily(
     name="gpt2",
-    architectures=("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification", "GPT2ForTokenClassification"),
+    architectures=(
+        "GPT2LMHeadModel",
+        "GPT2Model",
+        "GPT2ForSequenceClassification",
+        "GPT2ForTokenClassification",
+    ),
     blocks="h",
     linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     smooth_pairs=(

@@ -28,7 +28,7 @@ from quantmint.errors import ConfigError, NotSupportedError
 from quantmint.family import ModelFamily, ModelLayout, resolve_layout
 from quantmint.matching import matches_any
 
-__all__ = ["PTQ", "QuantState", "quantize", "quant_state"]
+__all__ = ["PTQ", "QuantState", "quant_state", "quantize"]
 
 STATE_ATTR = "_quantmint_state"
 
@@ -106,7 +106,9 @@ class PTQ:
     def apply(self, model: nn.Module) -> nn.Module:
         """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy)."""
         if quant_state(model) is not None:
-            raise ConfigError("this model was already quantized by quantmint; start again from the float model")
+            raise ConfigError(
+                "this model was already quantized by quantmint; start again from the float model"
+            )
         layout = self.layout(model)
         targets = self.targets(layout)
         if not targets and self.config.weight_dtype:
