@@ -1,0 +1,203 @@
+"""The `quantmint` command line: quantize, eval, inspect, example-model.
+
+Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input ends
+with a one-line reason on stderr and exit status 1 (2 for a malformed command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quantmint.algorithms.ptq import quantize
+    from quantmint.checkpoint import save_quantized
+    from quantmint.config import PTQConfig, get_preset
+    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.summary import checkpoint_summary
+
+    config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
+    if args.ignore:
+        config = config.with_updates(ignore=[*config.ignore, *args.ignore])
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    model = load_float_model(args.model)
+    tokenizer = load_tokenizer(args.model) if (Path(args.model) / "tokenizer_config.json").exists() else None
+    loaded = time.perf_counter()
+    quantize(model, config, family=args.family)
+    quantized = time.perf_counter()
+    save_quantized(
+        model, out, tokenizer=tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
+    saved = time.perf_counter()
+    summary = checkpoint_summary(out)
+    report = {
+        "model": str(args.model),
+        "output": str(out),
+        "scheme": summary["scheme"],
+        "family": summary["family"],
+        "quantized_layers": summary["quantized_layers"],
+        "quantized_linear_bytes": summary["quantized_linear_bytes"],
+        "quantized_linear_bytes_bf16": summary["quantized_linear_bytes_bf16"],
+        "quantized_linear_ratio_vs_bf16": summary["quantized_linear_ratio_vs_bf16"],
+        "checkpoint_tensor_bytes": summary["tensor_bytes"],
+        "checkpoint_tensor_bytes_bf16": summary["tensor_bytes_bf16"],
+        "checkpoint_files_bytes": summary["checkpoint_files_bytes"],
+        "seconds": {
+            "load": round(loaded - start, 2),
+            "quantize": round(quantized - loaded, 2),
+            "save": round(saved - quantized, 2),
+            "total": round(saved - start, 2),
+        },
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    _print_json(report)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from quantmint.eval.perplexity import PERPLEXITY_WINDOWING, perplexity, read_text
+    from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
+
+    if args.text is None:
+        raise _usage_error("nothing to evaluate: pass --text FILE (e.g. wikitext-2's test.txt)")
+    text = read_text(args.text)
+    start = time.perf_counter()
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    load_seconds = time.perf_counter() - start
+    result = perplexity(
+        model, tokenizer, text, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size
+    )
+    _print_json(
+        {
+            "model": str(args.model),
+            "quantized": is_quantmint_checkpoint(args.model),
+            "text": str(args.text),
+            **result,
+            "load_seconds": round(load_seconds, 2),
+            "peak_rss_mb": _peak_rss_mb(),
+            "windowing": PERPLEXITY_WINDOWING,
+        }
+    )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from quantmint.summary import checkpoint_summary
+
+    summary = checkpoint_summary(args.checkpoint)
+    if args.json:
+        _print_json(summary)
+        return
+    width = max((len(layer["module"]) for layer in summary["layers"]), default=10)
+    print(f"{summary['path']}: family {summary['family']}, scheme {summary['scheme']}")
+    print(f"{'module':<{width}}  {'scheme':<7} {'weight':<22} {'bytes':>12} {'bf16 bytes':>12}")
+    for layer in summary["layers"]:
+        print(
+            f"{layer['module']:<{width}}  {layer['scheme']:<7} {layer['weight']:<22} "
+            f"{layer['bytes']:>12,} {layer['bytes_bf16']:>12,}"
+        )
+    ratio = summary["quantized_linear_ratio_vs_bf16"]
+    print(
+        f"quantized linears: {summary['quantized_layers']} layers, "
+        f"{summary['quantized_linear_bytes']:,} bytes "
+        f"vs {summary['quantized_linear_bytes_bf16']:,} in bf16 ({ratio:.2%})"
+    )
+    print(
+        f"all tensors: {summary['tensor_bytes']:,} bytes vs {summary['tensor_bytes_bf16']:,} in bf16; "
+        f"files on disk: {summary['checkpoint_files_bytes']:,} bytes"
+    )
+
+
+def cmd_example_model(args: argparse.Namespace) -> None:
+    from quantmint.example_models import example_model_dir
+
+    print(example_model_dir(args.name))
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage_error(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantmint.config import PRESETS
+    from quantmint.example_models import EXAMPLE_MODELS
+
+    parser = argparse.ArgumentParser(prog="quantmint", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a float Hugging Face model directory")
+    q.add_argument("model", help="float Hugging Face model directory")
+    q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    group = q.add_mutually_exclusive_group()
+    group.add_argument(
+        "--preset", default="w8a16", choices=list(PRESETS), help="named config (default w8a16)"
+    )
+    group.add_argument(
+        "--config", help="YAML config: quantmint's schema or a MindFormers quantization_config"
+    )
+    q.add_argument("--ignore", action="append", metavar="PATTERN", help="also leave this module in float")
+    q.add_argument("--family", help="force a model family instead of matching the architecture")
+    q.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
+    q.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a float or quantized model (JSON)")
+    e.add_argument("model", help="quantmint checkpoint or float model directory")
+    e.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 test.txt")
+    e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
+    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="schemes per layer and bytes before/after")
+    i.add_argument("checkpoint", help="quantmint checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("example-model", help="print the local directory of a shipped example model")
+    x.add_argument(
+        "name", choices=list(EXAMPLE_MODELS), help="; ".join(f"{k}: {v}" for k, v in EXAMPLE_MODELS.items())
+    )
+    x.set_defaults(func=cmd_example_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from quantmint.errors import QuantmintError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except _UsageError as exc:
+        parser.exit(2, f"quantmint {args.command}: error: {exc}\n")
+    except QuantmintError as exc:
+        print(f"quantmint {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

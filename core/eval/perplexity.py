@@ -1,0 +1,79 @@
+"""Perplexity with a fixed windowing, so figures compare across runs and tools."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantmint.errors import QuantmintError
+
+__all__ = ["PERPLEXITY_WINDOWING", "perplexity", "read_text"]
+
+PERPLEXITY_WINDOWING = (
+    "the file's text is tokenized whole without special tokens; the first max_tokens tokens are cut into "
+    "independent, non-overlapping windows of seq_len tokens (a shorter tail is dropped); each window is "
+    "scored from its own start, on its seq_len - 1 next-token predictions"
+)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file as one string (wikitext-2's `test.txt` as shipped, lines and all)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantmintError(f"text file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuantmintError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    max_tokens: int = 32768,
+    seq_len: int = 512,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Causal-LM perplexity of `text` (see `PERPLEXITY_WINDOWING`).
+
+    Returns a dict: `ppl`, `nll` (mean, nats), `tokens` (input tokens used), `scored_tokens`,
+    `windows`, `seq_len`, `seconds`.
+    """
+    if seq_len < 2:
+        raise QuantmintError(f"seq_len must be at least 2, got {seq_len}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n_windows = min(len(ids), max_tokens) // seq_len
+    if n_windows == 0:
+        raise QuantmintError(
+            f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}: use a longer text"
+        )
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    model.eval()
+    total_nll = 0.0
+    start = time.perf_counter()
+    for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=None):
+        batch = windows[i : i + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+    scored = n_windows * (seq_len - 1)
+    mean_nll = total_nll / scored
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": n_windows * seq_len,
+        "scored_tokens": scored,
+        "windows": n_windows,
+        "seq_len": seq_len,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

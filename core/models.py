@@ -1,0 +1,70 @@
+"""Loading Hugging Face model directories, float or quantized, with errors that name the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from quantmint.checkpoint import QUANT_METHOD, load_quantized
+from quantmint.errors import QuantmintError
+
+__all__ = ["is_quantmint_checkpoint", "load_float_model", "load_model", "load_tokenizer"]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise QuantmintError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QuantmintError(f"{path} has no config.json: pass a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantmintError(f"{config_file} is not valid JSON: {exc}") from None
+
+
+def is_quantmint_checkpoint(path: str | Path) -> bool:
+    block = _read_config(Path(path)).get("quantization_config")
+    return isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD
+
+
+def load_float_model(path: str | Path) -> nn.Module:
+    """A float model from a local Hugging Face directory, as the class its config.json names."""
+    import transformers
+
+    path = Path(path)
+    config = _read_config(path)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise QuantmintError(
+            f"{path} is already quantized (quant_method={method!r}); quantmint quantizes float checkpoints"
+        )
+    architectures = config.get("architectures") or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        raise QuantmintError(
+            f"{path}/config.json names architecture {architectures[:1] or 'none'}, which transformers "
+            f"{transformers.__version__} does not provide"
+        )
+    try:
+        model = model_cls.from_pretrained(path, dtype="auto")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise QuantmintError(f"cannot load the float model in {path}: {exc}") from None
+    return model.eval()
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """A quantmint checkpoint (deploy mode) or a float model, whichever `path` holds."""
+    return load_quantized(path) if is_quantmint_checkpoint(path) else load_float_model(path)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise QuantmintError(f"no usable tokenizer in {path}: {exc}") from None

@@ -1,0 +1,95 @@
+"""What a quantmint checkpoint holds, read from its headers without loading any tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from quantmint.checkpoint import MANIFEST_NAME, read_quantization_config
+from quantmint.errors import CheckpointError
+
+__all__ = ["checkpoint_summary"]
+
+_DTYPE_BYTES = {"I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8, "BOOL": 1}
+_BF16 = 2
+
+
+def _tensor_headers(path: Path, shards: list[str]) -> dict[str, tuple[str, list[int]]]:
+    headers = {}
+    for shard in shards:
+        try:
+            with safe_open(str(path / shard), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118
+                    piece = f.get_slice(key)
+                    headers[key] = (piece.get_dtype(), list(piece.get_shape()))
+        except (SafetensorError, FileNotFoundError) as exc:
+            raise CheckpointError(f"cannot read {path / shard}: {exc}") from None
+    return headers
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _DTYPE_BYTES.get(dtype, 4)
+
+
+def checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """Scheme and bytes of every quantized layer, and of the whole checkpoint, vs bf16.
+
+    `bytes_bf16` is what the same tensors take in bfloat16 (the usual serving dtype), counting an int8
+    weight as a bf16 weight of the same shape and its scales as nothing.
+    """
+    path = Path(path)
+    block = read_quantization_config(path)
+    manifest_file = path / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST_NAME}: the checkpoint is incomplete")
+    manifest = json.loads(manifest_file.read_text())
+    headers = _tensor_headers(path, list(manifest["shards"]))
+    layers = []
+    quantized_tensors: set[str] = set()
+    for module, scheme in block["modules"].items():
+        names = [n for n in headers if n.startswith(module + ".")]
+        quantized_tensors.update(names)
+        after = sum(_nbytes(*headers[n]) for n in names)
+        weight_dtype, weight_shape = headers.get(f"{module}.weight", ("?", []))
+        before = _nbytes("BF16", weight_shape) + (
+            _nbytes("BF16", headers[f"{module}.bias"][1]) if f"{module}.bias" in headers else 0
+        )
+        layers.append(
+            {
+                "module": module,
+                "scheme": scheme,
+                "weight": f"{weight_dtype.lower()}{weight_shape}",
+                "bytes": after,
+                "bytes_bf16": before,
+            }
+        )
+    linear_after = sum(layer["bytes"] for layer in layers)
+    linear_before = sum(layer["bytes_bf16"] for layer in layers)
+    other_bytes = sum(_nbytes(*headers[n]) for n in headers if n not in quantized_tensors)
+    other_bf16 = sum(
+        _nbytes("BF16", shape) if dtype in ("F32", "F16", "BF16") else _nbytes(dtype, shape)
+        for n, (dtype, shape) in headers.items()
+        if n not in quantized_tensors
+    )
+    files_bytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return {
+        "path": str(path),
+        "scheme": block.get("scheme"),
+        "family": block.get("family"),
+        "quantized_layers": len(layers),
+        "quantized_linear_bytes": linear_after,
+        "quantized_linear_bytes_bf16": linear_before,
+        "quantized_linear_ratio_vs_bf16": round(linear_after / linear_before, 5) if linear_before else None,
+        "other_tensor_bytes": other_bytes,
+        "tensor_bytes": linear_after + other_bytes,
+        "tensor_bytes_bf16": linear_before + other_bf16,
+        "checkpoint_files_bytes": files_bytes,
+        "tied_aliases": manifest.get("aliases", {}),
+        "layers": layers,
+    }
