@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantmint.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(" = Title = \n the quick brown fox jumps over the lazy dog . \n" * 60)
+    return path
+
+
+def test_quantize_inspect_eval(tmp_path: Path, tiny_model_dir, text_file: Path, capsys) -> None:
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    code, stdout, _ = _run(capsys, "quantize", str(src), "--preset", "w8a16", "-o", str(out))
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["scheme"] == "w8a16" and report["quantized_layers"] == 14
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # (out, in) per block
+    int8_bytes = 2 * sum(o * i + o * 4 for o, i in shapes)  # int8 weight + float32 scale per row
+    assert report["quantized_linear_bytes"] == int8_bytes
+    assert report["quantized_linear_bytes_bf16"] == 2 * sum(o * i * 2 for o, i in shapes)
+    assert report["peak_rss_mb"] > 0 and report["seconds"]["total"] > 0
+    assert (out / "tokenizer.json").exists()
+
+    code, stdout, _ = _run(capsys, "inspect", str(out), "--json")
+    summary = json.loads(stdout)
+    assert {layer["scheme"] for layer in summary["layers"]} == {"w8a16"}
+    q_proj = next(
+        layer for layer in summary["layers"] if layer["module"] == "model.layers.0.self_attn.q_proj"
+    )
+    assert q_proj["weight"] == "i8[64, 64]"
+    assert q_proj["bytes"] == 64 * 64 + 64 * 4 and q_proj["bytes_bf16"] == 64 * 64 * 2
+
+    code, stdout, _ = _run(capsys, "inspect", str(out))
+    assert "model.layers.1.mlp.down_proj" in stdout and "quantized linears: 14 layers" in stdout
+
+    results = {}
+    for name, path in (("float", src), ("quant", out)):
+        code, stdout, _ = _run(
+            capsys, "eval", str(path), "--text", str(text_file), "--max-tokens", "512", "--seq-len", "64"
+        )
+        assert code == 0
+        results[name] = json.loads(stdout)
+    assert results["float"]["quantized"] is False and results["quant"]["quantized"] is True
+    assert results["quant"]["tokens"] == 512 and results["quant"]["windows"] == 8
+    # a random tiny model: perplexity near the vocabulary size, and RTN barely moves it
+    assert abs(results["quant"]["ppl"] / results["float"]["ppl"] - 1) < 0.01
+
+
+def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    config = tmp_path / "mf.yaml"
+    config.write_text(
+        "quantization_config:\n  quant_method: rtn\n  weight_dtype: int8\n"
+        "  activation_dtype: None\n  modules_to_not_convert: [lm_head]\n  algorithm_args: {}\n"
+    )
+    code, stdout, _ = _run(
+        capsys,
+        "quantize",
+        str(tiny_model_dir("llama")),
+        "--config",
+        str(config),
+        "--ignore",
+        "down_proj",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert code == 0 and json.loads(stdout)["quantized_layers"] == 12
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["quantize", "{missing}", "-o", "{out}"], "does not exist"),
+        (["quantize", "{model}", "-o", "{out}", "--preset", "w8a8"], "not available yet"),
+        (["quantize", "{model}", "-o", "{out}", "--family", "opt"], "unknown model family 'opt'"),
+        (["quantize", "{model}", "-o", "{out}", "--config", "{badconfig}"], "unknown key 'frobnicate'"),
+        (["eval", "{model}"], "--text"),
+        (["inspect", "{model}"], "not a quantmint checkpoint"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(tmp_path: Path, tiny_model_dir, argv, fragment) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("frobnicate: 1\n")
+    values = {
+        "missing": str(tmp_path / "nope"),
+        "out": str(tmp_path / "o"),
+        "model": str(tiny_model_dir("llama")),
+        "badconfig": str(bad),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "quantmint.cli", *[a.format(**values) for a in argv]],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert fragment in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    (tmp_path / "o").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err

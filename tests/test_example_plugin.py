@@ -1,0 +1,71 @@
+"""The examples/ plugin, installed as its own package, is discovered and used with no change to core."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-opt"
+
+SCRIPT = """
+import torch, transformers, quantmint
+from quantmint import registry
+from quantmint.quant_math import sqnr_db
+assert "opt" in registry.model_families(), registry.model_families()
+owner = dict(registry.get_plugin_manager().list_name_plugin())["opt"]
+assert owner.__name__ == "quantmint_opt", owner
+torch.manual_seed(0)
+cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64)
+model = transformers.OPTForCausalLM(cfg).eval()
+ids = torch.randint(0, 256, (2, 16))
+ref = model(ids).logits
+quantmint.quantize(model, "w8a16")
+print("modules", len(quantmint.quant_state(model).modules))
+print("sqnr", sqnr_db(ref, model(ids).logits))
+"""
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+def test_example_plugin_is_discovered_and_used(installed_example: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("QUANTMINT_PLUGINS", None)
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split() for line in result.stdout.splitlines())
+    assert int(lines["modules"]) == 12  # 6 linears x 2 blocks
+    assert float(lines["sqnr"]) >= 35.0
+
+
+def test_without_the_example_opt_is_unknown() -> None:
+    code = "from quantmint import registry; print('opt' in registry.model_families())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
