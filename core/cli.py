@@ -73,30 +73,60 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quantmint.eval.perplexity import PERPLEXITY_WINDOWING, perplexity, read_text
+    from quantmint.eval import (
+        PERPLEXITY_WINDOWING,
+        embedding_cosine,
+        perplexity,
+        read_documents,
+        read_text,
+        sentence_embeddings,
+    )
     from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
 
-    if args.text is None:
-        raise _usage_error("nothing to evaluate: pass --text FILE (e.g. wikitext-2's test.txt)")
-    text = read_text(args.text)
+    if args.text is None and args.docs is None:
+        raise _usage_error("nothing to evaluate: pass --text FILE (perplexity) or --docs FILE --reference DIR")
+    if args.docs is not None and args.reference is None:
+        raise _usage_error("--docs compares embeddings with a float model: also pass --reference FLOAT_DIR")
     start = time.perf_counter()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    load_seconds = time.perf_counter() - start
-    result = perplexity(
-        model, tokenizer, text, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size
-    )
-    _print_json(
-        {
-            "model": str(args.model),
-            "quantized": is_quantmint_checkpoint(args.model),
-            "text": str(args.text),
-            **result,
-            "load_seconds": round(load_seconds, 2),
-            "peak_rss_mb": _peak_rss_mb(),
-            "windowing": PERPLEXITY_WINDOWING,
-        }
-    )
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "quantized": is_quantmint_checkpoint(args.model),
+        "load_seconds": round(time.perf_counter() - start, 2),
+    }
+    if args.text is not None:
+        if not _is_causal_lm(model):
+            raise _usage_error(f"perplexity needs a causal LM; {type(model).__name__} is not one (use --docs)")
+        ppl = perplexity(
+            model,
+            tokenizer,
+            read_text(args.text),
+            max_tokens=args.max_tokens,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+        )
+        result.update({"text": str(args.text), **ppl, "windowing": PERPLEXITY_WINDOWING})
+    if args.docs is not None:
+        docs = read_documents(args.docs)
+        reference = load_model(args.reference)
+        started = time.perf_counter()
+        ours = sentence_embeddings(model, tokenizer, docs)
+        theirs = sentence_embeddings(reference, load_tokenizer(args.reference), docs)
+        result.update(
+            {
+                "docs": str(args.docs),
+                "reference": str(args.reference),
+                **embedding_cosine(theirs, ours),
+                "embedding_seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    result["peak_rss_mb"] = _peak_rss_mb()
+    _print_json(result)
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -169,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
     e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    e.add_argument("--docs", help="one document per line: compare sentence embeddings with --reference")
+    e.add_argument("--reference", help="float model directory to compare embeddings against")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="schemes per layer and bytes before/after")
