@@ -70,3 +70,23 @@ def test_empty_then_load_reproduces_the_cell() -> None:
 def test_rejects_float_weight() -> None:
     with pytest.raises(ValueError, match="int8"):
         Int8WeightOnlyLinear(torch.randn(4, 4), torch.ones(4, 1))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rows", "out_features", "in_features"),
+    [
+        (torch.bfloat16, 1, 48, 80),  # fused int8pack kernel (in % 16 == 0)
+        (torch.bfloat16, 1, 48, 72),  # in % 16 != 0: the fused bf16 kernel is unsafe, cast path instead
+        (torch.bfloat16, 16, 48, 80),  # cast path
+        (torch.float16, 2, 48, 64),
+        (torch.float32, 1, 2048, 2048),  # large fp32 layer, one row: fused kernel
+        (torch.float32, 3, 2048, 2048),
+    ],
+)
+def test_every_kernel_path_matches_the_reference(dtype, rows, out_features, in_features) -> None:
+    cell, _ = _cell(out_features, in_features)
+    x = torch.randn(rows, in_features)
+    ref = torch.nn.functional.linear(x.double(), cell.dequantized_weight().double(), cell.bias.double())
+    out = cell(x.to(dtype))
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    assert quant_math.sqnr_db(ref, out.double()) > (100 if dtype == torch.float32 else 35)

@@ -15,26 +15,49 @@ __all__ = ["Int8WeightOnlyLinear", "int8_weight_only_linear"]
 def int8_weight_only_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = x @ (weight * scale).T + bias, computed as (x @ weight.T) * scale + bias.
+    """y = x @ (weight * scale).T + bias, without keeping a float copy of the weight.
 
     Args:
         x: [..., in] float (float32, bfloat16, float16, float64).
-        weight: [out, in] int8.
-        scale: [out] float, one per output channel (any float dtype; used in x's dtype).
+        weight: [out, in] int8, contiguous.
+        scale: [out] in x's dtype, one per output channel.
         bias: [out] or None.
     Returns:
         [..., out] in x's dtype.
 
-    The int8 weight is converted to x's dtype (exact: every int8 is representable in bf16 and wider)
-    and the per-channel scale is applied to the output, so only one cheap elementwise pass touches
-    the weight. On this project's AVX2 CPU this beats `aten._weight_int8pack_mm` by 2x at one row and
-    by 14-30x at 16-256 rows, and dequantize-weight-then-matmul by about 2x at one row
-    (benchmarks/int8_matmul.py prints the side-by-side figures).
+    Two kernels, chosen by what benchmarks/int8_matmul.py measured on CPU (torch 2.13):
+    - `aten._weight_int8pack_mm` converts the weight inside the GEMM. It is the fastest for decode
+      (one row) in bf16/fp16 (0.35-0.8x the time of fp32 F.linear) and in fp32 on large layers
+      (4096x4096: 4.7 ms vs 16 ms), but 15-45x slower than the alternative at 16+ rows. In bf16 it
+      reads out of bounds when `in` is not a multiple of 16, so it is never used there.
+    - Otherwise the int8 weight is cast to x's dtype (exact: every int8 fits bf16 and wider) and the
+      per-channel scale is applied to the output, (x @ q.T) * scale: one cheap pass over the weight,
+      about 2x faster than dequantize-weight-then-matmul.
     """
-    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _use_int8pack(x, weight, rows):
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, shape[-1]).contiguous(), weight, scale)
+        y = y.reshape(*shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight.to(x.dtype)) * scale
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+_INT8PACK_MAX_ROWS_HALF = 4  # measured: fastest at 1 row, slower than the cast path at 16 rows
+_INT8PACK_MIN_WEIGHT_FP32 = 1 << 22  # fp32 one-row: faster only once the cast of the weight dominates
+
+
+def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    if x.device.type != "cpu" or rows == 0 or not weight.is_contiguous():
+        return False
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return rows <= _INT8PACK_MAX_ROWS_HALF and weight.shape[1] % 16 == 0
+    if x.dtype == torch.float32:
+        return rows == 1 and weight.numel() >= _INT8PACK_MIN_WEIGHT_FP32
+    return False
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
