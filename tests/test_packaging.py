@@ -15,8 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_installs_and_imports(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "dist"), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -30,11 +40,13 @@ def test_wheel_installs_and_imports(tmp_path: Path) -> None:
     code = (
         "import quantmint, quantmint.plugins.llama, quantmint.backends.torch\n"
         "from quantmint import registry\n"
-        "assert quantmint.__file__.startswith(%r), quantmint.__file__\n"
+        f"assert quantmint.__file__.startswith({str(target)!r}), quantmint.__file__\n"
         "print(sorted(registry.model_families()), sorted(registry.cell_classes()))\n"
-    ) % str(target)
+    )
     # Run from an empty directory so that the source tree is not importable.
     env = {**os.environ, "PYTHONPATH": str(target)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "['bert', 'gpt2', 'llama'] ['w8a16']" in result.stdout
