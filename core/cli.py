@@ -84,7 +84,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
 
     if args.text is None and args.docs is None:
-        raise _usage_error("nothing to evaluate: pass --text FILE (perplexity) or --docs FILE --reference DIR")
+        raise _usage_error(
+            "nothing to evaluate: pass --text FILE (perplexity) or --docs FILE --reference DIR"
+        )
     if args.docs is not None and args.reference is None:
         raise _usage_error("--docs compares embeddings with a float model: also pass --reference FLOAT_DIR")
     start = time.perf_counter()
@@ -97,7 +99,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     }
     if args.text is not None:
         if not _is_causal_lm(model):
-            raise _usage_error(f"perplexity needs a causal LM; {type(model).__name__} is not one (use --docs)")
+            raise _usage_error(
+                f"perplexity needs a causal LM; {type(model).__name__} is not one (use --docs)"
+            )
         ppl = perplexity(
             model,
             tokenizer,

@@ -54,7 +54,17 @@ def test_smollm2_w8a16_perplexity_and_reload(smollm2_dir: Path, tmp_path: Path) 
 def test_smollm2_cli_sizes(smollm2_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "q"
     result = subprocess.run(
-        [sys.executable, "-m", "quantmint.cli", "quantize", str(smollm2_dir), "--preset", "w8a16", "-o", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "quantmint.cli",
+            "quantize",
+            str(smollm2_dir),
+            "--preset",
+            "w8a16",
+            "-o",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         check=True,

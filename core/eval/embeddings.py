@@ -41,7 +41,11 @@ def sentence_embeddings(
     out = []
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            texts[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         hidden = model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
