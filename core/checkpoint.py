@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from torch import nn
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
+from quantmint.hf import model_class, staged_directory
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "QUANT_METHOD", "load_quantized", "save_quantized"]
 
@@ -138,21 +137,8 @@ def save_quantized(
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
     max_bytes = parse_size(max_shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(out, overwrite=overwrite) as tmp:
         _write_checkpoint(model, tmp, tokenizer, max_bytes)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -319,13 +305,7 @@ def load_quantized(
         raise CheckpointError(f"{path}/config.json cannot be read by transformers: {exc}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    architectures = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    if model_cls is None:
-        raise CheckpointError(
-            f"{path}/config.json names architecture {architectures[:1] or 'none'}, which this transformers "
-            f"{transformers.__version__} does not provide"
-        )
+    model_cls = model_class(getattr(config, "architectures", None), path, CheckpointError)
     try:
         ptq_config = PTQConfig.from_dict(block.get("config", {}))
     except QuantmintError as exc:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from quantmint.errors import QuantmintError
+from quantmint.hf import staged_directory
 
 __all__ = ["EXAMPLE_MODELS", "cache_dir", "example_model_dir"]
 
@@ -80,16 +79,8 @@ def _smollm2_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = "SmolLM2-135M-Instruct (dequantized from Q4_1 GGUF)"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    # overwrite: a concurrent conversion that finished first wrote the same files.
+    with staged_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

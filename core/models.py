@@ -10,6 +10,7 @@ from torch import nn
 
 from quantmint.checkpoint import QUANT_METHOD, load_quantized
 from quantmint.errors import QuantmintError
+from quantmint.hf import model_class
 
 __all__ = ["is_quantmint_checkpoint", "load_float_model", "load_model", "load_tokenizer"]
 
@@ -33,8 +34,6 @@ def is_quantmint_checkpoint(path: str | Path) -> bool:
 
 def load_float_model(path: str | Path) -> nn.Module:
     """A float model from a local Hugging Face directory, as the class its config.json names."""
-    import transformers
-
     path = Path(path)
     config = _read_config(path)
     if config.get("quantization_config"):
@@ -42,13 +41,7 @@ def load_float_model(path: str | Path) -> nn.Module:
         raise QuantmintError(
             f"{path} is already quantized (quant_method={method!r}); quantmint quantizes float checkpoints"
         )
-    architectures = config.get("architectures") or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    if model_cls is None:
-        raise QuantmintError(
-            f"{path}/config.json names architecture {architectures[:1] or 'none'}, which transformers "
-            f"{transformers.__version__} does not provide"
-        )
+    model_cls = model_class(config.get("architectures"), path)
     try:
         model = model_cls.from_pretrained(path, dtype="auto")
     except (OSError, ValueError, RuntimeError) as exc:

@@ -1,4 +1,4 @@
-"""Benchmarks keep running: a quick pass must print one JSON line with the promised keys (no timing asserts)."""
+"""Benchmarks keep running: a quick pass prints one JSON line with the promised keys (no timing asserts)."""
 
 from __future__ import annotations
 
