@@ -201,3 +201,14 @@ def test_parse_size() -> None:
     assert parse_size(123) == 123
     with pytest.raises(ConfigError, match="invalid size"):
         parse_size("2 parsecs")
+
+
+def test_a_loaded_checkpoint_saves_again_identically(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    save_quantized(_quantized("gpt2"), tmp_path / "a")
+    first = load_quantized(tmp_path / "a")
+    save_quantized(first, tmp_path / "b")
+    second = load_quantized(tmp_path / "b")
+    assert torch.equal(model_output(second, input_ids), model_output(first, input_ids))
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
