@@ -24,12 +24,10 @@ BERT = ModelFamily(
     ),
     blocks="encoder.layer",
     linears=(*_QKV, "attention.output.dense", "intermediate.dense", "output.dense"),
-    # BERT is post-norm: each block's inputs come from the previous block's last LayerNorm, so the
-    # norm→linear pairs inside a block start at the attention output's LayerNorm.
-    smooth_pairs=(
-        SmoothPair("attention.self.value", ("attention.output.dense",)),
-        SmoothPair("attention.output.LayerNorm", ("intermediate.dense",)),
-    ),
+    # BERT is post-norm: every LayerNorm's output is also the residual of the next sub-layer, so
+    # folding a scale into it would change the function. Only value -> attention output is exact
+    # (the attention context is linear in the values).
+    smooth_pairs=(SmoothPair("attention.self.value", ("attention.output.dense",)),),
     kv=KVProjections(key="attention.self.key", value="attention.self.value"),
 )
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from quantmint.backends.torch.int8_linear import Int8Linear, int8_int8_matmul
 from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear, int8_weight_only_linear
 from quantmint.hookspecs import hookimpl
 
-__all__ = ["Int8WeightOnlyLinear", "int8_weight_only_linear"]
+__all__ = ["Int8Linear", "Int8WeightOnlyLinear", "int8_int8_matmul", "int8_weight_only_linear"]
 
 
 @hookimpl
 def register_cells(register: Callable[[type], None]) -> None:
     register(Int8WeightOnlyLinear)
+    register(Int8Linear)

@@ -93,7 +93,13 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def empty(
-        cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, scale_shape: tuple[int, ...]
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        scale_shape: tuple[int, ...],
+        static_input: bool = False,
     ) -> Int8WeightOnlyLinear:
         return cls(
             torch.empty(out_features, in_features, dtype=torch.int8),

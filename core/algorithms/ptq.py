@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +20,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantmint import registry
+from quantmint import quant_math, registry
 from quantmint.algorithms.rtn import RoundToNearest
+from quantmint.algorithms.smooth_quant import SmoothQuant
+from quantmint.calibration import run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import ConfigError, NotSupportedError
-from quantmint.family import ModelFamily, ModelLayout, resolve_layout
+from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
 from quantmint.matching import matches_any
+from quantmint.observers import InputObserver, attach_input_observers
 
 __all__ = ["PTQ", "QuantState", "quant_state", "quantize"]
 
@@ -41,6 +45,7 @@ class QuantState:
     family: str
     modules: dict[str, str] = field(default_factory=dict)  # module name -> scheme
     phase: str = "applied"  # "applied" (fake-quant) or "converted" (real int8 cells)
+    calibration: dict[str, Any] | None = None  # samples, tokens, seconds, peak RSS of calibration
 
 
 def quant_state(model: nn.Module) -> QuantState | None:
@@ -68,19 +73,17 @@ class PTQ:
         self._check_supported()
 
     def _check_supported(self) -> None:
-        missing = []
-        if self.config.activation_dtype:
-            missing.append("int8 activations (W8A8)")
-        if self.config.outliers_suppression != "none":
-            missing.append("outlier smoothing (SmoothQuant)")
         if self.config.kvcache_dtype:
-            missing.append("int8 kv cache (C8)")
-        if missing:
             raise NotSupportedError(
-                f"this version of quantmint implements RTN weight-only quantization (preset w8a16); "
-                f"{', '.join(missing)} requested by this config ({self.config.scheme_name}) are not "
-                "available yet"
+                f"int8 kv cache (C8), requested by this config ({self.config.scheme_name}), is not "
+                "available yet; use a preset without -c8"
             )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Smoothing and static activation ranges are measured on calibration data."""
+        act_static = bool(self.config.activation_dtype) and not self.config.activations.dynamic
+        return self.config.outliers_suppression == "smooth" or act_static
 
     # --- structure ----------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> ModelLayout:
@@ -103,8 +106,16 @@ class PTQ:
 
     # --- phases -------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy)."""
+    def apply(
+        self, model: nn.Module, calibration: list[torch.Tensor] | None = None, batch_size: int = 8
+    ) -> nn.Module:
+        """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy).
+
+        Args:
+            calibration: 1-D int64 token tensors (see `quantmint.data.calibration_samples`); needed
+                when the config smooths outliers or uses static activation ranges.
+            batch_size: calibration samples per forward pass.
+        """
         if quant_state(model) is not None:
             raise ConfigError(
                 "this model was already quantized by quantmint; start again from the float model"
@@ -119,13 +130,82 @@ class PTQ:
         state = QuantState(config=self.config, family=layout.family.name)
         if self.config.mode == "deploy":
             self._build_empty_cells(model, layout, targets, state)
+        elif self.needs_calibration:
+            if not calibration:
+                raise ConfigError(
+                    f"{self.config.scheme_name} with outliers_suppression="
+                    f"{self.config.outliers_suppression!r} and activations.dynamic="
+                    f"{self.config.activations.dynamic} needs calibration data: pass calibration="
+                    "quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
+                )
+            state.calibration = self._calibrate(model, layout, targets, calibration, batch_size, state)
         else:
-            rtn = RoundToNearest(self.config.weights)
             for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
-                model.set_submodule(name, rtn.fake_quantize(module, layout.family.adapter, self.scheme))
-                state.modules[name] = self.scheme
+                self._quantize_linear(model, name, module, layout.family, None, None, state)
         setattr(model, STATE_ATTR, state)
         return model
+
+    def _quantize_linear(
+        self,
+        model: nn.Module,
+        name: str,
+        module: nn.Module,
+        family: ModelFamily,
+        observer: InputObserver | None,
+        smoothing: torch.Tensor | None,
+        state: QuantState,
+    ) -> None:
+        """Replace one float linear by its fake-quantized twin (weights RTN, activations per config)."""
+        fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, self.scheme)
+        if self.config.activation_dtype:
+            fake.quantize_input = True
+            if not self.config.activations.dynamic:
+                assert observer is not None
+                amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
+                fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
+        model.set_submodule(name, fake)
+        state.modules[name] = self.scheme
+
+    def _calibrate(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        targets: dict[str, nn.Module],
+        samples: list[torch.Tensor],
+        batch_size: int,
+        state: QuantState,
+    ) -> dict[str, Any]:
+        """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`)."""
+        family = layout.family
+        smooth = None
+        if self.config.outliers_suppression == "smooth":
+            smooth = SmoothQuant(self.config.algorithm_args.smooth_alpha, head_dim=_head_dim(model))
+        act = self.config.activations
+        percentile = act.percentile if act.observer == "percentile" else None
+
+        def attach(block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any]]:
+            # Observe every family linear of the block: smoothing needs them even when one is ignored.
+            return attach_input_observers(block.linears, percentile)
+
+        def finish(block: BlockLayout, attached: Any, _calls: Any, _outputs: Any) -> bool:
+            observers, handles = attached
+            for handle in handles:
+                handle.remove()
+            smoothing = smooth.smooth_block(block, family, observers) if smooth else {}
+            for name, module in block.linears.items():
+                if name in targets:
+                    self._quantize_linear(
+                        model, name, module, family, observers[name], smoothing.get(name), state
+                    )
+            return False
+
+        report = run_sequential(model, layout, samples, attach, finish, batch_size=batch_size)
+        return {
+            "samples": report.samples,
+            "tokens": report.tokens,
+            "seconds": report.seconds,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
 
     def _build_empty_cells(
         self, model: nn.Module, layout: ModelLayout, targets: dict[str, nn.Module], state: QuantState
@@ -143,6 +223,7 @@ class PTQ:
                 bias is not None,
                 weight.dtype,
                 (scale_rows or out_features, 1),
+                static_input=bool(self.config.activation_dtype) and not self.config.activations.dynamic,
             )
             model.set_submodule(name, cell)
             state.modules[name] = self.scheme
@@ -174,7 +255,10 @@ def cell_class(scheme: str) -> type[QuantizedLinear]:
 
 
 def quantize(
-    model: nn.Module, config: PTQConfig | str | dict[str, Any] = "w8a16", family: str | None = None
+    model: nn.Module,
+    config: PTQConfig | str | dict[str, Any] = "w8a16",
+    family: str | None = None,
+    calibration: list[torch.Tensor] | None = None,
 ) -> nn.Module:
     """Quantize a float model in place and return it with real int8 layers (apply, then convert).
 
@@ -182,7 +266,18 @@ def quantize(
         model: a float transformers model that a registered model family handles.
         config: a `PTQConfig`, a preset name (`w8a16`, ...) or a mapping of config keys.
         family: force a model family by name instead of matching the model's class.
+        calibration: token samples for configs that calibrate (SmoothQuant, static activations).
     """
     ptq = PTQ(as_config(config).with_updates(mode="quantize"), family=family)
-    ptq.apply(model)
+    ptq.apply(model, calibration=calibration)
     return ptq.convert(model)
+
+
+def _head_dim(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    head_dim = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    return head_dim or (hidden // heads if hidden and heads else None)

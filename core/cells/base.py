@@ -33,9 +33,18 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def empty(
-        cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, scale_shape: tuple[int, ...]
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        scale_shape: tuple[int, ...],
+        static_input: bool = False,
     ) -> QuantizedLinear:
-        """An uninitialised cell whose state_dict has the names, shapes and dtypes a checkpoint must have."""
+        """An uninitialised cell whose state_dict has the names, shapes and dtypes a checkpoint must have.
+
+        `static_input`: activations use a calibrated per-tensor `input_scale` (W8A8 static).
+        """
         raise NotImplementedError
 
     def dequantized_weight(self) -> torch.Tensor:

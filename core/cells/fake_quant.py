@@ -6,18 +6,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FakeQuantLinear"]
+from quantmint import quant_math
+
+__all__ = ["FakeQuantLinear", "fake_quantize_activation"]
+
+
+def fake_quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """Round activations [..., in] onto the int8 grid: per token when `input_scale` is None (dynamic),
+    else with the static per-tensor scale (a 1-element float32 tensor). Same shape and dtype as x."""
+    xf = x.float()
+    if input_scale is None:
+        scale = quant_math.qparams_from_absmax(xf.abs().amax(dim=-1, keepdim=True))
+    else:
+        scale = input_scale.reshape(())
+    return (torch.round(xf / scale).clamp_(-127, 127) * scale).to(x.dtype)
 
 
 class FakeQuantLinear(nn.Module):
-    """`y = x @ W_q.T + b` where `W_q = q * weight_scale` is already on the int grid (float dtype).
+    """`y = fq(x) @ W_q.T + b` where `W_q = q * weight_scale` is already on the int grid (float dtype).
 
     Its outputs are what the converted int8 layer computes, up to float rounding, so accuracy can be
     checked before converting. It replaces any linear-like module (also GPT2's `Conv1D`): the weight
     is always held as [out_features, in_features].
 
-    Tensors: `weight` [out, in] float, `weight_scale` float32 [out, 1] (per channel) or [1] (per tensor),
-    `bias` [out] or None.
+    Tensors: `weight` [out, in] float, `weight_scale` float32 [out, 1] (per channel) or [1, 1] (per
+    tensor), `bias` [out] or None, and for W8A8 with static activations `input_scale` float32 [1].
+    `quantize_input` turns activation fake-quantization on (scheme `w8a8`).
     """
 
     def __init__(
@@ -27,20 +41,34 @@ class FakeQuantLinear(nn.Module):
         weight_scale: torch.Tensor,
         scheme: str,
         source_type: str = "Linear",
+        quantize_input: bool = False,
+        input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1, 1))
+        # A None buffer is not saved; assigning a tensor later (static calibration) makes it one.
+        self.register_buffer(
+            "input_scale", None if input_scale is None else input_scale.detach().float().reshape(1)
+        )
         self.scheme = scheme
         self.source_type = source_type
+        self.quantize_input = quantize_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_input:
+            x = fake_quantize_activation(x, self.input_scale)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        acts = (
+            ""
+            if not self.quantize_input
+            else (", act=static" if self.input_scale is not None else ", act=dynamic")
+        )
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
-            f"replaces={self.source_type}"
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+            f"{acts}, replaces={self.source_type}"
         )

@@ -1,0 +1,115 @@
+"""W8A8: int8 weights per output channel, int8 activations per token (dynamic) or per tensor (static),
+an int8 x int8 -> int32 matmul, and the scales applied to the int32 result."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from quantmint import quant_math
+from quantmint.cells.base import QuantizedLinear
+from quantmint.cells.fake_quant import FakeQuantLinear
+
+__all__ = ["Int8Linear", "int8_int8_matmul", "int_mm_is_exact"]
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether `torch._int_mm` on this CPU accumulates int8 products exactly in int32.
+
+    Without VNNI, x86 int8 GEMMs may add pairs of products in saturating 16-bit integers. The probe
+    (every activation 127, every weight 127) saturates such a kernel: 2 * 127 * 127 > 32767.
+    """
+    k = 64
+    a = torch.full((4, k), 127, dtype=torch.int8)
+    b = torch.full((k, 8), 127, dtype=torch.int8)
+    try:
+        out = torch._int_mm(a, b)
+    except RuntimeError:
+        return False
+    return bool(torch.all(out == 127 * 127 * k))
+
+
+def int8_int8_matmul(x_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Exact int32 accumulation of x_q [rows, in] int8 @ weight.T [in, out] -> [rows, out] int32.
+
+    Uses `torch._int_mm` when the probe shows it is exact here, else float64 (exact for in < 2^36).
+    """
+    if x_q.device.type == "cpu" and int_mm_is_exact():
+        return torch._int_mm(x_q, weight.t())
+    rows, k = x_q.shape
+    if x_q.device.type == "cuda" and rows > 16 and k % 8 == 0 and weight.shape[0] % 8 == 0:
+        return torch._int_mm(x_q, weight.t())  # cuBLAS int8 GEMM's shape rules
+    return (x_q.double() @ weight.double().t()).to(torch.int32)
+
+
+class Int8Linear(QuantizedLinear):
+    """W8A8 linear (scheme `w8a8`).
+
+    Tensors (compressed-tensors names): `weight` int8 [out, in], `weight_scale` float32 [out, 1],
+    `input_scale` float32 [1] when activations are static per tensor (absent: dynamic per token),
+    `bias` [out] in the model's float dtype.
+    """
+
+    scheme = "w8a8"
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
+        if bias is None:
+            self.bias = None
+        else:
+            self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_fake_quant(cls, layer: FakeQuantLinear) -> Int8Linear:
+        q = quant_math.quantize(layer.weight.data, layer.weight_scale)
+        bias = None if layer.bias is None else layer.bias.data.clone()
+        input_scale = None if layer.input_scale is None else layer.input_scale.clone()
+        return cls(q, layer.weight_scale.clone(), bias, input_scale)
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        scale_shape: tuple[int, ...],
+        static_input: bool = False,
+    ) -> Int8Linear:
+        return cls(
+            torch.empty(out_features, in_features, dtype=torch.int8),
+            torch.empty(scale_shape, dtype=torch.float32),
+            torch.empty(out_features, dtype=dtype) if bias else None,
+            torch.empty(1, dtype=torch.float32) if static_input else None,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.input_scale is None:
+            x_scale = quant_math.qparams_from_absmax(x2.abs().amax(dim=-1, keepdim=True))  # [rows, 1]
+        else:
+            x_scale = self.input_scale.reshape(1, 1)
+        x_q = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)
+        acc = int8_int8_matmul(x_q, self.weight)
+        y = acc.float() * (x_scale * self.weight_scale.reshape(1, -1))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return quant_math.dequantize(self.weight, self.weight_scale)

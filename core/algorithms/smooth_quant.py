@@ -1,0 +1,106 @@
+"""SmoothQuant: migrate activation outliers into the weights before W8A8 quantization.
+
+For a smoothing pair (a norm or linear `prev` feeding `linears`), per input channel j:
+
+    s_j = max|X_j|^α / max|W_j|^(1-α)
+
+The linears' weight columns are multiplied by s and `prev`'s output (norm weight and bias, or linear
+rows and bias) divided by s, so the float function is unchanged while the linears' input
+x / s has flatter channels. Pairs are the ones the model family declares: never across a nonlinearity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantmint.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.observers import InputObserver
+
+__all__ = ["SmoothQuant", "smoothing_scales"]
+
+_EPS = 1e-5
+
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^α / max|W|^(1-α) per input channel (float32 [in]), kept away from 0 and inf."""
+    s = x_absmax.float().clamp_min(_EPS).pow(alpha) / w_absmax.float().clamp_min(_EPS).pow(1 - alpha)
+    return s.clamp(min=_EPS, max=1 / _EPS)
+
+
+class SmoothQuant:
+    """The outlier-smoothing algorithm module (`outliers_suppression: smooth`)."""
+
+    def __init__(self, alpha: float = 0.5, head_dim: int | None = None) -> None:
+        self.alpha = alpha
+        self.head_dim = head_dim
+
+    @torch.no_grad()
+    def smooth_block(
+        self, block: BlockLayout, family: ModelFamily, observers: dict[str, InputObserver]
+    ) -> dict[str, torch.Tensor]:
+        """Smooth every declared pair of one block in place.
+
+        Args:
+            observers: input statistics of the block's linears, by full module name.
+        Returns:
+            The smoothing scale applied to each smoothed linear's input (full name -> float32 [in]).
+        """
+        applied: dict[str, torch.Tensor] = {}
+        for pair in family.smooth_pairs:
+            names = [f"{block.name}.{rel}" for rel in pair.linears]
+            if any(name not in observers or observers[name].absmax is None for name in names):
+                continue
+            scales = self._smooth_pair(block.module, pair, family.adapter, observers[names[0]].absmax)
+            if scales is not None:
+                for name in names:
+                    applied[name] = scales
+        return applied
+
+    def _smooth_pair(
+        self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
+    ) -> torch.Tensor | None:
+        prev = block.get_submodule(pair.prev)
+        linears = [block.get_submodule(rel) for rel in pair.linears]
+        weights = [adapter.weight(m).detach() for m in linears]
+        w_absmax = torch.cat(weights, dim=0).abs().amax(dim=0).float()
+        prev_is_linear = adapter.is_linear(prev)
+        groups = 1
+        if prev_is_linear:
+            prev_out = adapter.weight(prev).shape[0]
+            if prev_out != x_absmax.numel():
+                # Grouped-query attention: each value head feeds `groups` query heads' slots of o_proj.
+                if self.head_dim is None or x_absmax.numel() % prev_out or prev_out % self.head_dim:
+                    return None
+                groups = x_absmax.numel() // prev_out
+        elif getattr(prev, "weight", None) is None or prev.weight.numel() != x_absmax.numel():
+            return None
+        if groups > 1:
+            x_red = _reduce_groups(x_absmax, groups, self.head_dim)
+            w_red = _reduce_groups(w_absmax, groups, self.head_dim)
+            prev_scales = smoothing_scales(x_red, w_red, self.alpha)
+            scales = _expand_groups(prev_scales, groups, self.head_dim)
+        else:
+            scales = prev_scales = smoothing_scales(x_absmax, w_absmax, self.alpha)
+        if prev_is_linear:
+            w = adapter.weight(prev).detach()
+            adapter.set_weight(prev, (w.float() / prev_scales[:, None]).to(w.dtype))
+        else:
+            prev.weight.div_(prev_scales.to(prev.weight.dtype))
+        bias = adapter.bias(prev) if prev_is_linear else getattr(prev, "bias", None)
+        if bias is not None:
+            bias.div_(prev_scales.to(bias.dtype))
+        for module, w in zip(linears, weights, strict=True):
+            adapter.set_weight(module, (w.float() * scales[None, :]).to(w.dtype))
+        return scales
+
+
+def _reduce_groups(t: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """[kv_heads * groups * head_dim] (o_proj input layout) -> max over groups -> [kv_heads * head_dim]."""
+    return t.reshape(-1, groups, head_dim).amax(dim=1).reshape(-1)
+
+
+def _expand_groups(t: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """[kv_heads * head_dim] -> each kv head repeated for its `groups` query heads (repeat_kv's layout)."""
+    kv_heads = t.numel() // head_dim
+    return t.reshape(kv_heads, 1, head_dim).expand(kv_heads, groups, head_dim).reshape(-1)

@@ -1,0 +1,63 @@
+"""Observers: forward hooks that collect the statistics calibration needs, one block at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["InputObserver", "attach_input_observers"]
+
+# torch.quantile refuses inputs above 2^24 elements; larger activations are subsampled evenly.
+_QUANTILE_MAX_ELEMENTS = 1 << 24
+
+
+@dataclass
+class InputObserver:
+    """Statistics of one linear layer's input x [..., in] over the calibration set.
+
+    `absmax` is max |x_j| per input channel (float32 [in]): what SmoothQuant and static minmax use.
+    With `percentile` set, `percentiles` holds that percentile of |x| for every batch seen.
+    """
+
+    percentile: float | None = None
+    absmax: torch.Tensor | None = None
+    percentiles: list[float] = field(default_factory=list)
+
+    def observe(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float().abs()
+        amax = x2.amax(dim=0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        if self.percentile is not None:
+            flat = x2.flatten()
+            if flat.numel() > _QUANTILE_MAX_ELEMENTS:
+                flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
+            self.percentiles.append(float(torch.quantile(flat, self.percentile / 100.0)))
+
+    def tensor_range(self, divisor: torch.Tensor | None = None) -> float:
+        """The per-tensor range for a static scale: max |x| (or the mean batch percentile).
+
+        `divisor` [in] is a smoothing scale already folded into the weights (x becomes x / s); the
+        percentile is then rescaled by the ratio of the smoothed to the raw absmax.
+        """
+        assert self.absmax is not None, "observer saw no data"
+        raw = float(self.absmax.max())
+        smoothed = raw if divisor is None else float((self.absmax / divisor).max())
+        if self.percentile is None or not self.percentiles:
+            return smoothed
+        return sum(self.percentiles) / len(self.percentiles) * (smoothed / raw if raw > 0 else 1.0)
+
+
+def attach_input_observers(
+    modules: dict[str, nn.Module], percentile: float | None = None
+) -> tuple[dict[str, InputObserver], list[RemovableHandle]]:
+    """Hook an `InputObserver` on the input of every module; remove the handles when done."""
+    observers: dict[str, InputObserver] = {}
+    handles = []
+    for name, module in modules.items():
+        observer = InputObserver(percentile=percentile)
+        observers[name] = observer
+        handles.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: obs.observe(args[0])))
+    return observers, handles

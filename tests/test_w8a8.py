@@ -1,0 +1,165 @@
+"""SmoothQuant, W8A8 and the sequential calibration engine on tiny models of every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantmint import PTQ, ConfigError, load_quantized, quant_state, quantize, registry, save_quantized
+from quantmint.algorithms.smooth_quant import SmoothQuant, smoothing_scales
+from quantmint.backends.torch import Int8Linear, int8_int8_matmul
+from quantmint.backends.torch.int8_linear import int_mm_is_exact
+from quantmint.calibration import batch_samples, run_sequential
+from quantmint.family import resolve_layout
+from quantmint.observers import attach_input_observers
+from quantmint.quant_math import sqnr_db
+from tests.conftest import VOCAB, build_tiny, model_output
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert"]
+W8A8_DYNAMIC = {"weight_dtype": "int8", "activation_dtype": "int8"}
+W8A8_SMOOTH = {**W8A8_DYNAMIC, "outliers_suppression": "smooth"}
+W8A8_STATIC = {**W8A8_DYNAMIC, "activations": {"strategy": "tensor"}}
+
+
+@pytest.fixture
+def calibration() -> list[torch.Tensor]:
+    torch.manual_seed(2)
+    return [torch.randint(0, VOCAB, (32,)) for _ in range(8)]
+
+
+def _smooth_only(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: float = 0.5) -> int:
+    """Run only the smoothing module through the engine; return how many linears it smoothed."""
+    layout = resolve_layout(model, registry.find_family(model))
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    smooth = SmoothQuant(alpha, head_dim=head_dim)
+    count = 0
+
+    def finish(block, attached, _calls, _outputs):
+        nonlocal count
+        observers, handles = attached
+        for handle in handles:
+            handle.remove()
+        count += len(smooth.smooth_block(block, layout.family, observers))
+        return False
+
+    run_sequential(model, layout, calibration, lambda b: attach_input_observers(b.linears), finish)
+    return count
+
+
+@pytest.mark.parametrize(("family", "smoothed"), [("llama", 14), ("qwen2", 14), ("gpt2", 4), ("bert", 2)])
+def test_smoothing_is_exact_before_quantization(family, smoothed, calibration, input_ids) -> None:
+    model = build_tiny(family)
+    ref = model_output(model, input_ids)
+    assert _smooth_only(model, calibration) == smoothed  # every declared pair, GQA v->o included
+    assert (model_output(model, input_ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_smoothing_scales_formula() -> None:
+    x = torch.tensor([4.0, 1.0, 100.0])
+    w = torch.tensor([1.0, 4.0, 0.25])
+    assert torch.allclose(smoothing_scales(x, w, 0.5), torch.tensor([2.0, 0.5, 20.0]))
+    assert torch.allclose(smoothing_scales(x, w, 1.0), x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("config", "min_db"), [(W8A8_DYNAMIC, 35), (W8A8_SMOOTH, 35), (W8A8_STATIC, 30)])
+def test_w8a8_sqnr_and_apply_matches_convert(family, config, min_db, calibration, input_ids) -> None:
+    model = build_tiny(family)
+    ref = model_output(model, input_ids)
+    ptq = PTQ(config)
+    ptq.apply(model, calibration=calibration)
+    fake = model_output(model, input_ids)
+    ptq.convert(model)
+    cells = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(cells) == len(quant_state(model).modules) > 0
+    assert all((c.input_scale is None) == (config is not W8A8_STATIC) for c in cells)
+    out = model_output(model, input_ids)
+    assert sqnr_db(ref, out) >= min_db
+    assert sqnr_db(fake, out) > 50  # the int8 x int8 cell computes what the fake-quant model predicted
+
+
+def _plant_outliers(
+    model: torch.nn.Module, channels: tuple[int, ...] = (3, 17), factor: float = 40.0
+) -> None:
+    """Make a few input channels of q/k/v and gate/up huge without changing the function."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, linears in (
+                (
+                    layer.input_layernorm,
+                    (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                ),
+                (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
+            ):
+                for c in channels:
+                    norm.weight[c] *= factor
+                    for linear in linears:
+                        linear.weight[:, c] /= factor
+
+
+def test_smoothing_lowers_w8a8_error_on_planted_outliers(calibration, input_ids) -> None:
+    errors = {}
+    for name, config in (("plain", W8A8_DYNAMIC), ("smooth", W8A8_SMOOTH)):
+        model = build_tiny("llama")
+        _plant_outliers(model)
+        ref = model_output(model, input_ids)
+        quantize(model, config, calibration=calibration)
+        errors[name] = sqnr_db(ref, model_output(model, input_ids))
+    assert errors["smooth"] > errors["plain"] + 6, errors  # at least 4x less noise power
+
+
+def test_calibrated_configs_need_data() -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(build_tiny("llama"), "w8a8")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(build_tiny("llama"), W8A8_STATIC)
+
+
+def test_engine_reproduces_the_models_hidden_states(calibration) -> None:
+    model = build_tiny("llama")
+    layout = resolve_layout(model, registry.find_family(model))
+    seen = []
+
+    def finish(block, _attached, calls, outputs):
+        seen.append([o.clone() for o in outputs])
+        return False
+
+    report = run_sequential(model, layout, calibration, lambda b: None, finish, batch_size=4)
+    assert report.samples == 8 and report.tokens == 8 * 32 and report.blocks == 2
+    batch = torch.stack(calibration[:4])
+    with torch.no_grad():
+        hidden = model(input_ids=batch, output_hidden_states=True).hidden_states
+    # hidden_states[1] is block 0's output; the last entry has the final norm applied
+    assert torch.allclose(seen[0][0], hidden[1], atol=1e-5)
+
+
+def test_batches_group_equal_lengths() -> None:
+    samples = [torch.arange(5), torch.arange(7), torch.arange(5), torch.arange(5)]
+    batches = batch_samples(samples, batch_size=2)
+    assert sorted(tuple(b.shape) for b in batches) == [(1, 5), (1, 7), (2, 5)]
+    with pytest.raises(ConfigError, match="1-D"):
+        batch_samples([torch.zeros(2, 3, dtype=torch.long)], 2)
+
+
+def test_int8_matmul_is_exact_even_where_16_bit_pairs_would_saturate() -> None:
+    x = torch.full((3, 96), 127, dtype=torch.int8)
+    w = torch.full((5, 96), 127, dtype=torch.int8)
+    assert torch.all(int8_int8_matmul(x, w) == 127 * 127 * 96)
+    x = torch.randint(-127, 128, (17, 130), dtype=torch.int8)
+    w = torch.randint(-127, 128, (9, 130), dtype=torch.int8)
+    assert torch.equal(int8_int8_matmul(x, w), (x.long() @ w.long().t()).int())
+    assert isinstance(int_mm_is_exact(), bool)
+
+
+@pytest.mark.parametrize("config", [W8A8_SMOOTH, W8A8_STATIC])
+def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_ids) -> None:
+    model = quantize(build_tiny("llama"), config, calibration=calibration)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(model_output(loaded, input_ids), model_output(model, input_ids))
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Int8Linear)
+    assert (q_proj.input_scale is not None) == (config is W8A8_STATIC)
