@@ -107,6 +107,7 @@ def quantization_config_block(model: nn.Module) -> dict[str, Any]:
         "family": state.family,
         "config": state.config.with_updates(mode="deploy").to_dict(),
         "modules": dict(state.modules),
+        "kv_cache_modules": list(state.kv_modules),
     }
 
 
@@ -318,6 +319,11 @@ def load_quantized(
     ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.get("family"))
     ptq.apply(model)
     saved_modules = block.get("modules", {})
+    if quant_state(model).kv_modules != block.get("kv_cache_modules", []):
+        raise CheckpointError(
+            f"{path}: the kv-cache modules listed in config.json do not match the model's attention modules; "
+            "the checkpoint was edited or is corrupt"
+        )
     if quant_state(model).modules != saved_modules:
         built = set(quant_state(model).modules)
         raise CheckpointError(

@@ -26,7 +26,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from quantmint.algorithms.ptq import quantize
+    from quantmint.algorithms.ptq import quant_state, quantize
     from quantmint.checkpoint import save_quantized
     from quantmint.config import PTQConfig, get_preset
     from quantmint.models import load_float_model, load_tokenizer
@@ -40,9 +40,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     model = load_float_model(args.model)
-    tokenizer = load_tokenizer(args.model) if (Path(args.model) / "tokenizer_config.json").exists() else None
+    has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(args.model) if has_tokenizer else None
+    calibration = None
+    if args.calib:
+        from quantmint.data import calibration_samples
+
+        if tokenizer is None:
+            raise _usage_error(f"--calib needs a tokenizer, and {args.model} has none")
+        calibration = calibration_samples(
+            args.calib,
+            tokenizer,
+            n_samples=args.calib_samples,
+            seq_len=args.calib_seq_len,
+            seed=args.calib_seed,
+        )
     loaded = time.perf_counter()
-    quantize(model, config, family=args.family)
+    quantize(model, config, family=args.family, calibration=calibration)
     quantized = time.perf_counter()
     save_quantized(
         model, out, tokenizer=tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite
@@ -67,6 +81,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             "save": round(saved - quantized, 2),
             "total": round(saved - start, 2),
         },
+        "calibration": quant_state(model).calibration,
         "peak_rss_mb": _peak_rss_mb(),
     }
     _print_json(report)
@@ -193,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--ignore", action="append", metavar="PATTERN", help="also leave this module in float")
     q.add_argument("--family", help="force a model family instead of matching the architecture")
+    q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sample, at most (default 512)")
+    q.add_argument("--calib-seed", type=int, default=0, help="seed of the sample draw (default 0)")
     q.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
     q.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     q.set_defaults(func=cmd_quantize)

@@ -67,12 +67,14 @@ class KVProjections:
     """The modules whose outputs are the attention keys and values.
 
     With `fused=True`, `key` and `value` name one fused QKV projection (GPT2's `c_attn`) whose output
-    is [q | k | v] in equal thirds.
+    is [q | k | v] in equal thirds. `rotary=True` says keys are rotated (RoPE, rotate-half layout)
+    before they are cached.
     """
 
     key: str
     value: str
     fused: bool = False
+    rotary: bool = False
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ LLAMA = ModelFamily(
         SmoothPair("post_attention_layernorm", _MLP_IN),
         SmoothPair("mlp.up_proj", ("mlp.down_proj",)),
     ),
-    kv=KVProjections(key="self_attn.k_proj", value="self_attn.v_proj"),
+    kv=KVProjections(key="self_attn.k_proj", value="self_attn.v_proj", rotary=True),
 )
 
 

@@ -86,7 +86,11 @@ def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) ->
     ("argv", "fragment"),
     [
         (["quantize", "{missing}", "-o", "{out}"], "does not exist"),
-        (["quantize", "{model}", "-o", "{out}", "--preset", "w8a8"], "not available yet"),
+        (["quantize", "{model}", "-o", "{out}", "--preset", "w8a8"], "needs calibration data"),
+        (
+            ["quantize", "{model}", "-o", "{out}", "--preset", "w8a8", "--calib", "{missing}"],
+            "does not exist",
+        ),
         (["quantize", "{model}", "-o", "{out}", "--family", "opt"], "unknown model family 'opt'"),
         (["quantize", "{model}", "-o", "{out}", "--config", "{badconfig}"], "unknown key 'frobnicate'"),
         (["eval", "{model}"], "--text"),

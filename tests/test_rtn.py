@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantmint import PTQ, ConfigError, NotSupportedError, quant_state, quantize
+from quantmint import PTQ, ConfigError, quant_state, quantize
 from quantmint.backends.torch import Int8WeightOnlyLinear
 from quantmint.cells import FakeQuantLinear
 from quantmint.quant_math import sqnr_db
@@ -95,12 +95,6 @@ def test_per_tensor_weights(input_ids: torch.Tensor) -> None:
     cell = model.model.layers[0].self_attn.q_proj
     assert cell.weight_scale.shape == (1, 1)
     assert sqnr_db(ref, model_output(model, input_ids)) > 25
-
-
-@pytest.mark.parametrize("preset", ["c8", "w8a16-c8", "w8a8-c8"])
-def test_presets_of_later_algorithms_say_they_are_not_available(preset: str) -> None:
-    with pytest.raises(NotSupportedError, match="not available yet"):
-        quantize(build_tiny("llama"), preset)
 
 
 def test_quantizing_twice_is_refused() -> None:

@@ -42,7 +42,7 @@ def _smooth_only(model: torch.nn.Module, calibration: list[torch.Tensor], alpha:
         observers, handles = attached
         for handle in handles:
             handle.remove()
-        count += len(smooth.smooth_block(block, layout.family, observers))
+        count += len(smooth.smooth_block(block, layout.family, observers)[0])
         return False
 
     run_sequential(model, layout, calibration, lambda b: attach_input_observers(b.linears), finish)

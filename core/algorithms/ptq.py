@@ -29,6 +29,7 @@ from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import ConfigError, NotSupportedError
 from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
+from quantmint.kv_cache import KVObserver, attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
 
@@ -46,6 +47,7 @@ class QuantState:
     modules: dict[str, str] = field(default_factory=dict)  # module name -> scheme
     phase: str = "applied"  # "applied" (fake-quant) or "converted" (real int8 cells)
     calibration: dict[str, Any] | None = None  # samples, tokens, seconds, peak RSS of calibration
+    kv_modules: list[str] = field(default_factory=list)  # attention modules holding k_scale / v_scale
 
 
 def quant_state(model: nn.Module) -> QuantState | None:
@@ -70,20 +72,24 @@ class PTQ:
     def __init__(self, config: PTQConfig | str | dict[str, Any], family: str | None = None) -> None:
         self.config = as_config(config)
         self.family_name = family
-        self._check_supported()
-
-    def _check_supported(self) -> None:
-        if self.config.kvcache_dtype:
-            raise NotSupportedError(
-                f"int8 kv cache (C8), requested by this config ({self.config.scheme_name}), is not "
-                "available yet; use a preset without -c8"
-            )
 
     @property
     def needs_calibration(self) -> bool:
-        """Smoothing and static activation ranges are measured on calibration data."""
+        """Smoothing, static activation ranges and kv-cache scales are measured on calibration data."""
         act_static = bool(self.config.activation_dtype) and not self.config.activations.dynamic
-        return self.config.outliers_suppression == "smooth" or act_static
+        return self.config.outliers_suppression == "smooth" or act_static or bool(self.config.kvcache_dtype)
+
+    def kv_attention_modules(self, layout: ModelLayout) -> dict[str, BlockLayout]:
+        """Full names of the attention modules that get kv-cache scales (C8), with their blocks."""
+        if not self.config.kvcache_dtype:
+            return {}
+        kv = layout.family.kv
+        if kv is None:
+            raise NotSupportedError(
+                f"model family {layout.family.name!r} declares no K/V projections, so its kv cache cannot be "
+                "quantized; use a preset without -c8"
+            )
+        return {f"{block.name}.{attention_module_name(kv)}": block for block in layout.blocks}
 
     # --- structure ----------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> ModelLayout:
@@ -130,12 +136,14 @@ class PTQ:
         state = QuantState(config=self.config, family=layout.family.name)
         if self.config.mode == "deploy":
             self._build_empty_cells(model, layout, targets, state)
+            self._build_empty_kv_scales(model, layout, state)
         elif self.needs_calibration:
             if not calibration:
                 raise ConfigError(
                     f"{self.config.scheme_name} with outliers_suppression="
-                    f"{self.config.outliers_suppression!r} and activations.dynamic="
-                    f"{self.config.activations.dynamic} needs calibration data: pass calibration="
+                    f"{self.config.outliers_suppression!r}, activations.dynamic="
+                    f"{self.config.activations.dynamic} and kvcache_dtype={self.config.kvcache_dtype} "
+                    "needs calibration data: pass calibration="
                     "quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
                 )
             state.calibration = self._calibrate(model, layout, targets, calibration, batch_size, state)
@@ -182,21 +190,33 @@ class PTQ:
             smooth = SmoothQuant(self.config.algorithm_args.smooth_alpha, head_dim=_head_dim(model))
         act = self.config.activations
         percentile = act.percentile if act.observer == "percentile" else None
+        kv_modules = {block.name: name for name, block in self.kv_attention_modules(layout).items()}
+        head_dim = _head_dim(model)
 
-        def attach(block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any]]:
+        def attach(block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
             # Observe every family linear of the block: smoothing needs them even when one is ignored.
-            return attach_input_observers(block.linears, percentile)
+            observers, handles = attach_input_observers(block.linears, percentile)
+            kv_observer = KVObserver(block, family.kv) if block.name in kv_modules else None
+            return observers, handles, kv_observer
 
         def finish(block: BlockLayout, attached: Any, _calls: Any, _outputs: Any) -> bool:
-            observers, handles = attached
+            observers, handles, kv_observer = attached
             for handle in handles:
                 handle.remove()
-            smoothing = smooth.smooth_block(block, family, observers) if smooth else {}
+            inputs, outputs = smooth.smooth_block(block, family, observers) if smooth else ({}, {})
             for name, module in block.linears.items():
                 if name in targets:
                     self._quantize_linear(
-                        model, name, module, family, observers[name], smoothing.get(name), state
+                        model, name, module, family, observers[name], inputs.get(name), state
                     )
+            if kv_observer is not None:
+                kv_observer.remove()
+                v_divisor = outputs.get(f"{block.name}.{family.kv.value}")
+                k_scale, v_scale = kv_observer.scales(self.config.kvcache.strategy, head_dim, v_divisor)
+                attn = model.get_submodule(kv_modules[block.name])
+                attn.register_buffer("k_scale", k_scale)
+                attn.register_buffer("v_scale", v_scale)
+                state.kv_modules.append(kv_modules[block.name])
             return False
 
         report = run_sequential(model, layout, samples, attach, finish, batch_size=batch_size)
@@ -228,6 +248,18 @@ class PTQ:
             model.set_submodule(name, cell)
             state.modules[name] = self.scheme
         state.phase = "converted"
+
+    def _build_empty_kv_scales(self, model: nn.Module, layout: ModelLayout, state: QuantState) -> None:
+        kv = layout.family.kv
+        for name, block in self.kv_attention_modules(layout).items():
+            key = block.module.get_submodule(kv.key)
+            features = layout.family.adapter.weight(key).shape[0] // (3 if kv.fused else 1)
+            strategy = self.config.kvcache.strategy
+            size = {"channel": features, "head": features // _head_dim(model), "tensor": 1}[strategy]
+            attn = model.get_submodule(name)
+            attn.register_buffer("k_scale", torch.empty(size, dtype=torch.float32))
+            attn.register_buffer("v_scale", torch.empty(size, dtype=torch.float32))
+            state.kv_modules.append(name)
 
     @torch.no_grad()
     def convert(self, model: nn.Module) -> nn.Module:

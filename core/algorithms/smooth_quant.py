@@ -38,28 +38,30 @@ class SmoothQuant:
     @torch.no_grad()
     def smooth_block(
         self, block: BlockLayout, family: ModelFamily, observers: dict[str, InputObserver]
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Smooth every declared pair of one block in place.
 
         Args:
             observers: input statistics of the block's linears, by full module name.
         Returns:
-            The smoothing scale applied to each smoothed linear's input (full name -> float32 [in]).
+            (inputs, outputs): the scale each smoothed linear's input was divided by (full name ->
+            float32 [in]), and the scale each `prev` module's output was divided by (full name -> [out]).
         """
-        applied: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for pair in family.smooth_pairs:
             names = [f"{block.name}.{rel}" for rel in pair.linears]
             if any(name not in observers or observers[name].absmax is None for name in names):
                 continue
             scales = self._smooth_pair(block.module, pair, family.adapter, observers[names[0]].absmax)
             if scales is not None:
-                for name in names:
-                    applied[name] = scales
-        return applied
+                inputs.update(dict.fromkeys(names, scales[0]))
+                outputs[f"{block.name}.{pair.prev}"] = scales[1]
+        return inputs, outputs
 
     def _smooth_pair(
         self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         prev = block.get_submodule(pair.prev)
         linears = [block.get_submodule(rel) for rel in pair.linears]
         weights = [adapter.weight(m).detach() for m in linears]
@@ -92,7 +94,7 @@ class SmoothQuant:
             bias.div_(prev_scales.to(bias.dtype))
         for module, w in zip(linears, weights, strict=True):
             adapter.set_weight(module, (w.float() * scales[None, :]).to(w.dtype))
-        return scales
+        return scales, prev_scales
 
 
 def _reduce_groups(t: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""C8: calibrated K/V scales and a transformers cache that stores int8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from quantmint import (
+    PTQ,
+    ConfigError,
+    ModelFamily,
+    NotSupportedError,
+    load_quantized,
+    quant_state,
+    quantize,
+    save_quantized,
+)
+from quantmint.family import ModelLayout
+from quantmint.kv_cache import Int8KVCache, kv_cache_bytes
+from quantmint.quant_math import sqnr_db
+from tests.conftest import VOCAB, build_tiny
+
+
+@pytest.fixture
+def calibration() -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    return [torch.randint(0, VOCAB, (48,)) for _ in range(8)]
+
+
+def _logits_with_cache(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Prefill on all but the last 8 tokens, then decode those 8 one at a time through the cache."""
+    with torch.no_grad():
+        logits = [model(input_ids=ids[:, :-8], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for i in range(8, 0, -1):
+            step = ids[:, -i : ids.shape[1] - i + 1]
+            logits.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("strategy", ["channel", "head", "tensor"])
+def test_int8_cache_tracks_the_float_cache(family, strategy, calibration) -> None:
+    model = build_tiny(family)
+    quantize(
+        model,
+        {"weight_dtype": None, "kvcache_dtype": "int8", "kvcache": {"strategy": strategy}},
+        calibration=calibration,
+    )
+    state = quant_state(model)
+    assert len(state.kv_modules) == 2 and not state.modules  # C8 alone leaves the linears float
+    torch.manual_seed(4)
+    ids = torch.randint(0, VOCAB, (2, 40))
+    ref = _logits_with_cache(model, ids, DynamicCache(config=model.config))
+    cache = Int8KVCache.for_model(model)
+    out = _logits_with_cache(model, ids, cache)
+    assert sqnr_db(ref, out) > {"channel": 30, "head": 25, "tensor": 20}[strategy]
+    assert cache.layers[0].q_keys.dtype == torch.int8 and cache.get_seq_length() == 40
+
+
+def test_int8_cache_holds_about_half_of_a_bf16_cache(calibration) -> None:
+    model = build_tiny("llama")
+    quantize(model, "w8a16-c8", calibration=calibration)
+    ids = torch.randint(0, VOCAB, (1, 4))
+    int8 = Int8KVCache.for_model(model)
+    model.generate(ids, max_new_tokens=100, min_new_tokens=100, do_sample=False, past_key_values=int8)
+    model.to(torch.bfloat16)
+    bf16 = DynamicCache(config=model.config)
+    model.generate(ids, max_new_tokens=100, min_new_tokens=100, do_sample=False, past_key_values=bf16)
+    assert int8.get_seq_length() == bf16.get_seq_length() == 103  # the last token is not cached
+    ratio = kv_cache_bytes(int8) / kv_cache_bytes(bf16)
+    assert 0.5 <= ratio < 0.55  # int8 values plus per-channel scales
+
+
+def test_rotary_keys_are_never_clipped(calibration) -> None:
+    model = build_tiny("llama")
+    quantize(model, "c8", calibration=calibration)
+    cache = Int8KVCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=torch.stack(calibration[:2]), past_key_values=cache, use_cache=True)
+    # keys are cached after rotation; the pair bound keeps every calibration key inside the grid
+    assert cache.layers[0].q_keys.abs().max() <= 127
+    assert cache.layers[0].q_keys.abs().amax() >= 64  # and the grid is used, not wasted
+
+
+def test_c8_checkpoint_round_trip(calibration, tmp_path: Path) -> None:
+    model = quantize(build_tiny("gpt2"), "w8a8-c8", calibration=calibration)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert quant_state(loaded).kv_modules == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert torch.equal(loaded.transformer.h[1].attn.v_scale, model.transformer.h[1].attn.v_scale)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    a = _logits_with_cache(model, ids, Int8KVCache.for_model(model))
+    b = _logits_with_cache(loaded, ids, Int8KVCache.for_model(loaded))
+    assert torch.equal(a, b)
+
+
+def test_c8_errors(calibration) -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(build_tiny("llama"), "c8")
+    with pytest.raises(ConfigError, match="no int8 kv-cache scales"):
+        Int8KVCache.for_model(quantize(build_tiny("llama"), "w8a16"))
+    no_kv = ModelFamily(name="nokv", architectures=("X",), blocks="layers", linears=("proj",))
+    with pytest.raises(NotSupportedError, match="declares no K/V"):
+        PTQ("c8").kv_attention_modules(ModelLayout(family=no_kv, blocks=[]))
