@@ -121,6 +121,17 @@ class AlgorithmArgs(_Strict):
     """Knobs of the algorithm modules (the seeds' `algorithm_args`)."""
 
     smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Non-empty: pick each block's alpha from this grid by the MSE of its quantized output vs float.
+    smooth_alpha_grid: list[float] = Field(default_factory=list)
+    smooth_search_batches: int = Field(default=4, ge=1)
+
+    @field_validator("smooth_alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"smooth_alpha_grid values must lie in [0, 1], got {bad}")
+        return value
 
 
 _WEIGHTS_DEFAULT = QuantArgs(strategy="channel")

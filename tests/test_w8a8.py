@@ -163,3 +163,22 @@ def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_i
     q_proj = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, Int8Linear)
     assert (q_proj.input_scale is not None) == (config is W8A8_STATIC)
+
+
+def test_alpha_search_picks_from_the_grid_per_block(calibration, input_ids) -> None:
+    results = {}
+    for name, args in (("fixed", {}), ("search", {"smooth_alpha_grid": [0.2, 0.4, 0.6, 0.8]})):
+        model = build_tiny("llama")
+        _plant_outliers(model)
+        ref = model_output(model, input_ids)
+        quantize(model, {**W8A8_SMOOTH, "algorithm_args": args}, calibration=calibration)
+        results[name] = (sqnr_db(ref, model_output(model, input_ids)), quant_state(model).calibration)
+    alphas = results["search"][1]["smooth_alpha_per_block"]
+    assert len(alphas) == 2 and set(alphas) <= {0.2, 0.4, 0.6, 0.8}
+    assert results["fixed"][1]["smooth_alpha_per_block"] == [0.5, 0.5]
+    assert results["search"][0] >= results["fixed"][0] - 1.0
+
+
+def test_alpha_grid_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"smooth_alpha_grid.*\[1.5\]"):
+        quantize(build_tiny("llama"), {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.5, 1.5]}})

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from quantmint import quant_math, registry
 from quantmint.algorithms.rtn import RoundToNearest
 from quantmint.algorithms.smooth_quant import SmoothQuant
-from quantmint.calibration import run_sequential
+from quantmint.calibration import BlockCall, run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import PTQConfig, get_preset
@@ -149,21 +150,19 @@ class PTQ:
             state.calibration = self._calibrate(model, layout, targets, calibration, batch_size, state)
         else:
             for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
-                self._quantize_linear(model, name, module, layout.family, None, None, state)
+                model.set_submodule(name, self._fake_linear(module, layout.family, None, None))
+                state.modules[name] = self.scheme
         setattr(model, STATE_ATTR, state)
         return model
 
-    def _quantize_linear(
+    def _fake_linear(
         self,
-        model: nn.Module,
-        name: str,
         module: nn.Module,
         family: ModelFamily,
         observer: InputObserver | None,
         smoothing: torch.Tensor | None,
-        state: QuantState,
-    ) -> None:
-        """Replace one float linear by its fake-quantized twin (weights RTN, activations per config)."""
+    ) -> FakeQuantLinear:
+        """The fake-quantized twin of one float linear (weights RTN, activations per config)."""
         fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, self.scheme)
         if self.config.activation_dtype:
             fake.quantize_input = True
@@ -171,8 +170,52 @@ class PTQ:
                 assert observer is not None
                 amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
                 fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
-        model.set_submodule(name, fake)
-        state.modules[name] = self.scheme
+        return fake
+
+    def _transform_block(
+        self,
+        block: BlockLayout,
+        family: ModelFamily,
+        observers: dict[str, InputObserver],
+        targets: dict[str, nn.Module],
+        smooth: SmoothQuant | None,
+    ) -> dict[str, torch.Tensor]:
+        """Smooth, then fake-quantize the targets of one block in place; returns the scales folded into
+        `prev` outputs (see `SmoothQuant.smooth_block`)."""
+        inputs, outputs = smooth.smooth_block(block, family, observers) if smooth else ({}, {})
+        for name, module in block.linears.items():
+            if name in targets:
+                fake = self._fake_linear(module, family, observers.get(name), inputs.get(name))
+                block.module.set_submodule(name[len(block.name) + 1 :], fake)
+        return outputs
+
+    def _search_alpha(
+        self,
+        block: BlockLayout,
+        family: ModelFamily,
+        observers: dict[str, InputObserver],
+        targets: dict[str, nn.Module],
+        calls: list[BlockCall],
+        outputs: list[torch.Tensor],
+        head_dim: int | None,
+    ) -> tuple[float, dict[float, float]]:
+        """The smoothing alpha of the grid whose quantized block output is closest (MSE) to the float one."""
+        args = self.config.algorithm_args
+        subset = range(min(len(calls), args.smooth_search_batches))
+        losses = {}
+        for alpha in args.smooth_alpha_grid:
+            trial = copy.deepcopy(block.module)
+            trial_layout = BlockLayout(
+                index=block.index,
+                name=block.name,
+                module=trial,
+                linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
+            )
+            self._transform_block(trial_layout, family, observers, targets, SmoothQuant(alpha, head_dim))
+            losses[alpha] = sum(
+                float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset
+            )
+        return min(losses, key=losses.__getitem__), losses
 
     def _calibrate(
         self,
@@ -185,13 +228,13 @@ class PTQ:
     ) -> dict[str, Any]:
         """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`)."""
         family = layout.family
-        smooth = None
-        if self.config.outliers_suppression == "smooth":
-            smooth = SmoothQuant(self.config.algorithm_args.smooth_alpha, head_dim=_head_dim(model))
+        head_dim = _head_dim(model)
+        args = self.config.algorithm_args
+        smoothing = self.config.outliers_suppression == "smooth"
         act = self.config.activations
         percentile = act.percentile if act.observer == "percentile" else None
         kv_modules = {block.name: name for name, block in self.kv_attention_modules(layout).items()}
-        head_dim = _head_dim(model)
+        alphas: list[float] = []
 
         def attach(block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
             # Observe every family linear of the block: smoothing needs them even when one is ignored.
@@ -199,19 +242,25 @@ class PTQ:
             kv_observer = KVObserver(block, family.kv) if block.name in kv_modules else None
             return observers, handles, kv_observer
 
-        def finish(block: BlockLayout, attached: Any, _calls: Any, _outputs: Any) -> bool:
+        def finish(
+            block: BlockLayout, attached: Any, calls: list[BlockCall], outputs: list[torch.Tensor]
+        ) -> bool:
             observers, handles, kv_observer = attached
             for handle in handles:
                 handle.remove()
-            inputs, outputs = smooth.smooth_block(block, family, observers) if smooth else ({}, {})
-            for name, module in block.linears.items():
-                if name in targets:
-                    self._quantize_linear(
-                        model, name, module, family, observers[name], inputs.get(name), state
-                    )
             if kv_observer is not None:
                 kv_observer.remove()
-                v_divisor = outputs.get(f"{block.name}.{family.kv.value}")
+            smooth = None
+            if smoothing:
+                alpha = args.smooth_alpha
+                if args.smooth_alpha_grid:
+                    alpha, _ = self._search_alpha(block, family, observers, targets, calls, outputs, head_dim)
+                alphas.append(alpha)
+                smooth = SmoothQuant(alpha, head_dim=head_dim)
+            prev_scales = self._transform_block(block, family, observers, targets, smooth)
+            state.modules.update({name: self.scheme for name in block.linears if name in targets})
+            if kv_observer is not None:
+                v_divisor = prev_scales.get(f"{block.name}.{family.kv.value}")
                 k_scale, v_scale = kv_observer.scales(self.config.kvcache.strategy, head_dim, v_divisor)
                 attn = model.get_submodule(kv_modules[block.name])
                 attn.register_buffer("k_scale", k_scale)
@@ -220,12 +269,15 @@ class PTQ:
             return False
 
         report = run_sequential(model, layout, samples, attach, finish, batch_size=batch_size)
-        return {
+        result: dict[str, Any] = {
             "samples": report.samples,
             "tokens": report.tokens,
             "seconds": report.seconds,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        if alphas:
+            result["smooth_alpha_per_block"] = alphas
+        return result
 
     def _build_empty_cells(
         self, model: nn.Module, layout: ModelLayout, targets: dict[str, nn.Module], state: QuantState
