@@ -99,16 +99,19 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.input_scale is None:
-            x_scale = quant_math.qparams_from_absmax(x2.abs().amax(dim=-1, keepdim=True))  # [rows, 1]
+        x2 = x.reshape(-1, shape[-1])
+        xf = x2 if x2.dtype == torch.float32 else x2.float()
+        if self.input_scale is None:  # dynamic: one scale per token, [rows, 1]
+            amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+            x_scale = quant_math.qparams_from_absmax(amax)
         else:
             x_scale = self.input_scale.reshape(1, 1)
-        x_q = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)
-        acc = int8_int8_matmul(x_q, self.weight)
-        y = acc.float() * (x_scale * self.weight_scale.reshape(1, -1))
+        x_q = (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8)
+        # Scales are applied in place on the int32 result converted once to float32.
+        y = int8_int8_matmul(x_q, self.weight).float()
+        y.mul_(x_scale).mul_(self.weight_scale.reshape(1, -1))
         if self.bias is not None:
-            y = y + self.bias.float()
+            y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
