@@ -175,6 +175,26 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from quantmint.report import ReportOptions, build_report, to_markdown, write_report
+
+    options = ReportOptions(
+        text=args.text,
+        max_tokens=args.max_tokens,
+        squad=args.squad,
+        squad_n=args.squad_n,
+        boolq=args.boolq,
+        boolq_n=args.boolq_n,
+        lee=args.lee,
+        decode_tokens=args.decode_tokens,
+        kv_tokens=args.kv_tokens,
+    )
+    report = build_report(args.float_model, args.quantized, options)
+    files = write_report(report, args.output)
+    print(to_markdown(report))
+    print(json.dumps({"written": files}))
+
+
 def cmd_example_model(args: argparse.Namespace) -> None:
     from quantmint.example_models import example_model_dir
 
@@ -230,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", help="quantmint checkpoint directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser(
+        "report", help="compare a float model with quantized checkpoints (Markdown, JSON, PNG)"
+    )
+    r.add_argument("float_model", help="the float model directory")
+    r.add_argument("quantized", nargs="+", help="quantmint checkpoint directories")
+    r.add_argument("-o", "--output", required=True, help="directory for report.md, report.json, report.png")
+    r.add_argument("--text", help="perplexity text, e.g. wikitext-2 test.txt")
+    r.add_argument("--max-tokens", type=int, default=32768, help="perplexity tokens (default 32768)")
+    r.add_argument("--squad", help="SQuAD v1.1 dev JSON for F1/EM")
+    r.add_argument("--squad-n", type=int, default=500, help="first N SQuAD questions (default 500)")
+    r.add_argument("--boolq", help="BoolQ JSONL for accuracy")
+    r.add_argument("--boolq-n", type=int, help="first N BoolQ questions (default all)")
+    r.add_argument("--lee", help="Lee corpus directory (lee.cor, similarities0-1.txt) for encoders")
+    r.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
+    r.add_argument("--kv-tokens", type=int, default=512, help="tokens generated to measure KV-cache bytes")
+    r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("example-model", help="print the local directory of a shipped example model")
     x.add_argument(
