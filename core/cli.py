@@ -126,6 +126,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
         )
         result.update({"text": str(args.text), **ppl, "windowing": PERPLEXITY_WINDOWING})
+    if (args.squad or args.boolq) and not _is_causal_lm(model):
+        raise _usage_error(f"SQuAD and BoolQ need a causal LM; {type(model).__name__} is not one")
+    if args.squad:
+        from quantmint.eval.qa import squad_f1_em
+
+        squad = squad_f1_em(model, tokenizer, args.squad, n=args.squad_n)
+        result.update({"squad": str(args.squad), **{f"squad_{k}": v for k, v in squad.items()}})
+    if args.boolq:
+        from quantmint.eval.qa import boolq_accuracy
+
+        boolq = boolq_accuracy(model, tokenizer, args.boolq, n=args.boolq_n)
+        result.update({"boolq": str(args.boolq), **{f"boolq_{k}": v for k, v in boolq.items()}})
+    if args.lee:
+        from quantmint.eval.similarity import lee_correlation
+
+        lee = lee_correlation(model, tokenizer, args.lee)
+        result.update({"lee": str(args.lee), **{f"lee_{k}": v for k, v in lee.items()}})
     if args.docs is not None:
         docs = read_documents(args.docs)
         reference = load_model(args.reference)
@@ -242,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
     e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    e.add_argument("--squad", help="SQuAD v1.1 JSON: F1/EM of greedy answers (causal LMs)")
+    e.add_argument("--squad-n", type=int, default=500, help="first N questions (default 500)")
+    e.add_argument("--boolq", help="BoolQ JSONL: yes/no accuracy by log-likelihood (causal LMs)")
+    e.add_argument("--boolq-n", type=int, help="first N questions (default all)")
+    e.add_argument("--lee", help="Lee corpus directory: embedding similarity vs human ratings (encoders)")
     e.add_argument("--docs", help="one document per line: compare sentence embeddings with --reference")
     e.add_argument("--reference", help="float model directory to compare embeddings against")
     e.set_defaults(func=cmd_eval)

@@ -105,3 +105,23 @@ def test_c8_errors(calibration) -> None:
     no_kv = ModelFamily(name="nokv", architectures=("X",), blocks="layers", linears=("proj",))
     with pytest.raises(NotSupportedError, match="declares no K/V"):
         PTQ("c8").kv_attention_modules(ModelLayout(family=no_kv, blocks=[]))
+
+
+def test_squad_answers_of_a_c8_model_come_from_the_int8_cache(calibration, monkeypatch) -> None:
+    from quantmint.eval import qa
+
+    model = quantize(build_tiny("llama"), "c8", calibration=calibration)
+    used = []
+    original = Int8KVCache.update
+
+    def spy(self, *args, **kwargs):
+        used.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Int8KVCache, "update", spy)
+    from tests.conftest import byte_tokenizer
+
+    qa.generate_answers(
+        model, byte_tokenizer(), ["some context\\nQuestion: what?\\nAnswer:"], max_new_tokens=3
+    )
+    assert used and set(used) == {"Int8KVCache"}
