@@ -30,7 +30,7 @@ from torch import nn
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
-from quantmint.hf import model_class, staged_directory
+from quantmint.hf import model_class, read_config_json, staged_directory
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "QUANT_METHOD", "load_quantized", "save_quantized"]
 
@@ -197,15 +197,7 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json's `quantization_config` block of a quantmint checkpoint, checked for version."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json: not a model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
+    config = read_config_json(path, CheckpointError)
     block = config.get("quantization_config")
     if not isinstance(block, dict) or block.get("quant_method") != QUANT_METHOD:
         method = block.get("quant_method") if isinstance(block, dict) else None

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from quantmint.errors import QuantmintError
 
-__all__ = ["model_class", "staged_directory"]
+__all__ = ["model_class", "read_config_json", "staged_directory"]
+
+
+def read_config_json(path: Path, error: type[QuantmintError] = QuantmintError) -> dict[str, Any]:
+    """The parsed config.json of a model directory, or `error` saying what is missing or broken."""
+    if not path.is_dir():
+        raise error(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise error(f"{path} has no config.json: pass a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{config_file} is not valid JSON: {exc}") from None
 
 
 def model_class(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,32 +9,20 @@ from torch import nn
 
 from quantmint.checkpoint import QUANT_METHOD, load_quantized
 from quantmint.errors import QuantmintError
-from quantmint.hf import model_class
+from quantmint.hf import model_class, read_config_json
 
 __all__ = ["is_quantmint_checkpoint", "load_float_model", "load_model", "load_tokenizer"]
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise QuantmintError(f"model directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise QuantmintError(f"{path} has no config.json: pass a Hugging Face model directory")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantmintError(f"{config_file} is not valid JSON: {exc}") from None
-
-
 def is_quantmint_checkpoint(path: str | Path) -> bool:
-    block = _read_config(Path(path)).get("quantization_config")
+    block = read_config_json(Path(path)).get("quantization_config")
     return isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD
 
 
 def load_float_model(path: str | Path) -> nn.Module:
     """A float model from a local Hugging Face directory, as the class its config.json names."""
     path = Path(path)
-    config = _read_config(path)
+    config = read_config_json(path)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise QuantmintError(
