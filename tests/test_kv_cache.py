@@ -125,3 +125,20 @@ def test_squad_answers_of_a_c8_model_come_from_the_int8_cache(calibration, monke
         model, byte_tokenizer(), ["some context\\nQuestion: what?\\nAnswer:"], max_new_tokens=3
     )
     assert used and set(used) == {"Int8KVCache"}
+
+
+def test_perplexity_of_a_c8_model_goes_through_the_int8_cache(calibration) -> None:
+    from quantmint.eval import perplexity
+    from tests.conftest import byte_tokenizer
+
+    text = "the quick brown fox jumps over the lazy dog . " * 40
+    model = build_tiny("llama")
+    float_ppl = perplexity(model, byte_tokenizer(), text, max_tokens=512, seq_len=64)["ppl"]
+    quantize(
+        model,
+        {"weight_dtype": None, "kvcache_dtype": "int8", "kvcache": {"strategy": "tensor"}},
+        calibration=calibration,
+    )
+    c8_ppl = perplexity(model, byte_tokenizer(), text, max_tokens=512, seq_len=64)["ppl"]
+    assert c8_ppl != float_ppl  # the kv rounding shows
+    assert abs(c8_ppl / float_ppl - 1) < 0.01

@@ -18,8 +18,21 @@ __all__ = ["PERPLEXITY_WINDOWING", "perplexity", "read_text"]
 PERPLEXITY_WINDOWING = (
     "the file's text is tokenized whole without special tokens; the first max_tokens tokens are cut into "
     "independent, non-overlapping windows of seq_len tokens (a shorter tail is dropped); each window is "
-    "scored from its own start, on its seq_len - 1 next-token predictions"
+    "scored from its own start, on its seq_len - 1 next-token predictions; a C8 model attends through "
+    "its int8 KV cache"
 )
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty int8 KV cache for a C8 model, else None (the model's own float cache, if any)."""
+    from quantmint.algorithms.ptq import quant_state
+
+    state = quant_state(model)
+    if state is not None and state.kv_modules:
+        from quantmint.kv_cache import Int8KVCache
+
+        return Int8KVCache.for_model(model)
+    return None
 
 
 def read_text(path: str | Path) -> str:
@@ -61,7 +74,9 @@ def perplexity(
     start = time.perf_counter()
     for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=None):
         batch = windows[i : i + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits.float()
+        cache = new_cache(model)
+        # A C8 model attends through its int8 cache, so the figure includes the kv-cache rounding.
+        logits = model(input_ids=batch, past_key_values=cache, use_cache=cache is not None).logits.float()
         nll = nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )

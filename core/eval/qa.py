@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantmint.errors import QuantmintError
+from quantmint.eval.perplexity import new_cache
 
 __all__ = [
     "SQUAD_PROMPT",
@@ -155,18 +156,6 @@ def generate_answers(
     return answers, truncated
 
 
-def _new_cache(model: nn.Module) -> Any:
-    """An int8 KV cache for a C8 model (so answers come from the int8 cache), else transformers' default."""
-    from quantmint.algorithms.ptq import quant_state
-
-    state = quant_state(model)
-    if state is not None and state.kv_modules:
-        from quantmint.kv_cache import Int8KVCache
-
-        return Int8KVCache.for_model(model)
-    return None
-
-
 def _greedy_batch(
     model: nn.Module, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, eos: int | None, pad: int
 ) -> list[str]:
@@ -177,7 +166,7 @@ def _greedy_batch(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     generated: list[list[int]] = [[] for _ in ids]
     done = [False] * len(ids)
-    past = _new_cache(model)
+    past = new_cache(model)
     for _ in range(max_new_tokens):
         out = model(
             input_ids=input_ids,
