@@ -98,9 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
 
-    if args.text is None and args.docs is None:
+    if not any((args.text, args.docs, args.squad, args.boolq, args.lee)):
         raise _usage_error(
-            "nothing to evaluate: pass --text FILE (perplexity) or --docs FILE --reference DIR"
+            "nothing to evaluate: pass --text FILE (perplexity), --squad FILE, --boolq FILE, --lee DIR "
+            "or --docs FILE --reference DIR"
         )
     if args.docs is not None and args.reference is None:
         raise _usage_error("--docs compares embeddings with a float model: also pass --reference FLOAT_DIR")

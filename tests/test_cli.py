@@ -62,6 +62,56 @@ def test_quantize_inspect_eval(tmp_path: Path, tiny_model_dir, text_file: Path, 
     assert abs(results["quant"]["ppl"] / results["float"]["ppl"] - 1) < 0.01
 
 
+def test_eval_squad_and_boolq(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    squad = tmp_path / "squad.json"
+    squad.write_text(
+        json.dumps(
+            {
+                "version": "1.1",
+                "data": [
+                    {
+                        "title": "t",
+                        "paragraphs": [
+                            {
+                                "context": "The sky is blue.",
+                                "qas": [
+                                    {
+                                        "id": "1",
+                                        "question": "What colour is the sky?",
+                                        "answers": [{"text": "blue", "answer_start": 11}],
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    boolq = tmp_path / "boolq.jsonl"
+    boolq.write_text(
+        json.dumps(
+            {"question": "is the sky blue", "passage": "Sky -- The sky is blue.", "idx": 0, "label": "true"}
+        )
+        + "\n"
+    )
+    code, stdout, _ = _run(
+        capsys,
+        "eval",
+        str(tiny_model_dir("llama")),
+        "--squad",
+        str(squad),
+        "--squad-n",
+        "1",
+        "--boolq",
+        str(boolq),
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["squad_n"] == 1 and 0 <= result["squad_f1"] <= 100
+    assert result["boolq_n"] == 1 and result["boolq_accuracy"] in (0.0, 100.0)
+
+
 def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) -> None:
     config = tmp_path / "mf.yaml"
     config.write_text(
