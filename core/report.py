@@ -237,14 +237,11 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
     if accuracy_key is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["checkpoint_bytes"] / 1e6, r[accuracy_key])
-        ax.annotate(
-            r["scheme"],
-            (r["checkpoint_bytes"] / 1e6, r[accuracy_key]),
-            textcoords="offset points",
-            xytext=(5, 5),
-        )
+    for i, r in enumerate(rows):
+        point = (r["checkpoint_bytes"] / 1e6, r[accuracy_key])
+        ax.scatter(*point)
+        # Quantized checkpoints share one size: stagger their labels so they stay readable.
+        ax.annotate(r["scheme"], point, textcoords="offset points", xytext=(6, 4 - 11 * (i % 3)))
     ax.set_xlabel("checkpoint size (MB)")
     ax.set_ylabel(accuracy_key + (" (lower is better)" if accuracy_key == "ppl" else ""))
     ax.set_title("accuracy vs size")
