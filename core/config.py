@@ -259,7 +259,12 @@ class PTQConfig(_Strict):
         "algorithm_args",
     )
     _MF_METHODS: ClassVar[tuple[str, ...]] = ("rtn", "smooth_quant", "ptq")
-    _MF_ALGORITHM_ARGS: ClassVar[dict[str, str]] = {"alpha": "smooth_alpha", "smooth_alpha": "smooth_alpha"}
+    _MF_ALGORITHM_ARGS: ClassVar[dict[str, str]] = {
+        "alpha": "smooth_alpha",
+        "smooth_alpha": "smooth_alpha",
+        "smooth_alpha_grid": "smooth_alpha_grid",
+        "smooth_search_batches": "smooth_search_batches",
+    }
 
     @classmethod
     def from_mindformers(cls, block: dict[str, Any]) -> PTQConfig:
@@ -317,18 +322,37 @@ class PTQConfig(_Strict):
             if self.outliers_suppression == "none"
             else self.outliers_suppression,
             "modules_to_not_convert": list(self.ignore),
-            "algorithm_args": {"alpha": self.algorithm_args.smooth_alpha} if method == "smooth_quant" else {},
+            "algorithm_args": self._mindformers_algorithm_args() if method == "smooth_quant" else {},
         }
+
+    def _mindformers_algorithm_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"alpha": self.algorithm_args.smooth_alpha}
+        if self.algorithm_args.smooth_alpha_grid:
+            args["smooth_alpha_grid"] = list(self.algorithm_args.smooth_alpha_grid)
+            args["smooth_search_batches"] = self.algorithm_args.smooth_search_batches
+        return args
 
 
 # The seeds' combination list: RTN W8A16, SmoothQuant W8A8, C8, W8A16+C8, SmoothQuant+C8.
+# SmoothQuant presets search alpha per block on this grid: on SmolLM2 it gave +0.49% perplexity with
+# 169 s of calibration (128 x 512 tokens), where a fixed 0.5 gave +0.86% in 71 s (README figures).
+_SMOOTH_SEARCH = AlgorithmArgs(smooth_alpha_grid=[0.5, 0.6, 0.7, 0.8])
 PRESETS: dict[str, PTQConfig] = {
     "w8a16": PTQConfig(weight_dtype="int8"),
-    "w8a8": PTQConfig(weight_dtype="int8", activation_dtype="int8", outliers_suppression="smooth"),
+    "w8a8": PTQConfig(
+        weight_dtype="int8",
+        activation_dtype="int8",
+        outliers_suppression="smooth",
+        algorithm_args=_SMOOTH_SEARCH,
+    ),
     "c8": PTQConfig(weight_dtype=None, kvcache_dtype="int8"),
     "w8a16-c8": PTQConfig(weight_dtype="int8", kvcache_dtype="int8"),
     "w8a8-c8": PTQConfig(
-        weight_dtype="int8", activation_dtype="int8", kvcache_dtype="int8", outliers_suppression="smooth"
+        weight_dtype="int8",
+        activation_dtype="int8",
+        kvcache_dtype="int8",
+        outliers_suppression="smooth",
+        algorithm_args=_SMOOTH_SEARCH,
     ),
 }
 
