@@ -90,3 +90,8 @@ def test_every_kernel_path_matches_the_reference(dtype, rows, out_features, in_f
     out = cell(x.to(dtype))
     assert out.dtype == dtype and out.shape == (rows, out_features)
     assert quant_math.sqnr_db(ref, out.double()) > (100 if dtype == torch.float32 else 35)
+
+
+def test_weight_only_cell_refuses_a_static_input_scale() -> None:
+    with pytest.raises(ValueError, match="w8a8"):
+        Int8WeightOnlyLinear.empty(8, 4, False, torch.float32, (4, 1), static_input=True)

@@ -113,6 +113,3 @@ class Int8Linear(QuantizedLinear):
         if self.bias is not None:
             y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return quant_math.dequantize(self.weight, self.weight_scale)

@@ -101,6 +101,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         scale_shape: tuple[int, ...],
         static_input: bool = False,
     ) -> Int8WeightOnlyLinear:
+        if static_input:
+            raise ValueError("W8A16 keeps activations float: a static input scale belongs to the w8a8 cell")
         return cls(
             torch.empty(out_features, in_features, dtype=torch.int8),
             torch.empty(scale_shape, dtype=torch.float32),
@@ -125,6 +127,3 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_weight_only_linear(x, self.weight, self._scale_for(x), self.bias)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return quant_math.dequantize(self.weight, self.weight_scale)

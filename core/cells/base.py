@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from quantmint import quant_math
+
 __all__ = ["QuantizedLinear"]
 
 
@@ -48,8 +50,8 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight [out, in] this cell computes with (for inspection and tests)."""
-        raise NotImplementedError
+        """The float weight [out, in] this cell computes with: int8 `weight` times `weight_scale`."""
+        return quant_math.dequantize(self.weight, self.weight_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
