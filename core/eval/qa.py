@@ -32,7 +32,15 @@ __all__ = [
     "exact_match",
 ]
 
-SQUAD_PROMPT = "{context}\nQuestion: {question}\nAnswer:"
+# One hand-written example (not from SQuAD) shows the model that an answer is a short span of the passage;
+# without it small instruct models answer in whole sentences, and F1 measures their phrasing instead.
+SQUAD_PROMPT = (
+    "Answer each question with a short phrase copied from its passage.\n\n"
+    "Passage: The Amazon River in South America is the largest river by discharge volume of water in the "
+    "world. It flows for about 6,400 km from the Andes to the Atlantic Ocean.\n"
+    "Question: Where does the Amazon River end?\nAnswer: the Atlantic Ocean\n\n"
+    "Passage: {context}\nQuestion: {question}\nAnswer:"
+)
 BOOLQ_PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
 BOOLQ_CHOICES = (" yes", " no")
 
@@ -207,8 +215,9 @@ def squad_f1_em(
 ) -> dict[str, Any]:
     """SQuAD v1.1 F1 and EM (0-100) of a causal LM's greedy answers to the first `n` questions of `path`.
 
-    Prompt: `SQUAD_PROMPT` (`"{context}\\nQuestion: {question}\\nAnswer:"`); the answer is the greedy
-    continuation up to its first newline (at most `max_new_tokens` tokens). Each question scores the
+    Prompt: `SQUAD_PROMPT`, one hand-written example of a short extractive answer, then
+    `"Passage: {context}\\nQuestion: {question}\\nAnswer:"`; the answer is the greedy continuation up to its
+    first newline (at most `max_new_tokens` tokens). Each question scores the
     maximum F1 / EM over its gold answers, as in the official v1.1 script.
 
     Returns a dict: `f1`, `em`, `n` (questions scored), `seconds`.
