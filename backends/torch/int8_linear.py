@@ -11,7 +11,7 @@ from quantmint import quant_math
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 
-__all__ = ["Int8Linear", "int8_int8_matmul", "int_mm_is_exact"]
+__all__ = ["Int8Linear", "int8_int8_matmul", "int8_linear", "int_mm_is_exact"]
 
 
 @functools.cache
@@ -98,18 +98,40 @@ class Int8Linear(QuantizedLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xf = x2 if x2.dtype == torch.float32 else x2.float()
-        if self.input_scale is None:  # dynamic: one scale per token, [rows, 1]
-            amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
-            x_scale = quant_math.qparams_from_absmax(amax)
-        else:
-            x_scale = self.input_scale.reshape(1, 1)
-        x_q = (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8)
-        # Scales are applied in place on the int32 result converted once to float32.
-        y = int8_int8_matmul(x_q, self.weight).float()
-        y.mul_(x_scale).mul_(self.weight_scale.reshape(1, -1))
-        if self.bias is not None:
-            y.add_(self.bias.float())
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return int8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = dequant(quant(x) @ weight.T) + bias, with an exact int32 accumulation.
+
+    Args:
+        x: [..., in] float.
+        weight: [out, in] int8.
+        weight_scale: [out] or [out, 1] float32, one per output channel.
+        input_scale: one float32 (static per-tensor activation scale), or None for dynamic per-token
+            scales computed from x.
+        bias: [out] or None.
+    Returns:
+        [..., out] in x's dtype.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xf = x2 if x2.dtype == torch.float32 else x2.float()
+    if input_scale is None:  # dynamic: one scale per token, [rows, 1]
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+        x_scale = quant_math.qparams_from_absmax(amax)
+    else:
+        x_scale = input_scale.reshape(1, 1)
+    x_q = (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8)
+    # Scales are applied in place on the int32 result converted once to float32.
+    y = int8_int8_matmul(x_q, weight).float()
+    y.mul_(x_scale).mul_(weight_scale.reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
