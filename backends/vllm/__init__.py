@@ -1,0 +1,32 @@
+"""vLLM backend: serve quantmint checkpoints with vLLM, no flags and no conversion.
+
+vLLM calls `register` (entry point group `vllm.general_plugins`, name `quantmint`) once in every vLLM
+process. It registers the quantization method `quantmint`, which vLLM then picks from the checkpoint's
+`config.json` (`quantization_config.quant_method: quantmint`):
+
+- W8A8 layers run on vLLM's own int8 kernel selection (`init_int8_linear_kernel`: oneDNN or AMX on CPU,
+  CUTLASS or Triton on CUDA), after a probe that the selected kernel accumulates exactly in int32; where it
+  does not (x86 CPUs without VNNI add pairs of int8 products in saturating int16), the layer runs
+  quantmint's exact int8 x int8 -> int32 matmul instead.
+- W8A16 layers run on quantmint's int8-weight matmul (vLLM has no int8 weight-only kernel on CPU).
+- Layers the checkpoint left float stay float.
+- C8 (int8 KV cache) checkpoints are refused unless `QUANTMINT_VLLM_KV_CACHE=float` asks for a float cache:
+  vLLM 0.32's attention backends store int8 K/V nowhere.
+
+Importing quantmint never imports vLLM: only `register` does.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KV_CACHE_ENV", "SUPPORTED_VLLM", "register"]
+
+SUPPORTED_VLLM = "0.32"
+"""The vLLM release series this backend is tested against (it uses vLLM's internal layer APIs)."""
+
+KV_CACHE_ENV = "QUANTMINT_VLLM_KV_CACHE"
+"""Set to `float` to serve a C8 checkpoint with vLLM's float KV cache (its K/V scales unused)."""
+
+
+def register() -> None:
+    """Register the `quantmint` quantization method with vLLM. Cheap and idempotent."""
+    from quantmint.backends.vllm import config  # noqa: F401  (importing registers it, once per process)

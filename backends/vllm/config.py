@@ -1,0 +1,174 @@
+"""The `quantmint` quantization method for vLLM: reads a quantmint checkpoint's `quantization_config`.
+
+vLLM names layers its own way: it fuses q/k/v and gate/up into one layer (`qkv_proj`, `gate_up_proj`,
+BERT's `query`/`key`/`value` into `qkv_proj`) and may nest the model under another root (`model.` for a
+BERT embedding model). A vLLM layer is matched to the checkpoint's quantized modules by expanding a fused
+name through the model's `packed_modules_mapping`, then by whole dotted components, the checkpoint's name
+being a suffix of vLLM's or the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import regex as re
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.models.utils import WeightsMapper
+
+from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
+from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
+
+logger = init_logger(__name__)
+
+QUANT_METHOD = "quantmint"
+FORMAT_VERSION = 1
+
+# Layer names vLLM 0.32 gets wrong: BertAttention passes its self-attention the prefix `attention.output`,
+# so BERT's fused q/k/v layer is named `attention.output.qkv_proj` instead of `attention.self.qkv_proj`.
+_VLLM_PREFIX_FIXES = ((re.compile(r"\.attention\.output\.qkv_proj$"), ".attention.self.qkv_proj"),)
+
+# vLLM's GPT2 transposes every `.weight` of these layers on load, as HF's Conv1D stores [in, out];
+# quantmint's int8 cells store [out, in] already, so the linear methods transpose them back.
+_TRANSPOSED_ON_LOAD = {"gpt2": ("c_attn", "c_proj", "c_fc")}
+
+
+def _check_vllm_version() -> None:
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM + "."):
+        logger.warning(
+            "quantmint's vLLM backend is tested with vLLM %s.x; this is vLLM %s. If loading fails, install "
+            "the tested release: pip install 'quantmint[vllm]'",
+            SUPPORTED_VLLM,
+            vllm.__version__,
+        )
+
+
+def _components(name: str) -> tuple[str, ...]:
+    return tuple(part for part in name.split(".") if part)
+
+
+def _suffix_match(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether one dotted name is a whole-component suffix of the other."""
+    n = min(len(a), len(b))
+    return n > 0 and a[-n:] == b[-n:]
+
+
+@register_quantization_config(QUANT_METHOD)
+class QuantmintConfig(QuantizationConfig):
+    """A quantmint checkpoint as vLLM sees it: which layer is W8A8, W8A16 or float, and the KV cache."""
+
+    def __init__(self, block: dict[str, Any]) -> None:
+        super().__init__()
+        self.block = block
+        self.family: str | None = block.get("family")
+        self.scheme: str = block.get("scheme", "?")
+        self.modules: dict[str, str] = dict(block.get("modules", {}))
+        self.kv_cache_modules: list[str] = list(block.get("kv_cache_modules", []))
+        activations = block.get("config", {}).get("activations", {})
+        self.static_input = activations.get("dynamic", True) is False
+        self._index = [(_components(name), scheme) for name, scheme in self.modules.items()]
+        self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
+        if self.kv_cache_modules and not self.float_kv_cache:
+            raise ValueError(
+                f"this quantmint checkpoint ({self.scheme}) has an int8 KV cache (C8), which vLLM "
+                f"{SUPPORTED_VLLM} cannot store: none of its attention backends keeps int8 K/V. To serve it "
+                f"with a float KV cache (the int8 weights still used, the K/V scales ignored), set "
+                f"{KV_CACHE_ENV}=float (quantmint serve --kv-cache float), or quantize without C8 "
+                f"(--preset w8a8 or w8a16)"
+            )
+        if self.float_kv_cache:
+            logger.warning(
+                "%s=float: serving the C8 checkpoint's KV cache in float; its int8 K/V scales are ignored",
+                KV_CACHE_ENV,
+            )
+
+    # ------------------------------------------------------------------ vLLM's interface
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # int8 tensor cores (Turing); vLLM checks it on CUDA only
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantmintConfig:
+        _check_vllm_version()
+        method = config.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ValueError(f"not a quantmint quantization_config (quant_method={method!r})")
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"quantmint checkpoint format_version {version!r} is not {FORMAT_VERSION}, the version this "
+                "vLLM backend reads: install the quantmint release that wrote it, or re-quantize"
+            )
+        if not isinstance(config.get("modules"), dict):
+            raise ValueError("quantmint quantization_config has no `modules` map: the checkpoint is damaged")
+        return cls(config)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # attention keeps vLLM's own cache (C8 is refused or opted out above)
+        scheme = self.scheme_for(prefix)
+        if scheme is None:
+            return UnquantizedLinearMethod()
+        transposed = prefix.rsplit(".", 1)[-1] in _TRANSPOSED_ON_LOAD.get(self.family or "", ())
+        if scheme == "w8a8":
+            return W8A8LinearMethod(static_input=self.static_input, transposed=transposed)
+        if scheme == "w8a16":
+            return W8A16LinearMethod(transposed=transposed)
+        raise ValueError(
+            f"layer {prefix} is quantized with scheme {scheme!r}, which quantmint's vLLM backend does not "
+            "serve (it serves w8a8 and w8a16): serve it with quantmint's torch runtime"
+        )
+
+    def get_cache_scale_mapper(self) -> WeightsMapper:  # type: ignore[override]
+        """Drop the C8 K/V scales (per channel, which vLLM's float-cache scales are not) when opted out."""
+        mapper = super().get_cache_scale_mapper()
+        if self.float_kv_cache:
+            drop = {re.compile(r"\.[kv]_scale$"): None}
+            return WeightsMapper(orig_to_new_regex=drop) | mapper
+        return mapper
+
+    # ------------------------------------------------------------------ layer lookup
+
+    def scheme_for(self, prefix: str) -> str | None:
+        """The scheme of vLLM layer `prefix` (fused layers: every part's), or None when it stays float."""
+        for pattern, replacement in _VLLM_PREFIX_FIXES:
+            prefix = pattern.sub(replacement, prefix)
+        parent, _, last = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(last)
+        names = [f"{parent}.{p}" if parent else p for p in parts] if parts else [prefix]
+        schemes = {name: self._lookup(name) for name in names}
+        found = set(schemes.values())
+        if len(found) > 1:
+            raise ValueError(
+                f"vLLM fuses {', '.join(names)} into one layer {prefix}, but the checkpoint quantized them "
+                f"differently ({schemes}): quantize or ignore all of them together (e.g. --ignore with a "
+                "pattern that covers every one)"
+            )
+        return found.pop()
+
+    def _lookup(self, name: str) -> str | None:
+        wanted = _components(name)
+        hits = [(parts, scheme) for parts, scheme in self._index if _suffix_match(parts, wanted)]
+        if len(hits) > 1:
+            names = ", ".join(".".join(parts) for parts, _ in hits)
+            raise ValueError(f"vLLM layer {name} matches several checkpoint modules ({names})")
+        return hits[0][1] if hits else None
