@@ -1,4 +1,4 @@
-"""The `quantmint` command line: quantize, eval, inspect, example-model.
+"""The `quantmint` command line: quantize, eval, inspect, report, serve, export, example-model.
 
 Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input ends
 with a one-line reason on stderr and exit status 1 (2 for a malformed command line).
@@ -213,6 +213,36 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps({"written": files}))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from quantmint.backends.vllm.serve import serve_command
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise _usage_error("vLLM is not installed: pip install 'quantmint[vllm]' (see the README)") from None
+    cmd, env = serve_command(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        kv_cache=args.kv_cache,
+        eager=not args.no_eager,
+        extra=args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args,
+    )
+    print(" ".join(cmd), file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, env)  # the server takes this process's PID: signals reach it directly
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from quantmint.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, fmt=args.format, overwrite=args.overwrite)
+    _print_json({"output": str(out), "format": args.format})
+
+
 def cmd_example_model(args: argparse.Namespace) -> None:
     from quantmint.example_models import example_model_dir
 
@@ -290,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
     r.add_argument("--kv-tokens", type=int, default=512, help="tokens generated to measure KV-cache bytes")
     r.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
+    s.add_argument("model", help="quantmint checkpoint (or any model directory vLLM loads)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
+    s.add_argument("--dtype", default="auto", help="activation dtype: auto, bfloat16, float32 (default auto)")
+    s.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "float"],
+        help="float: serve a C8 checkpoint with a float KV cache (vLLM cannot store int8 K/V)",
+    )
+    s.add_argument("--no-eager", action="store_true", help="let vLLM compile (slower start, faster decode)")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more vLLM server arguments")
+    s.set_defaults(func=cmd_serve)
+
+    xp = sub.add_parser("export", help="write a checkpoint in another format (compressed-tensors)")
+    xp.add_argument("checkpoint", help="quantmint checkpoint directory")
+    xp.add_argument("-o", "--output", required=True, help="output directory")
+    xp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    xp.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    xp.set_defaults(func=cmd_export)
 
     x = sub.add_parser("example-model", help="print the local directory of a shipped example model")
     x.add_argument(

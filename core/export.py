@@ -1,0 +1,134 @@
+"""Export a quantmint checkpoint to the compressed-tensors format, which plain vLLM (no plugin) and
+transformers (with the `compressed-tensors` package) load with no quantmint installed.
+
+quantmint already stores its int8 tensors under compressed-tensors names (`weight` int8 [out, in],
+`weight_scale` float32 [out, 1], `input_scale` [1]), so the shards are copied unchanged (after checking
+their sha256 against the manifest) and only config.json's `quantization_config` is rewritten: one
+config group for the W8A8 layers (`format: int-quantized`, per-channel weights, per-token dynamic or
+per-tensor static activations), every other linear layer in `ignore`.
+
+Refused, with the reason: C8 (vLLM accepts only an fp8 KV-cache scheme), W8A16 layers (compressed-tensors
+describes them only in its packed int32 layout, which vLLM runs on GPU kernels alone: serve the quantmint
+checkpoint through the plugin instead), and GPT2 (its Conv1D layers are not `Linear` to compressed-tensors,
+and vLLM transposes their weights on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
+from quantmint.errors import CheckpointError, QuantmintError
+from quantmint.hf import model_class, read_config_json, staged_directory
+
+__all__ = ["EXPORT_FORMATS", "export_checkpoint"]
+
+EXPORT_FORMATS = ("compressed-tensors",)
+
+_INT8 = {"num_bits": 8, "type": "int", "symmetric": True}
+
+
+def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
+    """Names of every `nn.Linear` of the checkpoint's architecture, from a skeleton on the meta device."""
+    import transformers
+
+    cls = model_class(config.get("architectures"), path, CheckpointError)
+    hf_config = transformers.AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with torch.device("meta"):
+        skeleton = cls(hf_config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _refuse(path: Path, block: dict[str, Any]) -> None:
+    if block.get("kv_cache_modules"):
+        raise QuantmintError(
+            f"{path} has an int8 KV cache (C8, scheme {block.get('scheme')}): compressed-tensors can name "
+            "one, but vLLM accepts only an fp8 kv_cache_scheme. Export a checkpoint quantized without C8, or "
+            "serve this one with the quantmint plugin (quantmint serve)"
+        )
+    if block.get("family") == "gpt2":
+        raise QuantmintError(
+            f"{path} is a GPT2 checkpoint: its Conv1D layers are not Linear to compressed-tensors and vLLM "
+            "transposes their weights on load. Serve it with the quantmint plugin (quantmint serve)"
+        )
+    other = sorted({s for s in block["modules"].values() if s != "w8a8"})
+    if other:
+        raise QuantmintError(
+            f"{path} has {', '.join(other)} layers: compressed-tensors describes int8 weight-only layers "
+            "only in its packed int32 layout, which vLLM runs on GPU kernels alone. Export a w8a8 "
+            "checkpoint, or serve this one with the quantmint plugin (quantmint serve)"
+        )
+    if not block["modules"]:
+        raise QuantmintError(f"{path} has no quantized layers to export")
+
+
+def compressed_tensors_config(block: dict[str, Any], linear_names: list[str]) -> dict[str, Any]:
+    """The compressed-tensors `quantization_config` equivalent to a quantmint W8A8 block."""
+    activations = block.get("config", {}).get("activations", {})
+    dynamic = activations.get("dynamic", True) is not False
+    input_activations = {
+        **_INT8,
+        "strategy": "token" if dynamic else "tensor",
+        "dynamic": dynamic,
+        **({} if dynamic else {"observer": "minmax"}),
+    }
+    quantized = set(block["modules"])
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**_INT8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                "input_activations": input_activations,
+                "output_activations": None,
+            }
+        },
+        "ignore": [name for name in linear_names if name not in quantized],
+        "kv_cache_scheme": None,
+        "producer": {"name": "quantmint", "scheme": block.get("scheme"), "family": block.get("family")},
+    }
+
+
+def export_checkpoint(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fmt: str = "compressed-tensors",
+    overwrite: bool = False,
+) -> Path:
+    """Write `src` (a quantmint checkpoint) to `out` in format `fmt`; returns `out`.
+
+    The shards are verified against the manifest before anything is written; the output directory is
+    staged and renamed into place, so a failure leaves nothing behind.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise QuantmintError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    src, out = Path(src), Path(out)
+    block = read_quantization_config(src)
+    _refuse(src, block)
+    if out.exists() and not overwrite:
+        raise QuantmintError(f"output directory {out} already exists; pass overwrite=True (--overwrite)")
+    manifest = _read_manifest(src)
+    _read_shards(src, manifest, verify=True)  # sha256 and tensor checks: never export a damaged checkpoint
+    config = read_config_json(src, CheckpointError)
+    config["quantization_config"] = compressed_tensors_config(block, _linear_names(src, config))
+    with staged_directory(out, overwrite=overwrite) as tmp:
+        for item in src.iterdir():
+            if item.name in (MANIFEST_NAME, "config.json") or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -1,0 +1,86 @@
+"""`quantmint serve`'s command line and `quantmint export`'s refusals, without vLLM installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, byte_tokenizer
+
+from quantmint.algorithms.ptq import quantize
+from quantmint.backends.vllm.serve import serve_command
+from quantmint.checkpoint import save_quantized
+from quantmint.cli import main
+from quantmint.errors import QuantmintError
+
+
+def _checkpoint(tmp_path: Path, family: str, preset: str) -> Path:
+    torch.manual_seed(0)
+    calibration = [torch.randint(0, 256, (32,)) for _ in range(4)]
+    model = quantize(build_tiny(family), preset, calibration=calibration)
+    return save_quantized(model, tmp_path / f"{family}-{preset}", tokenizer=byte_tokenizer())
+
+
+def test_serve_command_has_cpu_defaults_and_keeps_the_callers_settings(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path, "llama", "w8a16")
+    cmd, env = serve_command(path, port=8123, max_model_len=256, environ={"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == str(path) and cmd[cmd.index("--port") + 1] == "8123"
+    assert "--enforce-eager" in cmd and "--runner" not in cmd
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    cmd, _ = serve_command(path, eager=False, extra=["--seed", "3"], environ={})
+    assert "--enforce-eager" not in cmd and cmd[-2:] == ["--seed", "3"]
+
+
+def test_serve_command_runs_bert_as_a_pooling_model(tmp_path: Path) -> None:
+    cmd, _ = serve_command(_checkpoint(tmp_path, "bert", "w8a16"), environ={})
+    assert cmd[cmd.index("--runner") + 1] == "pooling"
+
+
+def test_serving_c8_needs_an_explicit_float_cache(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path, "llama", "w8a8-c8")
+    with pytest.raises(QuantmintError, match="--kv-cache float"):
+        serve_command(path, environ={})
+    _, env = serve_command(path, kv_cache="float", environ={})
+    assert env["QUANTMINT_VLLM_KV_CACHE"] == "float"
+
+
+def test_cli_serve_of_a_directory_that_is_no_model_says_so(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("vllm", reason="quantmint serve checks for vLLM first")
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_export_writes_compressed_tensors_config(tmp_path: Path, capsys) -> None:
+    src = _checkpoint(tmp_path, "llama", "w8a8")
+    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["strategy"] == "token"
+    assert config["ignore"] == ["lm_head"]
+    assert sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "ct" / "quantmint_manifest.json").exists()
+    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 1  # exists: needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_export_refuses_w8a16_with_the_reason(tmp_path: Path, capsys) -> None:
+    src = _checkpoint(tmp_path, "llama", "w8a16")
+    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 1
+    assert "w8a16 layers" in capsys.readouterr().err
+    assert not (tmp_path / "ct").exists()
+
+
+def test_export_refuses_a_corrupt_shard(tmp_path: Path) -> None:
+    from quantmint.export import export_checkpoint
+
+    src = _checkpoint(tmp_path, "llama", "w8a8")
+    shard = src / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(QuantmintError):
+        export_checkpoint(src, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
