@@ -252,11 +252,22 @@ def test_probe_catches_a_saturating_int8_kernel(monkeypatch: pytest.MonkeyPatch)
         linear.vllm_int8_kernel_is_exact.cache_clear()
 
 
-def test_probe_of_the_real_kernel_runs() -> None:
+def test_probe_of_the_real_kernel_runs_whatever_the_default_dtype() -> None:
     from quantmint.backends.vllm import linear
 
-    for dtype in (torch.float32, torch.bfloat16):
-        assert isinstance(linear.vllm_int8_kernel_is_exact(64, 128, False, dtype), bool)
+    results = []
+    for default in (torch.float32, torch.bfloat16):  # vLLM loads models under the model's default dtype
+        linear.vllm_int8_kernel_is_exact.cache_clear()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            results.append(
+                [linear.vllm_int8_kernel_is_exact(64, 128, False, d) for d in (torch.float32, torch.bfloat16)]
+            )
+        finally:
+            torch.set_default_dtype(previous)
+    linear.vllm_int8_kernel_is_exact.cache_clear()
+    assert results[0] == results[1]
 
 
 # ---------------------------------------------------------------- end to end on tiny models

@@ -114,11 +114,13 @@ def vllm_int8_kernel_is_exact(
     probe.logical_widths = [out_features]
     frozen = functools.partial(torch.nn.Parameter, requires_grad=False)
     probe.register_parameter("weight", frozen(torch.full((out_features, in_features), 127, dtype=torch.int8)))
-    probe.register_parameter("weight_scale", frozen(torch.full((out_features, 1), 1 / 127)))
+    probe.register_parameter(
+        "weight_scale", frozen(torch.full((out_features, 1), 1 / 127, dtype=torch.float32))
+    )
     probe.register_parameter("bias", None)
     probe.register_parameter("input_zero_point", None)
     probe.register_parameter("azp_adj", None)
-    input_scale = frozen(torch.full((1,), 1 / 127)) if static_input else None
+    input_scale = frozen(torch.full((1,), 1 / 127, dtype=torch.float32)) if static_input else None
     probe.register_parameter("input_scale", input_scale)
     kernel = _new_kernel(static_input)
     x = torch.ones(4, in_features, dtype=dtype)
