@@ -1,0 +1,184 @@
+"""SmolLM2-135M served by vLLM, side by side in one run: float, native compressed-tensors W8A8, and
+quantmint's W8A16 and W8A8 through the quantmint plugin. Prints one JSON line.
+
+Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults of `quantmint serve`):
+- `tok_s`: greedy decode throughput, `--prompts` prompts x `--tokens` new tokens (EOS ignored), all
+  submitted at once; `start_s`: engine start;
+- `ppl`: perplexity from vLLM's prompt log-probabilities over `--ppl-windows` independent 512-token
+  windows of wikitext-2 test (the first token of each window is not scored), and for int8 variants
+  `ppl_runtime`, the same windows through quantmint's own exact torch runtime (fp32), and
+  `ppl_gap_pp = 100 * (ppl / ppl_runtime - 1)`;
+- ratios to fp32 and to native W8A8.
+
+Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` reuse quantmint checkpoints; otherwise they are made here
+(W8A16: RTN; W8A8: the `w8a8` preset calibrated on `--calib`). The native W8A8 variant is the W8A8
+checkpoint exported with `quantmint export --format compressed-tensors`, served with `VLLM_PLUGINS=` empty.
+
+    python benchmarks/vllm_serving.py --text ../shared/data/wikitext-2/test.txt \\
+        --calib ../shared/data/wikitext-2/valid.txt [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[vllm_serving] {msg}", file=sys.stderr, flush=True)
+
+
+def windows(text_path: str, tokenizer: Any, n: int, length: int = 512) -> list[list[int]]:
+    ids = tokenizer(Path(text_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    return [ids[i * length : (i + 1) * length] for i in range(min(n, len(ids) // length))]
+
+
+def ppl_from_logprobs(rows: list[list[float]]) -> float:
+    total = sum(sum(r) for r in rows)
+    count = sum(len(r) for r in rows)
+    return math.exp(-total / count)
+
+
+@torch.no_grad()
+def runtime_ppl(path: Path, wins: list[list[int]]) -> float:
+    from quantmint.models import load_model
+
+    model = load_model(path)
+    rows = []
+    for w in wins:
+        ids = torch.tensor([w])
+        logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)
+        rows.append(logprobs[torch.arange(len(w) - 1), ids[0, 1:]].tolist())
+    return ppl_from_logprobs(rows)
+
+
+def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple[Path, Path]:
+    from quantmint.algorithms.ptq import quantize
+    from quantmint.checkpoint import save_quantized
+    from quantmint.data import calibration_samples
+    from quantmint.models import load_float_model, load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    w8a16 = Path(args.w8a16) if args.w8a16 else None
+    if w8a16 is None:
+        log("quantizing W8A16")
+        w8a16 = save_quantized(
+            quantize(load_float_model(source), "w8a16"), work / "w8a16", tokenizer=tokenizer
+        )
+    w8a8 = Path(args.w8a8) if args.w8a8 else None
+    if w8a8 is None:
+        if not args.calib:
+            raise SystemExit("--calib is needed to make the W8A8 checkpoint (or pass --w8a8 DIR)")
+        log("quantizing W8A8 (SmoothQuant preset)")
+        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
+        w8a8 = save_quantized(
+            quantize(load_float_model(source), "w8a8", calibration=samples),
+            work / "w8a8",
+            tokenizer=tokenizer,
+        )
+    return w8a16, w8a8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", required=True, help="wikitext-2 test.txt for perplexity")
+    parser.add_argument("--calib", help="calibration text for the W8A8 checkpoint made here")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--w8a8", help="an existing quantmint W8A8 checkpoint of SmolLM2")
+    parser.add_argument("--w8a16", help="an existing quantmint W8A16 checkpoint of SmolLM2")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--ppl-windows", type=int, default=16)
+    parser.add_argument(
+        "--quick", action="store_true", help="4 prompts x 16 tokens, 2 windows, 16 calib samples"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.tokens, args.ppl_windows, args.calib_samples = 4, 16, 2, 16
+
+    from quantmint.backends.vllm.offline import run_in_subprocess
+    from quantmint.example_models import example_model_dir
+    from quantmint.export import export_checkpoint
+    from quantmint.models import load_tokenizer
+
+    source = example_model_dir("smollm2")
+    tokenizer = load_tokenizer(source)
+    with tempfile.TemporaryDirectory(prefix="quantmint-vllm-bench-") as tmp:
+        work = Path(tmp)
+        w8a16, w8a8 = make_checkpoints(args, source, work)
+        native = export_checkpoint(w8a8, work / "w8a8-compressed-tensors")
+        wins = windows(args.text, tokenizer, args.ppl_windows)
+        lines = [
+            ln for ln in Path(args.text).read_text(encoding="utf-8").splitlines() if len(ln.split()) > 30
+        ]
+        prompts = [tokenizer(ln)["input_ids"][:32] for ln in lines[: args.prompts]]
+        variants = [
+            ("fp32", source, "float32", {}),
+            ("bf16", source, "bfloat16", {}),
+            ("native_w8a8_bf16", native, "bfloat16", {"VLLM_PLUGINS": ""}),
+            ("quantmint_w8a8_bf16", w8a8, "bfloat16", {}),
+            ("quantmint_w8a8_fp32", w8a8, "float32", {}),
+            ("quantmint_w8a16_bf16", w8a16, "bfloat16", {}),
+            ("quantmint_w8a16_fp32", w8a16, "float32", {}),
+        ]
+        runtime = {str(w8a8): runtime_ppl(w8a8, wins), str(w8a16): runtime_ppl(w8a16, wins)}
+        runtime[str(native)] = runtime[str(w8a8)]
+        results: dict[str, Any] = {}
+        for name, model, dtype, env in variants:
+            log(f"{name}: starting vLLM")
+            job = {
+                "model": str(model),
+                "dtype": dtype,
+                "max_model_len": 1024,
+                "tasks": [
+                    {"kind": "generate", "prompts": prompts, "max_tokens": args.tokens},
+                    {"kind": "prompt_logprobs", "prompts": wins},
+                ],
+            }
+            out = run_in_subprocess(job, tmp, env=env)
+            if "error" in out:
+                results[name] = {"error": out["error"]}
+                log(f"{name}: {out['error']}")
+                continue
+            gen, lp = out["results"]
+            row: dict[str, Any] = {
+                "dtype": dtype,
+                "start_s": round(out["start_s"], 1),
+                "tok_s": round(args.prompts * args.tokens / gen["seconds"], 1),
+                "ppl": round(ppl_from_logprobs(lp["value"]), 4),
+            }
+            if str(model) in runtime:
+                row["ppl_runtime"] = round(runtime[str(model)], 4)
+                row["ppl_gap_pp"] = round(100 * (row["ppl"] / runtime[str(model)] - 1), 3)
+            results[name] = row
+            log(f"{name}: {row}")
+    base = results.get("fp32", {}).get("tok_s")
+    native_speed = results.get("native_w8a8_bf16", {}).get("tok_s")
+    for row in results.values():
+        if "tok_s" in row:
+            row["speed_vs_fp32"] = round(row["tok_s"] / base, 3) if base else None
+            row["speed_vs_native_w8a8"] = round(row["tok_s"] / native_speed, 3) if native_speed else None
+    report = {
+        "benchmark": "vllm_serving",
+        "model": "SmolLM2-135M-Instruct",
+        "prompts": args.prompts,
+        "new_tokens": args.tokens,
+        "ppl_windows": len(wins),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "results": results,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
