@@ -309,8 +309,8 @@ def load_quantized(
     with no_init_weights():
         model = model_cls._from_config(config, dtype=dtype)
     ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.get("family"))
-    ptq.apply(model)
     saved_modules = block.get("modules", {})
+    ptq.apply(model, schemes=saved_modules if isinstance(saved_modules, dict) else None)
     if quant_state(model).kv_modules != block.get("kv_cache_modules", []):
         raise CheckpointError(
             f"{path}: the kv-cache modules listed in config.json do not match the model's attention modules; "

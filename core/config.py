@@ -124,6 +124,9 @@ class AlgorithmArgs(_Strict):
     # Non-empty: pick each block's alpha from this grid by the MSE of its quantized output vs float.
     smooth_alpha_grid: list[float] = Field(default_factory=list)
     smooth_search_batches: int = Field(default=4, ge=1)
+    # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
+    # keeps float activations (W8A16 for that layer); None quantizes every activation.
+    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0)
 
     @field_validator("smooth_alpha_grid")
     @classmethod

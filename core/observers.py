@@ -19,22 +19,36 @@ class InputObserver:
     """Statistics of one linear layer's input x [..., in] over the calibration set.
 
     `absmax` is max |x_j| per input channel (float32 [in]): what SmoothQuant and static minmax use.
+    `token_absmax` holds max_j |x_tj| of every token t seen (float32, one tensor per batch).
     With `percentile` set, `percentiles` holds that percentile of |x| for every batch seen.
     """
 
     percentile: float | None = None
     absmax: torch.Tensor | None = None
     percentiles: list[float] = field(default_factory=list)
+    token_absmax: list[torch.Tensor] = field(default_factory=list)
 
     def observe(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float().abs()
         amax = x2.amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.token_absmax.append(x2.amax(dim=1))
         if self.percentile is not None:
             flat = x2.flatten()
             if flat.numel() > _QUANTILE_MAX_ELEMENTS:
                 flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
             self.percentiles.append(float(torch.quantile(flat, self.percentile / 100.0)))
+
+    def token_outlier_ratio(self) -> float:
+        """max over tokens of max_j |x_tj|, over its median: how far one token's range stands out.
+
+        Per-token int8 gives such a token one scale for all its channels, so a ratio in the thousands
+        (an attention-sink token with a massive activation) rounds its other channels to zero.
+        """
+        assert self.token_absmax, "observer saw no data"
+        tokens = torch.cat(self.token_absmax)
+        median = float(tokens.median())
+        return float(tokens.max()) / median if median > 0 else float("inf")
 
     def tensor_range(self, divisor: torch.Tensor | None = None) -> float:
         """The per-tensor range for a static scale: max |x| (or the mean batch percentile).

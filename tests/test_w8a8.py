@@ -182,3 +182,62 @@ def test_alpha_search_picks_from_the_grid_per_block(calibration, input_ids) -> N
 def test_alpha_grid_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"smooth_alpha_grid.*\[1.5\]"):
         quantize(build_tiny("llama"), {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.5, 1.5]}})
+
+
+# ---------------------------------------------------------------- outlier tokens keep float activations
+
+
+def test_observer_measures_how_far_one_token_stands_out() -> None:
+    from quantmint.observers import InputObserver
+
+    observer = InputObserver()
+    x = torch.ones(1, 10, 8)
+    observer.observe(x)
+    assert observer.token_outlier_ratio() == pytest.approx(1.0)
+    x[0, 3, 5] = 500.0  # an attention-sink token with one massive channel
+    observer.observe(x)
+    assert observer.token_outlier_ratio() == pytest.approx(500.0)
+
+
+def _token_ratios(model: torch.nn.Module, calibration: list[torch.Tensor]) -> dict[str, float]:
+    layout = resolve_layout(model, registry.find_family(model))
+    ratios: dict[str, float] = {}
+
+    def attach(block):
+        return attach_input_observers(block.linears)
+
+    def finish(block, attached, _calls, _outputs):
+        observers, handles = attached
+        for handle in handles:
+            handle.remove()
+        ratios.update({name: obs.token_outlier_ratio() for name, obs in observers.items()})
+        return False
+
+    run_sequential(model, layout, calibration, attach, finish, batch_size=4)
+    return ratios
+
+
+def test_linears_with_outlier_tokens_are_kept_w8a16_and_round_trip(
+    calibration: list[torch.Tensor], tmp_path: Path, input_ids: torch.Tensor
+) -> None:
+    ratios = _token_ratios(build_tiny("llama"), calibration)
+    threshold = sorted(set(ratios.values()))[len(set(ratios.values())) // 2]  # splits the linears
+    from quantmint.config import get_preset
+
+    ptq_config = get_preset("w8a8").with_updates(
+        algorithm_args={"smooth_alpha": 0.5, "w8a16_outlier_ratio": threshold}
+    )
+    model = quantize(build_tiny("llama"), ptq_config, calibration=calibration)
+    schemes = quant_state(model).modules
+    assert set(schemes.values()) == {"w8a8", "w8a16"}
+    for name, scheme in schemes.items():
+        assert scheme == ("w8a16" if ratios[name] > threshold else "w8a8"), name
+    # linears that read the same input decide alike (vLLM fuses them into one layer)
+    for block in range(2):
+        qkv = {schemes[f"model.layers.{block}.self_attn.{p}_proj"] for p in "qkv"}
+        gate_up = {schemes[f"model.layers.{block}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+    expected = model_output(model, input_ids)
+    loaded = load_quantized(save_quantized(model, tmp_path / "mixed"))
+    assert quant_state(loaded).modules == schemes
+    assert torch.equal(model_output(loaded, input_ids), expected)

@@ -78,7 +78,13 @@ class PTQ:
     def needs_calibration(self) -> bool:
         """Smoothing, static activation ranges and kv-cache scales are measured on calibration data."""
         act_static = bool(self.config.activation_dtype) and not self.config.activations.dynamic
-        return self.config.outliers_suppression == "smooth" or act_static or bool(self.config.kvcache_dtype)
+        outlier_guard = bool(self.config.activation_dtype) and self.config.algorithm_args.w8a16_outlier_ratio
+        return (
+            self.config.outliers_suppression == "smooth"
+            or act_static
+            or bool(outlier_guard)
+            or bool(self.config.kvcache_dtype)
+        )
 
     def kv_attention_modules(self, layout: ModelLayout) -> dict[str, BlockLayout]:
         """Full names of the attention modules that get kv-cache scales (C8), with their blocks."""
@@ -114,7 +120,11 @@ class PTQ:
     # --- phases -------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(
-        self, model: nn.Module, calibration: list[torch.Tensor] | None = None, batch_size: int = 8
+        self,
+        model: nn.Module,
+        calibration: list[torch.Tensor] | None = None,
+        batch_size: int = 8,
+        schemes: dict[str, str] | None = None,
     ) -> nn.Module:
         """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy).
 
@@ -122,6 +132,8 @@ class PTQ:
             calibration: 1-D int64 token tensors (see `quantmint.data.calibration_samples`); needed
                 when the config smooths outliers or uses static activation ranges.
             batch_size: calibration samples per forward pass.
+            schemes: deploy mode: the scheme of each module as saved (calibration may have kept some
+                W8A8 linears at W8A16); others get the config's scheme.
         """
         if quant_state(model) is not None:
             raise ConfigError(
@@ -136,7 +148,7 @@ class PTQ:
             )
         state = QuantState(config=self.config, family=layout.family.name)
         if self.config.mode == "deploy":
-            self._build_empty_cells(model, layout, targets, state)
+            self._build_empty_cells(model, layout, targets, state, schemes or {})
             self._build_empty_kv_scales(model, layout, state)
         elif self.needs_calibration:
             if not calibration:
@@ -163,14 +175,22 @@ class PTQ:
         smoothing: torch.Tensor | None,
     ) -> FakeQuantLinear:
         """The fake-quantized twin of one float linear (weights RTN, activations per config)."""
-        fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, self.scheme)
-        if self.config.activation_dtype:
+        scheme = self._scheme_for(observer)
+        fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, scheme)
+        if scheme == "w8a8":
             fake.quantize_input = True
             if not self.config.activations.dynamic:
                 assert observer is not None
                 amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
                 fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
         return fake
+
+    def _scheme_for(self, observer: InputObserver | None) -> str:
+        """The config's scheme, or w8a16 for a W8A8 linear whose input has an outlier token (see
+        `AlgorithmArgs.w8a16_outlier_ratio`). Linears that share an input decide alike."""
+        ratio = self.config.algorithm_args.w8a16_outlier_ratio
+        outlier = ratio is not None and observer is not None and observer.token_outlier_ratio() > ratio
+        return "w8a16" if self.scheme == "w8a8" and outlier else self.scheme
 
     def _transform_block(
         self,
@@ -258,7 +278,9 @@ class PTQ:
                 alphas.append(alpha)
                 smooth = SmoothQuant(alpha, head_dim=head_dim)
             prev_scales = self._transform_block(block, family, observers, targets, smooth)
-            state.modules.update({name: self.scheme for name in block.linears if name in targets})
+            for name in block.linears:
+                if name in targets:
+                    state.modules[name] = model.get_submodule(name).scheme
             if kv_observer is not None:
                 v_divisor = prev_scales.get(f"{block.name}.{family.kv.value}")
                 k_scale, v_scale = kv_observer.scales(self.config.kvcache.strategy, head_dim, v_divisor)
@@ -277,28 +299,36 @@ class PTQ:
         }
         if alphas:
             result["smooth_alpha_per_block"] = alphas
+        kept = sorted(n for n, scheme in state.modules.items() if scheme != self.scheme)
+        if kept:
+            result["kept_w8a16"] = kept
         return result
 
     def _build_empty_cells(
-        self, model: nn.Module, layout: ModelLayout, targets: dict[str, nn.Module], state: QuantState
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        targets: dict[str, nn.Module],
+        state: QuantState,
+        schemes: dict[str, str],
     ) -> None:
-        cell_cls = cell_class(self.scheme)
         adapter = layout.family.adapter
         scale_rows = None if self.config.weights.strategy == "channel" else 1
         for name, module in targets.items():
+            scheme = schemes.get(name, self.scheme)
             weight = adapter.weight(module)
             out_features, in_features = weight.shape
             bias = adapter.bias(module)
-            cell = cell_cls.empty(
+            cell = cell_class(scheme).empty(
                 in_features,
                 out_features,
                 bias is not None,
                 weight.dtype,
                 (scale_rows or out_features, 1),
-                static_input=bool(self.config.activation_dtype) and not self.config.activations.dynamic,
+                static_input=scheme == "w8a8" and not self.config.activations.dynamic,
             )
             model.set_submodule(name, cell)
-            state.modules[name] = self.scheme
+            state.modules[name] = scheme
         state.phase = "converted"
 
     def _build_empty_kv_scales(self, model: nn.Module, layout: ModelLayout, state: QuantState) -> None:
