@@ -22,11 +22,9 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
+from quantmint.checkpoint import FORMAT_VERSION, QUANT_METHOD
 
 logger = init_logger(__name__)
-
-QUANT_METHOD = "quantmint"
-FORMAT_VERSION = 1
 
 # Layer names vLLM 0.32 gets wrong: BertAttention passes its self-attention the prefix `attention.output`,
 # so BERT's fused q/k/v layer is named `attention.output.qkv_proj` instead of `attention.self.qkv_proj`.
@@ -65,7 +63,6 @@ class QuantmintConfig(QuantizationConfig):
 
     def __init__(self, block: dict[str, Any]) -> None:
         super().__init__()
-        self.block = block
         self.family: str | None = block.get("family")
         self.scheme: str = block.get("scheme", "?")
         self.modules: dict[str, str] = dict(block.get("modules", {}))
