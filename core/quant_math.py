@@ -12,8 +12,16 @@ Granularity decides which elements share one scale; for a 2-D tensor of shape [r
 | channel     | cols (dim -1)     | [rows, 1]                | weights [out, in] |
 | token       | hidden (dim -1)   | [..., tokens, 1]         | activations [..., tokens, hidden] |
 | tensor      | everything        | [] (a 0-d tensor)        | static activations |
+| group       | runs of `group_size` cols | [rows, ceil(cols / group_size)] | 4-bit weights |
 
 Per-channel and per-token are the same reduction (over the last dim); they differ in what the rows are.
+A weight's scale is always held 2-D as [rows or 1, groups]: per channel is one group per row, per tensor
+[1, 1], so `expand_weight_scale` and `dequantize_weight` serve every granularity. Group j covers columns
+[j * group_size, (j + 1) * group_size); when `cols` is not a multiple of `group_size` the last group is
+shorter, so the group size cannot be read off the scale's shape and is always passed.
+
+4-bit weights are packed eight to an int32 (`pack_int4`), low nibble first, each stored as q + 8 (the
+`uint4b8` layout of compressed-tensors' `pack-quantized` format).
 """
 
 from __future__ import annotations
@@ -26,14 +34,20 @@ __all__ = [
     "Granularity",
     "absmax",
     "dequantize",
+    "dequantize_weight",
+    "expand_weight_scale",
     "fake_quantize",
     "int_range",
     "minmax",
+    "pack_int4",
     "qparams_from_absmax",
     "qparams_from_minmax",
     "quantize",
     "quantize_symmetric",
+    "quantize_weight",
     "sqnr_db",
+    "unpack_int4",
+    "weight_absmax",
 ]
 
 Granularity = Literal["channel", "token", "tensor"]
@@ -144,3 +158,83 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+# --- weights: per channel, per tensor or per group, any bit width --------------------------------
+def weight_absmax(weight: torch.Tensor, strategy: str, group_size: int | None = None) -> torch.Tensor:
+    """max |W| per scale group of a weight [out, in]: float32 [out, 1] (channel), [1, 1] (tensor) or
+    [out, ceil(in / group_size)] (group)."""
+    w = weight.detach().float().abs()
+    if strategy == "tensor":
+        return w.amax().reshape(1, 1)
+    if strategy == "channel":
+        return w.amax(dim=1, keepdim=True)
+    if strategy == "group":
+        if not group_size or group_size < 1:
+            raise ValueError(f"strategy 'group' needs a positive group_size, got {group_size!r}")
+        out, cols = w.shape
+        groups = -(-cols // group_size)
+        w = torch.nn.functional.pad(w, (0, groups * group_size - cols))
+        return w.reshape(out, groups, group_size).amax(dim=2)
+    raise ValueError(f"unknown weight strategy {strategy!r}; expected 'channel', 'tensor' or 'group'")
+
+
+def expand_weight_scale(
+    scale: torch.Tensor, shape: torch.Size | tuple[int, int], group_size: int | None = None
+) -> torch.Tensor:
+    """A weight scale [rows or 1, groups] broadcast to one value per element of a weight `shape`;
+    `group_size` is needed when there is more than one group per row."""
+    out, cols = shape
+    groups = scale.shape[-1]
+    if groups == 1:
+        return scale.reshape(-1, 1).expand(out, cols)
+    if not group_size or -(-cols // group_size) != groups:
+        raise ValueError(
+            f"a weight scale with {groups} groups per row of {cols} columns needs its group_size "
+            f"(got {group_size!r})"
+        )
+    return scale.repeat_interleave(group_size, dim=1)[:, :cols].expand(out, cols)
+
+
+def quantize_weight(
+    weight: torch.Tensor, strategy: str, num_bits: int = 8, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest of a weight [out, in] with its MinMax range per scale group.
+
+    Returns (q int8 [out, in] in [-(2^(b-1) - 1), 2^(b-1) - 1], scale float32 as in `weight_absmax`).
+    """
+    scale = qparams_from_absmax(weight_absmax(weight, strategy, group_size), num_bits)
+    return quantize(weight, expand_weight_scale(scale, weight.shape, group_size), num_bits=num_bits), scale
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group_size: int | None = None
+) -> torch.Tensor:
+    """q [out, in] (any integer dtype) times its scale [rows or 1, groups], as `dtype`."""
+    return (q.float() * expand_weight_scale(scale.float(), q.shape, group_size)).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values q [out, in] (int8 in [-8, 7]) into int32 [out, ceil(in / 8)].
+
+    Element j of a row goes to nibble j % 8 (low first) of word j // 8, stored as q + 8 in [0, 15].
+    """
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4 takes a 2-D tensor, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4 takes values in [-8, 7]")
+    out, cols = q.shape
+    words = -(-cols // 8)
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, words * 8 - cols), value=8)
+    u = u.reshape(out, words, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    packed = (u << shifts).sum(dim=2)
+    # Values above 2^31 - 1 wrap to negative int32, keeping the bit pattern.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: int32 [out, words] -> int8 [out, cols] in [-8, 7]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)

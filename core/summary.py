@@ -37,11 +37,21 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     return n * _DTYPE_BYTES.get(dtype, 4)
 
 
+def _packed_weight_shape(path: Path, manifest: dict[str, Any], module: str, packed: list[int]) -> list[int]:
+    """[out, in] of a packed 4-bit weight, read from its `weight_shape` tensor."""
+    name = f"{module}.weight_shape"
+    for shard in manifest["shards"]:
+        with safe_open(str(path / shard), framework="pt") as f:
+            if name in f.keys():  # noqa: SIM118
+                return [int(v) for v in f.get_tensor(name).tolist()]
+    return [packed[0], packed[1] * 8]
+
+
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """Scheme and bytes of every quantized layer, and of the whole checkpoint, vs bf16.
 
     `bytes_bf16` is what the same tensors take in bfloat16 (the usual serving dtype), counting an int8
-    weight as a bf16 weight of the same shape and its scales as nothing.
+    weight (int8, or 4-bit packed in int32) as a bf16 weight of the same shape and its scales as nothing.
     """
     path = Path(path)
     block = read_quantization_config(path)
@@ -57,6 +67,10 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         quantized_tensors.update(names)
         after = sum(_nbytes(*headers[n]) for n in names)
         weight_dtype, weight_shape = headers.get(f"{module}.weight", ("?", []))
+        if f"{module}.weight_packed" in headers:  # 4-bit: eight values per int32
+            packed_shape = headers[f"{module}.weight_packed"][1]
+            weight_dtype = "int4"
+            weight_shape = _packed_weight_shape(path, manifest, module, packed_shape)
         before = _nbytes("BF16", weight_shape) + (
             _nbytes("BF16", headers[f"{module}.bias"][1]) if f"{module}.bias" in headers else 0
         )

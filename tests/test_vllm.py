@@ -218,6 +218,15 @@ def test_c8_is_refused_unless_a_float_cache_is_asked_for(monkeypatch: pytest.Mon
     assert QuantmintConfig.from_config(block).float_kv_cache
 
 
+def test_four_bit_checkpoints_are_refused_with_the_alternative() -> None:
+    from quantmint.backends.vllm.config import QuantmintConfig
+
+    block = _block(scheme="w4a16", config={"weights": {"strategy": "group", "group_size": 128}})
+    block["modules"] = dict.fromkeys(block["modules"], "w4a16")
+    with pytest.raises(ValueError, match="schemes w4a16.*torch runtime"):
+        QuantmintConfig.from_config(block)
+
+
 def test_unknown_format_version_is_refused() -> None:
     from quantmint.backends.vllm.config import QuantmintConfig
 

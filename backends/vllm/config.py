@@ -70,6 +70,15 @@ class QuantmintConfig(QuantizationConfig):
         activations = block.get("config", {}).get("activations", {})
         self.static_input = activations.get("dynamic", True) is False
         self._index = [(_components(name), scheme) for name, scheme in self.modules.items()]
+        unserved = sorted(set(self.modules.values()) - {"w8a8", "w8a16"})
+        weights = block.get("config", {}).get("weights", {})
+        if unserved or weights.get("strategy", "channel") not in ("channel", "tensor"):
+            raise ValueError(
+                f"this quantmint checkpoint ({self.scheme}, weights per {weights.get('strategy')}) has "
+                f"{'schemes ' + ', '.join(unserved) if unserved else 'grouped weight scales'}, which "
+                "quantmint's vLLM backend does not serve yet (it serves int8 weights per channel: w8a8, "
+                "w8a16); run it with quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
+            )
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
         if self.kv_cache_modules and not self.float_kv_cache:
             raise ValueError(

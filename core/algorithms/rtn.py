@@ -15,8 +15,9 @@ __all__ = ["RoundToNearest"]
 class RoundToNearest:
     """Weight quantization module: replaces a float linear with a `FakeQuantLinear`.
 
-    The scale of each output channel is max|W_row| / 127 (or one scale for the tensor), so the
-    largest weight of a row maps to ±127 exactly.
+    The scale of each output channel is max|W_row| / qmax (or one scale per group of `group_size`
+    columns, or one for the tensor), so the largest weight of a group maps to ±qmax exactly (127 for
+    8 bits, 7 for 4 bits).
     """
 
     def __init__(self, args: QuantArgs) -> None:
@@ -24,13 +25,15 @@ class RoundToNearest:
 
     def fake_quantize(self, module: nn.Module, adapter: LinearAdapter, scheme: str) -> FakeQuantLinear:
         weight = adapter.weight(module).detach()
-        granularity = "channel" if self.args.strategy == "channel" else "tensor"
-        q, scale = quant_math.quantize_symmetric(weight, granularity, self.args.num_bits)
+        q, scale = quant_math.quantize_weight(
+            weight, self.args.strategy, self.args.num_bits, self.args.group_size
+        )
         bias = adapter.bias(module)
         return FakeQuantLinear(
-            weight=quant_math.dequantize(q, scale, dtype=weight.dtype),
+            weight=quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size),
             bias=None if bias is None else bias.detach().clone(),
             weight_scale=scale,
             scheme=scheme,
             source_type=type(module).__name__,
+            group_size=self.args.group_size,
         )

@@ -29,9 +29,10 @@ class FakeQuantLinear(nn.Module):
     checked before converting. It replaces any linear-like module (also GPT2's `Conv1D`): the weight
     is always held as [out_features, in_features].
 
-    Tensors: `weight` [out, in] float, `weight_scale` float32 [out, 1] (per channel) or [1, 1] (per
-    tensor), `bias` [out] or None, and for W8A8 with static activations `input_scale` float32 [1].
-    `quantize_input` turns activation fake-quantization on (scheme `w8a8`).
+    Tensors: `weight` [out, in] float, `weight_scale` float32 [out, 1] (per channel), [1, 1] (per
+    tensor) or [out, groups] (per group), `bias` [out] or None, and with static int8 activations
+    `input_scale` float32 [1]. `quantize_input` turns activation fake-quantization on (schemes `w8a8`,
+    `w4a8`). `group_size` is the number of columns per scale group when there are several per row.
     """
 
     def __init__(
@@ -43,12 +44,14 @@ class FakeQuantLinear(nn.Module):
         source_type: str = "Linear",
         quantize_input: bool = False,
         input_scale: torch.Tensor | None = None,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1, 1))
+        scale = weight_scale.detach().float()
+        self.register_buffer("weight_scale", scale if scale.dim() == 2 else scale.reshape(-1, 1))
         # A None buffer is not saved; assigning a tensor later (static calibration) makes it one.
         self.register_buffer(
             "input_scale", None if input_scale is None else input_scale.detach().float().reshape(1)
@@ -56,6 +59,7 @@ class FakeQuantLinear(nn.Module):
         self.scheme = scheme
         self.source_type = source_type
         self.quantize_input = quantize_input
+        self.group_size = group_size if scale.dim() == 2 and scale.shape[-1] > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_input:
