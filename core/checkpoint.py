@@ -32,11 +32,20 @@ from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.hf import model_class, read_config_json, staged_directory
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "QUANT_METHOD", "load_quantized", "save_quantized"]
+__all__ = [
+    "CALIBRATION_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "QUANT_METHOD",
+    "load_quantized",
+    "save_quantized",
+]
 
 QUANT_METHOD = "quantmint"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "quantmint_manifest.json"
+# What calibration measured (samples, seconds, peak RSS; block PTQ's per-block MSE log): for reports.
+CALIBRATION_NAME = "quantmint_calibration.json"
 SINGLE_SHARD = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -184,6 +193,9 @@ def _write_checkpoint(model: nn.Module, tmp: Path, tokenizer: Any, max_bytes: in
         "aliases": aliases,
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    state = quant_state(model)
+    if state is not None and state.calibration:
+        (tmp / CALIBRATION_NAME).write_text(json.dumps(state.calibration, indent=1) + "\n")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

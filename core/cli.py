@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,12 +57,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             seed=args.calib_seed,
         )
     loaded = time.perf_counter()
-    quantize(model, config, family=args.family, calibration=calibration)
+    work_dir = None
+    if config.block_ptq is not None:
+        work_dir = Path(args.work_dir) if args.work_dir else out.parent / f".{out.name}.quantmint-work"
+    quantize(model, config, family=args.family, calibration=calibration, work_dir=work_dir)
     quantized = time.perf_counter()
     save_quantized(
         model, out, tokenizer=tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite
     )
     saved = time.perf_counter()
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
     summary = checkpoint_summary(out)
     report = {
         "model": str(args.model),
@@ -282,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=0, help="seed of the sample draw (default 0)")
     q.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
     q.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    q.add_argument(
+        "--work-dir",
+        help="block PTQ: where tuned blocks are kept so that a killed run, started again with the same "
+        "command, resumes (default: .<output name>.quantmint-work beside the output; removed on success)",
+    )
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float or quantized model (JSON)")

@@ -3,7 +3,8 @@
 For every model: checkpoint size, weight memory, perplexity, SQuAD F1/EM, BoolQ accuracy (causal LMs),
 embedding cosine vs float and the Lee correlation (encoders), prefill and decode tokens/s, and the
 KV-cache bytes after generating `kv_tokens` tokens. Written as Markdown, JSON and a PNG plot of
-accuracy vs checkpoint bytes.
+accuracy vs checkpoint bytes; for block-PTQ checkpoints also a table and a plot (`block_mse.png`) of each
+block's output MSE after RTN and after tuning, read from the checkpoint's calibration log.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class ReportOptions:
         self.boolq, self.boolq_n = boolq, boolq_n
         self.lee = lee
         self.decode_tokens, self.kv_tokens = decode_tokens, kv_tokens
+
+
+def _calibration_log(path: Path) -> dict[str, Any]:
+    from quantmint.checkpoint import CALIBRATION_NAME
+
+    log = path / CALIBRATION_NAME
+    return json.loads(log.read_text()) if log.is_file() else {}
 
 
 def _is_causal(model: nn.Module) -> bool:
@@ -112,6 +120,14 @@ def evaluate_model(
         from quantmint.algorithms.ptq import quant_state
 
         row["scheme"] = quant_state(model).config.scheme_name
+        calibration = _calibration_log(path)
+        if calibration.get("block_ptq"):
+            row["block_ptq"] = [
+                {k: e[k] for k in ("block", "rtn_mse", "ptq_mse", "kept")}
+                for e in calibration["block_ptq"]["blocks"]
+            ]
+            row["calibration_seconds"] = calibration.get("seconds")
+            row["calibration_peak_rss_mb"] = calibration.get("peak_rss_mb")
     else:
         row["scheme"] = "float"
     embeddings = None
@@ -219,6 +235,22 @@ def to_markdown(report: dict[str, Any]) -> str:
                 cell += f" ({r[f'{key}_delta_pct']:+.2f}%)"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if r.get("block_ptq"):
+            lines += [
+                "",
+                f"Block PTQ, `{Path(r['model']).name}`: output MSE of each block vs float "
+                f"(tuning {_fmt(r.get('calibration_seconds'))} s, "
+                f"peak RSS {_fmt(r.get('calibration_peak_rss_mb'))} MB)",
+                "",
+                "| block | RTN | PTQ | PTQ / RTN | kept |",
+                "| ---: | ---: | ---: | ---: | --- |",
+            ]
+            for e in r["block_ptq"]:
+                ratio = e["ptq_mse"] / e["rtn_mse"] if e["rtn_mse"] else float("nan")
+                lines.append(
+                    f"| {e['block']} | {e['rtn_mse']:.4g} | {e['ptq_mse']:.4g} | {ratio:.3f} | {e['kept']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -252,8 +284,41 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _plot_block_mse(report: dict[str, Any], path: Path) -> bool:
+    """Per-block output MSE, RTN vs block PTQ, for every block-PTQ checkpoint of the report."""
+    tuned = [r for r in report["rows"] if r.get("block_ptq")]
+    if not tuned:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in tuned:
+        blocks = [e["block"] for e in r["block_ptq"]]
+        name = f"{r['scheme']} ({Path(r['model']).name})"
+        (line,) = ax.plot(blocks, [e["rtn_mse"] for e in r["block_ptq"]], "--", label=f"{name}: RTN")
+        ax.plot(
+            blocks, [e["ptq_mse"] for e in r["block_ptq"]], "-", color=line.get_color(), label=f"{name}: PTQ"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("block output MSE vs float")
+    ax.set_title("block PTQ vs round-to-nearest, per block")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write report.md, report.json and report.png (if matplotlib is installed) into `out_dir`."""
+    """Write report.md, report.json and report.png (and block_mse.png for block-PTQ checkpoints) into
+    `out_dir`; the plots need matplotlib."""
     from quantmint.hf import staged_directory
 
     out = Path(out_dir)
@@ -261,7 +326,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
         (tmp / "report.md").write_text(to_markdown(report))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plotted = _plot(report, tmp / "report.png")
+        block_plot = _plot_block_mse(report, tmp / "block_mse.png")
     files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
     if plotted:
         files["plot"] = str(out / "report.png")
+    if block_plot:
+        files["block_mse_plot"] = str(out / "block_mse.png")
     return files

@@ -67,3 +67,25 @@ def test_report_float_vs_quantized(tmp_path: Path, tiny_model_dir, capsys) -> No
     assert all(r["decode_tokens_per_s"] > 0 for r in report["rows"])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_block_ptq_mse_per_block(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    from quantmint.config import get_preset
+
+    src = tiny_model_dir("llama")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 80)
+    config = get_preset("w8a16-ptq")
+    config = config.with_updates(block_ptq={"n_outer_loops": 20, "batch_size": 2})
+    (tmp_path / "ptq.yaml").write_text(config.to_yaml())
+    quantize = ["quantize", str(src), "--config", str(tmp_path / "ptq.yaml"), "-o", str(tmp_path / "ptq")]
+    assert main([*quantize, "--calib", str(text), "--calib-samples", "4", "--calib-seq-len", "64"]) == 0
+    capsys.readouterr()
+    args = ["report", str(src), str(tmp_path / "ptq"), "-o", str(tmp_path / "report"), "--text", str(text)]
+    assert main([*args, "--max-tokens", "512", "--decode-tokens", "4", "--kv-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Block PTQ" in out and "| block | RTN | PTQ |" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    blocks = report["rows"][1]["block_ptq"]
+    assert [b["block"] for b in blocks] == [0, 1]
+    assert (tmp_path / "report" / "block_mse.png").stat().st_size > 1000

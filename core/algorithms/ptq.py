@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import resource
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from quantmint import quant_math, registry
 from quantmint.algorithms.rtn import RoundToNearest
 from quantmint.algorithms.smooth_quant import SmoothQuant
-from quantmint.calibration import BlockCall, run_sequential
+from quantmint.calibration import BlockCall, CalibrationReport, run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import PTQConfig, get_preset
@@ -34,7 +35,7 @@ from quantmint.kv_cache import KVObserver, attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
 
-__all__ = ["PTQ", "QuantState", "quant_state", "quantize"]
+__all__ = ["PTQ", "BlockSteps", "QuantState", "quant_state", "quantize"]
 
 STATE_ATTR = "_quantmint_state"
 
@@ -81,6 +82,7 @@ class PTQ:
         outlier_guard = bool(self.config.activation_dtype) and self.config.algorithm_args.w8a16_outlier_ratio
         return (
             self.config.outliers_suppression == "smooth"
+            or self.config.block_ptq is not None
             or act_static
             or bool(outlier_guard)
             or bool(self.config.kvcache_dtype)
@@ -115,7 +117,7 @@ class PTQ:
 
     @property
     def scheme(self) -> str:
-        return "w8a8" if self.config.activation_dtype else "w8a16"
+        return self.config.linear_scheme
 
     # --- phases -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,6 +127,7 @@ class PTQ:
         calibration: list[torch.Tensor] | None = None,
         batch_size: int = 8,
         schemes: dict[str, str] | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
     ) -> nn.Module:
         """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy).
 
@@ -134,6 +137,8 @@ class PTQ:
             batch_size: calibration samples per forward pass.
             schemes: deploy mode: the scheme of each module as saved (calibration may have kept some
                 W8A8 linears at W8A16); others get the config's scheme.
+            work_dir: block PTQ keeps each tuned block here, so a killed run started again with the
+                same arguments resumes after the last finished block (None: no resuming).
         """
         if quant_state(model) is not None:
             raise ConfigError(
@@ -159,7 +164,9 @@ class PTQ:
                     "needs calibration data: pass calibration="
                     "quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
                 )
-            state.calibration = self._calibrate(model, layout, targets, calibration, batch_size, state)
+            state.calibration = self._calibrate(
+                model, layout, targets, calibration, batch_size, state, work_dir
+            )
         else:
             for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
                 model.set_submodule(name, self._fake_linear(module, layout.family, None, None))
@@ -177,7 +184,7 @@ class PTQ:
         """The fake-quantized twin of one float linear (weights RTN, activations per config)."""
         scheme = self._scheme_for(observer)
         fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, scheme)
-        if scheme == "w8a8":
+        if scheme.endswith("a8"):
             fake.quantize_input = True
             if not self.config.activations.dynamic:
                 assert observer is not None
@@ -190,7 +197,7 @@ class PTQ:
         `AlgorithmArgs.w8a16_outlier_ratio`). Linears that share an input decide alike."""
         ratio = self.config.algorithm_args.w8a16_outlier_ratio
         outlier = ratio is not None and observer is not None and observer.token_outlier_ratio() > ratio
-        return "w8a16" if self.scheme == "w8a8" and outlier else self.scheme
+        return self.scheme.replace("a8", "a16") if outlier else self.scheme
 
     def _transform_block(
         self,
@@ -245,64 +252,18 @@ class PTQ:
         samples: list[torch.Tensor],
         batch_size: int,
         state: QuantState,
+        work_dir: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
-        """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`)."""
-        family = layout.family
-        head_dim = _head_dim(model)
-        args = self.config.algorithm_args
-        smoothing = self.config.outliers_suppression == "smooth"
-        act = self.config.activations
-        percentile = act.percentile if act.observer == "percentile" else None
-        kv_modules = {block.name: name for name, block in self.kv_attention_modules(layout).items()}
-        alphas: list[float] = []
+        """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`); with
+        `block_ptq`, then tune each block (see `quantmint.algorithms.block_ptq`)."""
+        steps = BlockSteps(self, model, layout, targets, state)
+        if self.config.block_ptq is not None:
+            from quantmint.algorithms.block_ptq import BlockPTQ
 
-        def attach(block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
-            # Observe every family linear of the block: smoothing needs them even when one is ignored.
-            observers, handles = attach_input_observers(block.linears, percentile)
-            kv_observer = KVObserver(block, family.kv) if block.name in kv_modules else None
-            return observers, handles, kv_observer
-
-        def finish(
-            block: BlockLayout, attached: Any, calls: list[BlockCall], outputs: list[torch.Tensor]
-        ) -> bool:
-            observers, handles, kv_observer = attached
-            for handle in handles:
-                handle.remove()
-            if kv_observer is not None:
-                kv_observer.remove()
-            smooth = None
-            if smoothing:
-                alpha = args.smooth_alpha
-                if args.smooth_alpha_grid:
-                    alpha, _ = self._search_alpha(block, family, observers, targets, calls, outputs, head_dim)
-                alphas.append(alpha)
-                smooth = SmoothQuant(alpha, head_dim=head_dim)
-            prev_scales = self._transform_block(block, family, observers, targets, smooth)
-            for name in block.linears:
-                if name in targets:
-                    state.modules[name] = model.get_submodule(name).scheme
-            if kv_observer is not None:
-                v_divisor = prev_scales.get(f"{block.name}.{family.kv.value}")
-                k_scale, v_scale = kv_observer.scales(self.config.kvcache.strategy, head_dim, v_divisor)
-                attn = model.get_submodule(kv_modules[block.name])
-                attn.register_buffer("k_scale", k_scale)
-                attn.register_buffer("v_scale", v_scale)
-                state.kv_modules.append(kv_modules[block.name])
-            return False
-
-        report = run_sequential(model, layout, samples, attach, finish, batch_size=batch_size)
-        result: dict[str, Any] = {
-            "samples": report.samples,
-            "tokens": report.tokens,
-            "seconds": report.seconds,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
-        if alphas:
-            result["smooth_alpha_per_block"] = alphas
-        kept = sorted(n for n, scheme in state.modules.items() if scheme != self.scheme)
-        if kept:
-            result["kept_w8a16"] = kept
-        return result
+            tuner = BlockPTQ(self.config.block_ptq, steps, work_dir)
+            return steps.result(tuner.run(samples))
+        report = run_sequential(model, layout, samples, steps.attach, steps.finish, batch_size=batch_size)
+        return steps.result(report)
 
     def _build_empty_cells(
         self,
@@ -313,7 +274,6 @@ class PTQ:
         schemes: dict[str, str],
     ) -> None:
         adapter = layout.family.adapter
-        scale_rows = None if self.config.weights.strategy == "channel" else 1
         for name, module in targets.items():
             scheme = schemes.get(name, self.scheme)
             weight = adapter.weight(module)
@@ -324,12 +284,23 @@ class PTQ:
                 out_features,
                 bias is not None,
                 weight.dtype,
-                (scale_rows or out_features, 1),
-                static_input=scheme == "w8a8" and not self.config.activations.dynamic,
+                self.weight_scale_shape(out_features, in_features),
+                static_input=scheme.endswith("a8") and not self.config.activations.dynamic,
+                **({"group_size": self.config.weights.group_size} if self.config.weights.group_size else {}),
             )
             model.set_submodule(name, cell)
             state.modules[name] = scheme
         state.phase = "converted"
+
+    def weight_scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of a linear's `weight_scale` under this config (see `quant_math.weight_absmax`)."""
+        weights = self.config.weights
+        if weights.strategy == "tensor":
+            return (1, 1)
+        if weights.strategy == "group":
+            assert weights.group_size is not None
+            return (out_features, -(-in_features // weights.group_size))
+        return (out_features, 1)
 
     def _build_empty_kv_scales(self, model: nn.Module, layout: ModelLayout, state: QuantState) -> None:
         kv = layout.family.kv
@@ -358,6 +329,87 @@ class PTQ:
         return model
 
 
+class BlockSteps:
+    """What calibration does to each block, shared by the sequential engine and block PTQ.
+
+    `attach` hooks the observers a block needs; `finish` (after the block ran on every calibration
+    batch) smooths it, fake-quantizes its linears by RTN and stores its kv-cache scales.
+    """
+
+    def __init__(
+        self,
+        ptq: PTQ,
+        model: nn.Module,
+        layout: ModelLayout,
+        targets: dict[str, nn.Module],
+        state: QuantState,
+    ) -> None:
+        self.ptq = ptq
+        self.model = model
+        self.layout = layout
+        self.targets = targets
+        self.state = state
+        self.family = layout.family
+        self.head_dim = _head_dim(model)
+        act = ptq.config.activations
+        self.percentile = act.percentile if act.observer == "percentile" else None
+        self.kv_modules = {block.name: name for name, block in ptq.kv_attention_modules(layout).items()}
+        self.alphas: list[float] = []
+        self.extra: dict[str, Any] = {}
+
+    def attach(self, block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
+        # Observe every family linear of the block: smoothing needs them even when one is ignored.
+        observers, handles = attach_input_observers(block.linears, self.percentile)
+        kv_observer = KVObserver(block, self.family.kv) if block.name in self.kv_modules else None
+        return observers, handles, kv_observer
+
+    def finish(
+        self, block: BlockLayout, attached: Any, calls: list[BlockCall], outputs: list[torch.Tensor]
+    ) -> bool:
+        observers, handles, kv_observer = attached
+        for handle in handles:
+            handle.remove()
+        if kv_observer is not None:
+            kv_observer.remove()
+        args = self.ptq.config.algorithm_args
+        smooth = None
+        if self.ptq.config.outliers_suppression == "smooth":
+            alpha = args.smooth_alpha
+            if args.smooth_alpha_grid:
+                alpha, _ = self.ptq._search_alpha(
+                    block, self.family, observers, self.targets, calls, outputs, self.head_dim
+                )
+            self.alphas.append(alpha)
+            smooth = SmoothQuant(alpha, head_dim=self.head_dim)
+        prev_scales = self.ptq._transform_block(block, self.family, observers, self.targets, smooth)
+        for name in block.linears:
+            if name in self.targets:
+                self.state.modules[name] = self.model.get_submodule(name).scheme
+        if kv_observer is not None:
+            v_divisor = prev_scales.get(f"{block.name}.{self.family.kv.value}")
+            k_scale, v_scale = kv_observer.scales(self.ptq.config.kvcache.strategy, self.head_dim, v_divisor)
+            attn = self.model.get_submodule(self.kv_modules[block.name])
+            attn.register_buffer("k_scale", k_scale)
+            attn.register_buffer("v_scale", v_scale)
+            self.state.kv_modules.append(self.kv_modules[block.name])
+        return False
+
+    def result(self, report: CalibrationReport) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "samples": report.samples,
+            "tokens": report.tokens,
+            "seconds": report.seconds,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        if self.alphas:
+            result["smooth_alpha_per_block"] = self.alphas
+        kept = sorted(n for n, scheme in self.state.modules.items() if scheme != self.ptq.scheme)
+        if kept:
+            result["kept_w8a16"] = kept
+        result.update(self.extra)
+        return result
+
+
 def cell_class(scheme: str) -> type[QuantizedLinear]:
     cells = registry.cell_classes()
     if scheme not in cells:
@@ -373,6 +425,7 @@ def quantize(
     config: PTQConfig | str | dict[str, Any] = "w8a16",
     family: str | None = None,
     calibration: list[torch.Tensor] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Quantize a float model in place and return it with real int8 layers (apply, then convert).
 
@@ -380,10 +433,12 @@ def quantize(
         model: a float transformers model that a registered model family handles.
         config: a `PTQConfig`, a preset name (`w8a16`, ...) or a mapping of config keys.
         family: force a model family by name instead of matching the model's class.
-        calibration: token samples for configs that calibrate (SmoothQuant, static activations).
+        calibration: token samples for configs that calibrate (SmoothQuant, static activations,
+            block PTQ).
+        work_dir: block PTQ's resume directory (see `PTQ.apply`).
     """
     ptq = PTQ(as_config(config).with_updates(mode="quantize"), family=family)
-    ptq.apply(model, calibration=calibration)
+    ptq.apply(model, calibration=calibration, work_dir=work_dir)
     return ptq.convert(model)
 
 

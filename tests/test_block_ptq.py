@@ -1,0 +1,281 @@
+"""Block-sequential PTQ: tuned blocks beat RTN, determinism, resume after SIGKILL, disk cache, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import build_tiny, byte_tokenizer, model_output
+from safetensors.torch import load_file
+
+from quantmint import quant_math
+from quantmint.algorithms.ptq import PTQ, quant_state, quantize
+from quantmint.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
+from quantmint.config import PTQConfig, get_preset
+from quantmint.errors import ConfigError
+
+FAST = {"n_outer_loops": 60, "batch_size": 4, "n_batches": 4}
+
+
+def _calibration(n: int = 16, length: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (length,), generator=generator) for _ in range(n)]
+
+
+def _config(preset: str, **block_ptq: object) -> PTQConfig:
+    config = get_preset(preset)
+    weights = config.weights.model_dump()
+    if weights["strategy"] == "group":
+        weights["group_size"] = 32  # the tiny models are 64 wide: two groups per row
+    assert config.block_ptq is not None
+    return config.with_updates(
+        weights=weights, block_ptq={**config.block_ptq.model_dump(), **FAST, **block_ptq}
+    )
+
+
+def _block_log(model: torch.nn.Module) -> list[dict]:
+    state = quant_state(model)
+    assert state is not None and state.calibration is not None
+    return state.calibration["block_ptq"]["blocks"]
+
+
+@pytest.mark.parametrize(
+    ("family", "preset"),
+    [("llama", "w4a16-ptq"), ("llama", "w8a8-ptq"), ("gpt2", "w4a16-ptq"), ("bert", "w8a16-ptq")],
+)
+def test_tuned_blocks_beat_rtn_on_every_block(family: str, preset: str, input_ids: torch.Tensor) -> None:
+    model = quantize(build_tiny(family), _config(preset), calibration=_calibration())
+    log = _block_log(model)
+    assert len(log) == 2
+    for entry in log:
+        assert entry["kept"] == "ptq", entry
+        assert entry["ptq_mse"] < 0.9 * entry["rtn_mse"], entry
+    # The frozen model is an ordinary quantmint model: real cells, close to float.
+    reference = model_output(build_tiny(family), input_ids)
+    assert quant_math.sqnr_db(reference, model_output(model, input_ids)) > 15
+
+
+def test_tuned_model_is_closer_to_float_than_rtn(input_ids: torch.Tensor) -> None:
+    config = _config("w4a16-ptq", n_outer_loops=150)
+    calibration = _calibration(32)
+    reference = model_output(build_tiny("llama"), input_ids)
+    tuned = quantize(build_tiny("llama"), config, calibration=calibration)
+    rtn = quantize(build_tiny("llama"), config.with_updates(block_ptq=None))
+    assert quant_math.sqnr_db(reference, model_output(tuned, input_ids)) > quant_math.sqnr_db(
+        reference, model_output(rtn, input_ids)
+    )
+
+
+def test_frozen_weights_are_plain_int_tensors_on_their_grid() -> None:
+    model = quantize(build_tiny("llama"), _config("w4a16-ptq"), calibration=_calibration())
+    cell = model.model.layers[0].mlp.down_proj
+    assert cell.scheme == "w4a16" and cell.weight_packed.dtype == torch.int32
+    q = cell.weight
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 7
+
+
+def test_same_seed_gives_identical_tensors() -> None:
+    config = _config("w8a8-ptq", n_outer_loops=30)
+    first = quantize(build_tiny("llama"), config, calibration=_calibration()).state_dict()
+    second = quantize(build_tiny("llama"), config, calibration=_calibration()).state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("inputs", ["float", "quantized"])
+def test_disk_cache_gives_the_same_model_as_memory(inputs: str) -> None:
+    memory = quantize(
+        build_tiny("llama"), _config("w4a16-ptq", cache="memory", inputs=inputs), calibration=_calibration()
+    )
+    disk = quantize(
+        build_tiny("llama"), _config("w4a16-ptq", cache="disk", inputs=inputs), calibration=_calibration()
+    )
+    assert quant_state(disk).calibration["block_ptq"]["cache"] == "disk"
+    a, b = memory.state_dict(), disk.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantized_inputs_mode_tunes_against_float_targets() -> None:
+    model = quantize(
+        build_tiny("llama"), _config("w4a16-ptq", inputs="quantized"), calibration=_calibration()
+    )
+    log = _block_log(model)
+    assert all(e["ptq_mse"] < e["rtn_mse"] for e in log)
+    assert quant_state(model).calibration["block_ptq"]["inputs"] == "quantized"
+
+
+def test_checkpoint_round_trip_and_log(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    model = quantize(build_tiny("llama"), _config("w4a16-ptq"), calibration=_calibration())
+    out = save_quantized(model, tmp_path / "ckpt")
+    loaded = load_quantized(out)
+    assert torch.equal(model_output(model, input_ids), model_output(loaded, input_ids))
+    log = json.loads((out / CALIBRATION_NAME).read_text())["block_ptq"]["blocks"]
+    assert [e["block"] for e in log] == [0, 1]
+
+
+def test_work_dir_of_another_config_is_refused(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    quantize(
+        build_tiny("llama"), _config("w4a16-ptq", n_outer_loops=10), calibration=_calibration(), work_dir=work
+    )
+    with pytest.raises(ConfigError, match="another model, config or calibration"):
+        quantize(
+            build_tiny("llama"),
+            _config("w4a16-ptq", n_outer_loops=11),
+            calibration=_calibration(),
+            work_dir=work,
+        )
+
+
+def test_finished_work_dir_reloads_without_tuning(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    config = _config("w4a16-ptq", n_outer_loops=20)
+    first = quantize(build_tiny("llama"), config, calibration=_calibration(), work_dir=work).state_dict()
+    again = quantize(build_tiny("llama"), config, calibration=_calibration(), work_dir=work)
+    assert quant_state(again).calibration["block_ptq"]["resumed_at_block"] == 2
+    assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())
+
+
+# --- resume after SIGKILL, through the CLI ------------------------------------------------------
+def _deep_llama(path: Path) -> Path:
+    """A 4-block tiny Llama, so that a kill lands between blocks."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _quantize_command(model: Path, out: Path, config: Path, text: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "quantmint.cli",
+        "quantize",
+        str(model),
+        "--config",
+        str(config),
+        "-o",
+        str(out),
+        "--calib",
+        str(text),
+        "--calib-samples",
+        "16",
+        "--calib-seq-len",
+        "48",
+    ]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    model = _deep_llama(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    config = tmp_path / "ptq.yaml"
+    config.write_text(_config("w4a16-ptq", n_outer_loops=400).to_yaml())
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+
+    reference = tmp_path / "reference"
+    subprocess.run(
+        _quantize_command(model, reference, config, text), check=True, env=env, capture_output=True
+    )
+
+    out = tmp_path / "resumed"
+    work = tmp_path / ".resumed.quantmint-work"
+    command = _quantize_command(model, out, config, text)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = work / "progress.json"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.exists() and json.loads(progress.read_text()).get("next_block", 0) >= 1:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed; raise n_outer_loops"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not out.exists()
+    done = json.loads(progress.read_text())["next_block"]
+    assert 1 <= done < 4
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["calibration"]["block_ptq"]["resumed_at_block"] == done
+    assert not work.exists(), "the work directory is removed once the checkpoint is saved"
+    a, b = _tensors(reference), _tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), (
+        "the resumed checkpoint differs from the uninterrupted one"
+    )
+
+
+# --- config ---------------------------------------------------------------------------------------
+def test_block_ptq_config_errors_name_the_problem() -> None:
+    with pytest.raises(ConfigError, match="block_ptq: .*unknown key 'n_outer_loop'"):
+        PTQConfig(block_ptq={"n_outer_loop": 10})
+    with pytest.raises(ConfigError, match="beta_end must not exceed beta_start"):
+        PTQConfig(block_ptq={"beta_start": 2, "beta_end": 20})
+    with pytest.raises(ConfigError, match="block_ptq tunes quantized weights"):
+        PTQConfig(weight_dtype=None, kvcache_dtype="int8", block_ptq={})
+    with pytest.raises(ConfigError, match="n_outer_loops"):
+        PTQConfig(block_ptq={"n_outer_loops": 0})
+    with pytest.raises(ConfigError, match="block_ptq: .*invalid value 'both' for 'inputs'"):
+        PTQConfig(block_ptq={"inputs": "both"})
+    with pytest.raises(ConfigError, match="contradicts weight_dtype int4"):
+        PTQConfig(weight_dtype="int4", weights={"num_bits": 8})
+    with pytest.raises(ConfigError, match="strategy 'group' and group_size go together"):
+        PTQConfig(weight_dtype="int4", weights={"strategy": "group"})
+    with pytest.raises(ConfigError, match="for weights only"):
+        PTQConfig(
+            activation_dtype="int8", activations={"strategy": "group", "group_size": 32, "dynamic": True}
+        )
+
+
+def test_int4_dtype_sets_four_bits_and_round_trips() -> None:
+    config = PTQConfig(weight_dtype="int4", weights={"strategy": "group", "group_size": 64})
+    assert config.weights.num_bits == 4 and config.scheme_name == "w4a16"
+    assert PTQConfig.from_yaml(config.to_yaml()) == config
+
+
+def test_mindformers_ptq_is_block_ptq() -> None:
+    config = PTQConfig.from_mindformers(
+        {
+            "quant_method": "ptq",
+            "weight_dtype": "int8",
+            "activation_dtype": "int8",
+            "outliers_suppression": "smooth",
+            "algorithm_args": {"alpha": 0.6, "n_outer_loops": 500, "lr_weight": 0.3},
+        }
+    )
+    assert config.block_ptq is not None and config.block_ptq.n_outer_loops == 500
+    assert config.algorithm_args.smooth_alpha == 0.6
+    assert PTQConfig.from_mindformers(config.to_mindformers()) == config
+    with pytest.raises(ConfigError, match="n_outer_loops"):
+        PTQConfig.from_mindformers({"quant_method": "rtn", "algorithm_args": {"n_outer_loops": 5}})
+
+
+def test_without_calibration_block_ptq_says_what_to_pass() -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        PTQ(_config("w4a16-ptq")).apply(build_tiny("llama"))
