@@ -60,6 +60,13 @@ def _refuse(path: Path, block: dict[str, Any]) -> None:
             f"{path} is a GPT2 checkpoint: its Conv1D layers are not Linear to compressed-tensors and vLLM "
             "transposes their weights on load. Serve it with the quantmint plugin (quantmint serve)"
         )
+    four_bit = sorted({s for s in block["modules"].values() if s.startswith("w4")})
+    if four_bit:
+        raise QuantmintError(
+            f"{path} has {', '.join(four_bit)} layers: quantmint does not export 4-bit checkpoints yet "
+            "(compressed-tensors' pack-quantized format would hold them, but quantmint's [-7, 7] values "
+            "with ragged last groups are not checked against vLLM's kernels). Use the torch runtime"
+        )
     other = sorted({s for s in block["modules"].values() if s != "w8a8"})
     if other:
         raise QuantmintError(

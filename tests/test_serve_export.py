@@ -84,3 +84,12 @@ def test_export_refuses_a_corrupt_shard(tmp_path: Path) -> None:
     with pytest.raises(QuantmintError):
         export_checkpoint(src, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_export_refuses_four_bit_checkpoints(tmp_path: Path) -> None:
+    from quantmint.export import export_checkpoint
+
+    src = _checkpoint(tmp_path, "llama", "w4a16")
+    with pytest.raises(QuantmintError, match="4-bit"):
+        export_checkpoint(src, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
