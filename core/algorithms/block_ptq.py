@@ -37,7 +37,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -585,8 +584,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def iter_block_log(calibration: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """The per-block entries of a calibration report (empty without block PTQ)."""
-    yield from ((calibration or {}).get("block_ptq") or {}).get("blocks", [])
