@@ -301,9 +301,12 @@ def _plot_block_mse(report: dict[str, Any], path: Path) -> bool:
         blocks = [e["block"] for e in r["block_ptq"]]
         name = f"{r['scheme']} ({Path(r['model']).name})"
         (line,) = ax.plot(blocks, [e["rtn_mse"] for e in r["block_ptq"]], "--", label=f"{name}: RTN")
-        ax.plot(
-            blocks, [e["ptq_mse"] for e in r["block_ptq"]], "-", color=line.get_color(), label=f"{name}: PTQ"
-        )
+        # The block as saved: tuned, or RTN where tuning did not beat it (marked x).
+        final = [e["ptq_mse"] if e["kept"] == "ptq" else e["rtn_mse"] for e in r["block_ptq"]]
+        ax.plot(blocks, final, "-", color=line.get_color(), label=f"{name}: PTQ (as saved)")
+        kept_rtn = [(e["block"], e["rtn_mse"]) for e in r["block_ptq"] if e["kept"] != "ptq"]
+        if kept_rtn:
+            ax.plot(*zip(*kept_rtn, strict=True), "x", color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel("block")
     ax.set_ylabel("block output MSE vs float")
