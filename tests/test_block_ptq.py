@@ -279,3 +279,12 @@ def test_mindformers_ptq_is_block_ptq() -> None:
 def test_without_calibration_block_ptq_says_what_to_pass() -> None:
     with pytest.raises(ConfigError, match="needs calibration data"):
         PTQ(_config("w4a16-ptq")).apply(build_tiny("llama"))
+
+
+def test_block_ptq_runs_on_top_of_the_alpha_search() -> None:
+    config = _config("w8a8-ptq").with_updates(algorithm_args={"smooth_alpha_grid": [0.3, 0.8]})
+    model = quantize(build_tiny("llama"), config, calibration=_calibration())
+    calibration = quant_state(model).calibration
+    assert len(calibration["smooth_alpha_per_block"]) == 2
+    assert set(calibration["smooth_alpha_per_block"]) <= {0.3, 0.8}
+    assert all(e["ptq_mse"] < e["rtn_mse"] for e in calibration["block_ptq"]["blocks"])
