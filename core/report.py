@@ -134,7 +134,9 @@ def evaluate_model(
     if _is_causal(model):
         if options.text:
             ppl = perplexity(model, tokenizer, read_text(options.text), max_tokens=options.max_tokens)
-            row.update({"ppl": ppl["ppl"], "prefill_tokens_per_s": ppl["tokens"] / ppl["seconds"]})
+            row["ppl"] = ppl["ppl"]
+            if ppl["seconds"] > 0:  # rounded to 0.01 s: a tiny text may read as no time at all
+                row["prefill_tokens_per_s"] = ppl["tokens"] / ppl["seconds"]
         if options.squad:
             from quantmint.eval.qa import squad_f1_em
 

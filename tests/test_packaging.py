@@ -49,4 +49,4 @@ def test_wheel_installs_and_imports(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert "['bert', 'gpt2', 'llama'] ['w8a16', 'w8a8']" in result.stdout
+    assert "['bert', 'gpt2', 'llama'] ['w4a16', 'w4a8', 'w8a16', 'w8a8']" in result.stdout
