@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quantmint import quant_math
-from quantmint.backends.torch.int8_linear import int8_linear
+from quantmint.backends.torch.int8_linear import int8_linear, quantize_activations
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 
@@ -48,13 +48,10 @@ def int4_linear(
         if weight_scale.shape[-1] == 1:
             return int8_linear(x, q, weight_scale, input_scale, bias)
         shape = x.shape
-        xf = x.reshape(-1, shape[-1]).float()
-        if input_scale is None:
-            x_scale = quant_math.qparams_from_absmax(xf.abs().amax(dim=-1, keepdim=True))
-        else:
-            x_scale = input_scale.reshape(1, 1)
-        x_q = (xf / x_scale).round_().clamp_(-127, 127)
-        y = F.linear(x_q, quant_math.dequantize_weight(q, weight_scale, group_size=group_size)).mul_(x_scale)
+        x_q, x_scale = quantize_activations(x.reshape(-1, shape[-1]), input_scale)
+        y = F.linear(x_q.float(), quant_math.dequantize_weight(q, weight_scale, group_size=group_size)).mul_(
+            x_scale
+        )
         if bias is not None:
             y.add_(bias.float())
         return y.to(x.dtype).reshape(*shape[:-1], q.shape[0])

@@ -11,7 +11,7 @@ from quantmint import quant_math
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 
-__all__ = ["Int8Linear", "int8_int8_matmul", "int8_linear", "int_mm_is_exact"]
+__all__ = ["Int8Linear", "int8_int8_matmul", "int8_linear", "int_mm_is_exact", "quantize_activations"]
 
 
 @functools.cache
@@ -101,6 +101,20 @@ class Int8Linear(QuantizedLinear):
         return int8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
 
 
+def quantize_activations(
+    x2: torch.Tensor, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round activation rows x2 [rows, in] to int8: per token (`input_scale` None; scales [rows, 1]) or
+    with the static per-tensor scale ([1, 1]). Returns (x_q int8, scale float32)."""
+    xf = x2 if x2.dtype == torch.float32 else x2.float()
+    if input_scale is None:  # dynamic: one scale per token, [rows, 1]
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+        x_scale = quant_math.qparams_from_absmax(amax)
+    else:
+        x_scale = input_scale.reshape(1, 1)
+    return (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8), x_scale
+
+
 def int8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -121,14 +135,7 @@ def int8_linear(
         [..., out] in x's dtype.
     """
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xf = x2 if x2.dtype == torch.float32 else x2.float()
-    if input_scale is None:  # dynamic: one scale per token, [rows, 1]
-        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
-        x_scale = quant_math.qparams_from_absmax(amax)
-    else:
-        x_scale = input_scale.reshape(1, 1)
-    x_q = (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8)
+    x_q, x_scale = quantize_activations(x.reshape(-1, shape[-1]), input_scale)
     # Scales are applied in place on the int32 result converted once to float32.
     y = int8_int8_matmul(x_q, weight).float()
     y.mul_(x_scale).mul_(weight_scale.reshape(1, -1))
