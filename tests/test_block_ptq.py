@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build_tiny, byte_tokenizer, model_output
+from conftest import build_tiny, byte_tokenizer, model_output, tiny_config
 from safetensors.torch import load_file
 
 from quantmint import quant_math
@@ -148,15 +148,8 @@ def test_finished_work_dir_reloads_without_tuning(tmp_path: Path) -> None:
 def _deep_llama(path: Path) -> Path:
     """A 4-block tiny Llama, so that a kill lands between blocks."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
     transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
