@@ -19,18 +19,19 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.safetensors_io import INDEX_NAME, ShardWriter, TensorSpec, plan_shards, shard_names
 
 __all__ = [
     "CALIBRATION_NAME",
@@ -46,8 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "quantmint_manifest.json"
 # What calibration measured (samples, seconds, peak RSS; block PTQ's per-block MSE log): for reports.
 CALIBRATION_NAME = "quantmint_calibration.json"
-SINGLE_SHARD = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+SHARD_METADATA = {"format": "pt"}
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -71,19 +71,26 @@ def _sha256(path: Path) -> str:
 
 
 def _split_aliases(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier one (tied embeddings); safetensors refuses them."""
+    """Drop tensors that share storage with an earlier one (tied embeddings); safetensors refuses them.
+
+    Tensors on the `meta` device (a streamed model's skeleton) have no storage: they alias only when
+    they are the same object, so pass `state_dict(keep_vars=True)`.
+    """
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for name, tensor in state_dict.items():
-        key = (
-            tensor.device,
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tensor.shape,
-            tensor.stride(),
-            tensor.dtype,
-        )
+        if tensor.is_meta:
+            key: tuple[Any, ...] = ("meta", id(tensor))
+        else:
+            key = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tensor.shape,
+                tensor.stride(),
+                tensor.dtype,
+            )
         if tensor.numel() > 0 and key in seen:
             aliases[name] = seen[key]
             continue
@@ -92,17 +99,20 @@ def _split_aliases(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return unique, aliases
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
+def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    """Write one shard, fetching each tensor only when its turn comes; returns its manifest entry."""
+    writer = ShardWriter(path, specs, SHARD_METADATA)
+    try:
+        for spec in specs:
+            writer.write(spec.name, fetch(spec.name))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+# Writes every planned shard into a directory: [(file name, specs)] -> {file name: manifest entry}.
+ShardsWriter = Callable[[Path, list[tuple[str, list[TensorSpec]]]], dict[str, dict[str, Any]]]
 
 
 def quantization_config_block(model: nn.Module) -> dict[str, Any]:
@@ -148,29 +158,42 @@ def save_quantized(
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
     max_bytes = parse_size(max_shard_size)
     with staged_directory(out, overwrite=overwrite) as tmp:
-        _write_checkpoint(model, tmp, tokenizer, max_bytes)
+        write_checkpoint(model, tmp, tokenizer, max_bytes)
     return out
 
 
-def _write_checkpoint(model: nn.Module, tmp: Path, tokenizer: Any, max_bytes: int) -> None:
-    tensors, aliases = _split_aliases(model.state_dict())
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    shards = _shard(tensors, max_bytes)
-    names = (
-        [SINGLE_SHARD]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    shard_info = {}
-    for name, shard in zip(names, shards, strict=True):
-        path = tmp / name
-        save_file(shard, str(path), metadata={"format": "pt"})
-        path.chmod(0o644)
-        shard_info[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+def write_checkpoint(
+    model: nn.Module,
+    tmp: Path,
+    tokenizer: Any,
+    max_bytes: int,
+    write_shards: ShardsWriter | None = None,
+) -> None:
+    """Write `model` into `tmp`. Its tensors are planned from the state dict's names, dtypes and
+    shapes, then fetched one at a time: from memory, from the block store of a model calibrated out
+    of core (`quantmint.streaming`), or, with `write_shards`, by the caller (streaming RTN)."""
+    tensors, aliases = _split_aliases(model.state_dict(keep_vars=True))
+    shards = plan_shards([TensorSpec.of(name, t) for name, t in tensors.items()], max_bytes)
+    planned = list(zip(shard_names(len(shards)), shards, strict=True))
+    if write_shards is None:
+        state = quant_state(model)
+        store = state.block_store if state is not None else None
+
+        def fetch(name: str) -> torch.Tensor:
+            tensor = tensors[name]
+            if tensor.is_meta:
+                if store is None:
+                    raise CheckpointError(f"tensor {name!r} of the model has no data (meta device)")
+                return store.read(name)
+            return tensor.detach()
+
+        shard_info = {name: write_shard(tmp / name, specs, fetch) for name, specs in planned}
+    else:
+        shard_info = write_shards(tmp, planned)
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {t: n for n, shard in zip(names, shards, strict=True) for t in shard},
+            "metadata": {"total_size": sum(spec.nbytes for shard in shards for spec in shard)},
+            "weight_map": {spec.name: name for name, specs in planned for spec in specs},
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
 

@@ -1,0 +1,291 @@
+"""Reading and writing safetensors files one tensor at a time, so no file is ever held whole in memory.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
+header mapping each tensor name to its dtype, shape and `[begin, end)` byte offsets into the data
+section, padded with spaces to a multiple of 8, then the data.
+
+- `SafetensorsFile` parses and checks a header, then reads single tensors with `pread` into fresh
+  memory. Unlike a memory map, nothing of the file stays resident once a tensor is dropped, so the
+  peak RSS of a pass over a 10 GB checkpoint is its largest tensor, not the checkpoint.
+- `CheckpointFiles` is a model directory: `model.safetensors`, or the shards of
+  `model.safetensors.index.json`; a tensor is found by name in whichever shard holds it.
+- `ShardWriter` writes a file whose tensor list is known in advance (`TensorSpec`): the header goes
+  out first, then each tensor as it is produced, hashed on the way (sha256 for the manifest).
+
+Both quantmint's in-memory save and its streaming paths write with `ShardWriter`, so the same tensors
+give the same bytes whichever path produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantmint.errors import CheckpointError
+
+__all__ = [
+    "CheckpointFiles",
+    "SafetensorsFile",
+    "ShardWriter",
+    "TensorSpec",
+    "plan_shards",
+    "shard_names",
+]
+
+SINGLE_SHARD = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The name, dtype and shape of one tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tensor.dtype, tuple(tensor.shape))
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most `max_bytes` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """`model.safetensors`, or Hugging Face's `model-0000i-of-0000n.safetensors` names."""
+    if count == 1:
+        return [SINGLE_SHARD]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors (`specs`, in file order) are known in advance.
+
+    Call `write` once per spec, in order; `close` checks that every tensor came and returns the file's
+    sha256 and size. The file is written in place: write into a staging directory.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: dict[str, str]
+    ) -> None:
+        self.path = Path(path)
+        self.specs = specs
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for spec in specs:
+            if spec.dtype not in _DTYPES:
+                raise CheckpointError(
+                    f"tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store"
+                )
+            header[spec.name] = {
+                "dtype": _DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._hash = hashlib.sha256()
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise CheckpointError(f"{self.path}: tensor {name!r} is one more than the file was planned for")
+        spec = self.specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise CheckpointError(
+                f"{self.path}: expected tensor {spec.name!r} {spec.dtype} {list(spec.shape)} next, "
+                f"got {name!r} {tensor.dtype} {list(tensor.shape)}"
+            )
+        self._emit(_tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> dict[str, Any]:
+        """Finish the file; returns {"sha256", "bytes"} for the manifest."""
+        self._file.close()
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next :]]
+            raise CheckpointError(
+                f"{self.path}: {len(missing)} planned tensor(s) never written: {missing[:3]}"
+            )
+        self.path.chmod(0o644)
+        return {"sha256": self._hash.hexdigest(), "bytes": self.path.stat().st_size}
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, checked against the file size, and tensors read one at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise self._error("is shorter than a safetensors header")
+                (length,) = struct.unpack("<Q", prefix)
+                if length > min(_MAX_HEADER, size - 8):
+                    raise self._error(f"declares a {length}-byte header in a {size}-byte file")
+                header = json.loads(f.read(length))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._error(f"cannot be read: {exc}") from None
+        if not isinstance(header, dict):
+            raise self._error("has a header that is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._start = 8 + length
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        data_size = size - self._start
+        for name, entry in header.items():
+            try:
+                dtype = _CODES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._error(f"has an unreadable header entry for tensor {name!r}") from None
+            if not 0 <= begin <= end <= data_size or end - begin != TensorSpec(name, dtype, shape).nbytes:
+                raise self._error(
+                    f"is truncated or corrupt: tensor {name!r} needs bytes [{begin}, {end}) of a "
+                    f"{data_size}-byte data section"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def _error(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path} {what}; copy or download the checkpoint again")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def spec(self, name: str) -> TensorSpec:
+        dtype, shape, _, _ = self._entries[name]
+        return TensorSpec(name, dtype, shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name`, in its stored dtype and shape, in memory of its own."""
+        dtype, shape, begin, end = self._entries[name]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if end > begin else memoryview(bytearray())
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            while done < end - begin:
+                n = os.preadv(f.fileno(), [view[done:]], self._start + begin + done)
+                if n == 0:
+                    raise self._error(f"ended while reading tensor {name!r}")
+                done += n
+        return buffer.view(dtype).reshape(shape)
+
+
+class CheckpointFiles:
+    """The safetensors weights of a Hugging Face model directory, single file or sharded."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        single = self.directory / SINGLE_SHARD
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (self.directory / shard).is_file():
+                    raise CheckpointError(f"shard {self.directory / shard} named in {index} is missing")
+                self._files[shard] = SafetensorsFile(self.directory / shard)
+            for name, shard in weight_map.items():
+                if name not in self._files[shard]:
+                    raise CheckpointError(f"{index} puts tensor {name!r} in {shard}, which does not hold it")
+                self._where[name] = self._files[shard]
+        elif single.is_file():
+            self._files[SINGLE_SHARD] = SafetensorsFile(single)
+            self._where = dict.fromkeys(self._files[SINGLE_SHARD].keys(), self._files[SINGLE_SHARD])
+        else:
+            found = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+                p.name for p in self.directory.glob("*.pt*")
+            )
+            hint = f" (it has {found[:2]}: pickle files are not read; convert them to safetensors)"
+            hint = hint if found else ""
+            raise CheckpointError(f"{self.directory} has neither {SINGLE_SHARD} nor {INDEX_NAME}{hint}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._where[name].spec(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._where[name].read(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.spec(name).nbytes for name in self._where)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files.values()]
