@@ -26,6 +26,7 @@ shorter, so the group size cannot be read off the scale's shape and is always pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -106,6 +107,30 @@ def qparams_from_minmax(
     return scale, zero_point
 
 
+# Large 2-D tensors are processed this many elements of rows at a time: each chunk's float32
+# temporaries stay in cache, which makes weight quantization several times faster than whole-tensor
+# passes (see benchmarks/streaming_rtn.py). Elementwise results do not depend on the chunking.
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def _by_rows(
+    fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    per_row: tuple[torch.Tensor | None, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """fn(x[rows], *(t[rows] for t in per_row)) written chunk by chunk into one `dtype` tensor, or None
+    when x is small, not 2-D or needs gradients (then the caller runs fn once)."""
+    if x.dim() != 2 or x.numel() <= _CHUNK_ELEMENTS or x.requires_grad:
+        return None
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        parts = [t if t is None or t.dim() < 2 or t.shape[0] == 1 else t[i : i + rows] for t in per_row]
+        out[i : i + rows] = fn(x[i : i + rows], *parts)
+    return out
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -114,6 +139,17 @@ def quantize(
     dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
     """q = clamp(round(x / scale) + zero_point, qmin, qmax) as `dtype` (int8); `scale` broadcasts to x."""
+
+    def run(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+        return _quantize(x, scale, zero_point, num_bits, dtype)
+
+    chunked = _by_rows(run, x, (scale, zero_point), dtype)
+    return run(x, scale, zero_point) if chunked is None else chunked
+
+
+def _quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     qmin, qmax = int_range(num_bits, symmetric=zero_point is None)
     q = torch.round(x.float() / scale.float())
     if zero_point is not None:
@@ -128,6 +164,17 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """x̂ = (q - zero_point) * scale, computed in float32 and returned as `dtype`."""
+
+    def run(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+        return _dequantize(q, scale, zero_point, dtype)
+
+    chunked = _by_rows(run, q, (scale, zero_point), dtype)
+    return run(q, scale, zero_point) if chunked is None else chunked
+
+
+def _dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     x = q.float()
     if zero_point is not None:
         x = x - zero_point.float()
@@ -164,7 +211,28 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 def weight_absmax(weight: torch.Tensor, strategy: str, group_size: int | None = None) -> torch.Tensor:
     """max |W| per scale group of a weight [out, in]: float32 [out, 1] (channel), [1, 1] (tensor) or
     [out, ceil(in / group_size)] (group)."""
-    w = weight.detach().float().abs()
+    weight = weight.detach()
+    if strategy == "tensor":
+        if weight.dim() == 2 and weight.numel() > _CHUNK_ELEMENTS:
+            rows = _by_rows(lambda w: _weight_absmax(w, "channel", None), weight, (), torch.float32)
+            assert rows is not None
+            return rows.amax().reshape(1, 1)
+        return _weight_absmax(weight, strategy, group_size)
+    if strategy == "group" and (not group_size or group_size < 1):
+        raise ValueError(f"strategy 'group' needs a positive group_size, got {group_size!r}")
+    if strategy in ("channel", "group") and weight.dim() == 2 and weight.numel() > _CHUNK_ELEMENTS:
+        rows = max(1, _CHUNK_ELEMENTS // weight.shape[1])
+        return torch.cat(
+            [
+                _weight_absmax(weight[i : i + rows], strategy, group_size)
+                for i in range(0, weight.shape[0], rows)
+            ]
+        )
+    return _weight_absmax(weight, strategy, group_size)
+
+
+def _weight_absmax(weight: torch.Tensor, strategy: str, group_size: int | None) -> torch.Tensor:
+    w = weight.float().abs()
     if strategy == "tensor":
         return w.amax().reshape(1, 1)
     if strategy == "channel":
@@ -211,7 +279,7 @@ def dequantize_weight(
     q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group_size: int | None = None
 ) -> torch.Tensor:
     """q [out, in] (any integer dtype) times its scale [rows or 1, groups], as `dtype`."""
-    return (q.float() * expand_weight_scale(scale.float(), q.shape, group_size)).to(dtype)
+    return dequantize(q, expand_weight_scale(scale.float(), q.shape, group_size), dtype=dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
