@@ -110,6 +110,7 @@ def run_sequential(
     finish: Callable[[BlockLayout, Any, list[BlockCall], list[torch.Tensor]], bool],
     batch_size: int = 8,
     desc: str = "calibrate",
+    done: Callable[[BlockLayout], None] | None = None,
 ) -> CalibrationReport:
     """Calibrate `model` block by block (see the module docstring).
 
@@ -119,6 +120,7 @@ def run_sequential(
         finish: called after the block ran with (block, what `attach` returned, the block's inputs, its
             float outputs); transforms the block in place and returns True if the next block should
             receive the transformed block's outputs instead of the float ones.
+        done: called once the block's outputs are taken (out-of-core calibration frees it here).
     """
     start = time.perf_counter()
     batches = batch_samples(samples, batch_size)
@@ -132,6 +134,8 @@ def run_sequential(
             outputs = [call.run(block.module) for call in calls]
         for call, out in zip(calls, outputs, strict=True):
             call.hidden = out
+        if done is not None:
+            done(block)
         report.block_seconds.append(round(time.perf_counter() - t0, 3))
     report.blocks = len(layout.blocks)
     report.seconds = round(time.perf_counter() - start, 2)

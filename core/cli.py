@@ -1,4 +1,5 @@
-"""The `quantmint` command line: quantize, eval, inspect, report, serve, export, example-model.
+"""The `quantmint` command line: quantize, eval, inspect, report, serve, export, example-model,
+synth-model.
 
 Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input ends
 with a one-line reason on stderr and exit status 1 (2 for a malformed command line).
@@ -31,7 +32,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from quantmint.checkpoint import save_quantized
     from quantmint.config import PTQConfig, get_preset
     from quantmint.models import load_float_model, load_tokenizer
-    from quantmint.summary import checkpoint_summary
 
     config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.ignore:
@@ -40,7 +40,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
-    model = load_float_model(args.model)
+    stream = args.stream or _too_big_for_memory(Path(args.model))
+    model = None if stream else load_float_model(args.model)
     has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(args.model) if has_tokenizer else None
     calibration = None
@@ -60,6 +61,25 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     work_dir = None
     if config.block_ptq is not None:
         work_dir = Path(args.work_dir) if args.work_dir else out.parent / f".{out.name}.quantmint-work"
+    if model is None:
+        from quantmint.streaming import quantize_checkpoint
+
+        streamed = quantize_checkpoint(
+            args.model,
+            out,
+            config,
+            family=args.family,
+            calibration=calibration,
+            tokenizer=tokenizer,
+            workers=args.workers,
+            work_dir=work_dir,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        _print_json(_quantize_report(args, out, streamed, start, loaded))
+        return
     quantize(model, config, family=args.family, calibration=calibration, work_dir=work_dir)
     quantized = time.perf_counter()
     save_quantized(
@@ -68,6 +88,42 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     saved = time.perf_counter()
     if work_dir is not None:
         shutil.rmtree(work_dir, ignore_errors=True)
+    report = _quantize_report(args, out, None, start, loaded)
+    report["seconds"] = {
+        "load": round(loaded - start, 2),
+        "quantize": round(quantized - loaded, 2),
+        "save": round(saved - quantized, 2),
+        "total": round(saved - start, 2),
+    }
+    report["calibration"] = quant_state(model).calibration
+    _print_json(report)
+
+
+def _too_big_for_memory(model_dir: Path) -> bool:
+    """Whether the float checkpoint takes more than half the memory left: then it is streamed."""
+    from quantmint.errors import QuantmintError
+    from quantmint.memory import available_memory_bytes
+    from quantmint.safetensors_io import CheckpointFiles
+
+    try:
+        size = sum(f.stat().st_size for f in CheckpointFiles(model_dir).files)
+    except QuantmintError:
+        return False  # loading will say what is wrong
+    if size <= available_memory_bytes() // 2:
+        return False
+    print(
+        f"quantmint: {model_dir} holds {size / 1e9:.1f} GB of weights, more than half the memory left: "
+        "quantizing it out of core (--stream)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _quantize_report(
+    args: argparse.Namespace, out: Path, streamed: dict[str, Any] | None, start: float, loaded: float
+) -> dict[str, Any]:
+    from quantmint.summary import checkpoint_summary
+
     summary = checkpoint_summary(out)
     report = {
         "model": str(args.model),
@@ -81,16 +137,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "checkpoint_tensor_bytes": summary["tensor_bytes"],
         "checkpoint_tensor_bytes_bf16": summary["tensor_bytes_bf16"],
         "checkpoint_files_bytes": summary["checkpoint_files_bytes"],
-        "seconds": {
-            "load": round(loaded - start, 2),
-            "quantize": round(quantized - loaded, 2),
-            "save": round(saved - quantized, 2),
-            "total": round(saved - start, 2),
-        },
-        "calibration": quant_state(model).calibration,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    _print_json(report)
+    if streamed is not None:
+        seconds = round(time.perf_counter() - start, 2)
+        report["streamed"] = {k: streamed[k] for k in ("mode", "workers", "input_bytes")}
+        report["seconds"] = {"load": round(loaded - start, 2), "quantize_and_save": streamed["seconds"]}
+        report["seconds"]["total"] = seconds
+        report["calibration"] = streamed["calibration"]
+        report["peak_rss_mb"] = max(report["peak_rss_mb"], streamed["peak_rss_mb"])
+    return report
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -255,6 +311,21 @@ def cmd_example_model(args: argparse.Namespace) -> None:
     print(example_model_dir(args.name))
 
 
+def cmd_synth_model(args: argparse.Namespace) -> None:
+    from quantmint.synthetic import make_synthetic_llama
+
+    start = time.perf_counter()
+    info = make_synthetic_llama(
+        args.output,
+        size=args.size,
+        seed=args.seed,
+        tokenizer_dir=args.tokenizer,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    _print_json({"output": args.output, **info, "seconds": round(time.perf_counter() - start, 2)})
+
+
 class _UsageError(Exception):
     pass
 
@@ -292,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         help="block PTQ: where tuned blocks are kept so that a killed run, started again with the same "
         "command, resumes (default: .<output name>.quantmint-work beside the output; removed on success)",
+    )
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help="never load the whole model: RTN streams tensor by tensor, calibration loads one block at a "
+        "time (automatic when the weights take more than half the free memory)",
+    )
+    q.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with --stream and a config that needs no calibration: processes writing shards at once",
     )
     q.set_defaults(func=cmd_quantize)
 
@@ -360,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
         "name", choices=list(EXAMPLE_MODELS), help="; ".join(f"{k}: {v}" for k, v in EXAMPLE_MODELS.items())
     )
     x.set_defaults(func=cmd_example_model)
+
+    s = sub.add_parser("synth-model", help="write a synthetic Llama-shaped checkpoint of a given size")
+    s.add_argument("output", help="directory to create")
+    s.add_argument("--size", default="2GB", help="bf16 weight bytes, e.g. 500MB, 2GB, 8GB (default 2GB)")
+    s.add_argument("--tokenizer", help="copy this model directory's tokenizer (sets the vocabulary)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    s.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
+    s.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    s.set_defaults(func=cmd_synth_model)
     return parser
 
 

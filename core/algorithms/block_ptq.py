@@ -52,6 +52,7 @@ from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import BlockPTQArgs
 from quantmint.errors import ConfigError
 from quantmint.family import BlockLayout
+from quantmint.memory import available_memory_bytes
 
 if TYPE_CHECKING:
     from quantmint.algorithms.ptq import BlockSteps
@@ -186,14 +187,6 @@ class HiddenStore:
                 save_file({"hidden": self._memory[i]}, str(target))
 
 
-def _free_ram_bytes() -> int:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def _fingerprint(steps: BlockSteps, samples: list[torch.Tensor]) -> str:
     """What a resumed run must share with the first one: config, model structure and calibration data."""
     digest = hashlib.sha256()
@@ -236,7 +229,9 @@ class BlockPTQ:
         calls = capture_block_inputs(steps.model, steps.layout, batches)
         streams = 3 if args.inputs == "quantized" else 2
         cache_bytes = streams * sum(c.hidden.numel() * c.hidden.element_size() for c in calls)
-        on_disk = args.cache == "disk" or (args.cache == "auto" and cache_bytes > _free_ram_bytes() // 4)
+        on_disk = args.cache == "disk" or (
+            args.cache == "auto" and cache_bytes > available_memory_bytes() // 4
+        )
         report = CalibrationReport(
             samples=sum(len(b) for b in batches), tokens=sum(b.numel() for b in batches)
         )
@@ -286,6 +281,7 @@ class BlockPTQ:
                         q_out = fp_out if q_out is fp_out else HiddenStore(saved, "q")
                 elif on_disk and fp_in.directory is not None:
                     shutil.rmtree(fp_in.directory, ignore_errors=True)
+                steps.done(block)
                 fp_in, q_in = fp_out, q_out
             bar.close()
         report.blocks = len(steps.layout.blocks)
@@ -544,7 +540,8 @@ class BlockPTQ:
             for key in [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]:
                 owner, buffer = key.rsplit(".", 1)
                 block.module.get_submodule(owner).register_buffer(buffer, tensors[key])
-            block.module.load_state_dict(tensors, strict=True)
+            block.module.load_state_dict(tensors, strict=True, assign=True)
+            steps.done(block)
         steps.state.kv_modules[:] = progress.get("kv_modules", [])
         steps.alphas[:] = progress.get("alphas", [])
         self.log = list(progress.get("log", []))

@@ -50,6 +50,9 @@ class QuantState:
     phase: str = "applied"  # "applied" (fake-quant) or "converted" (real int8 cells)
     calibration: dict[str, Any] | None = None  # samples, tokens, seconds, peak RSS of calibration
     kv_modules: list[str] = field(default_factory=list)  # attention modules holding k_scale / v_scale
+    # Out-of-core calibration (`quantmint.streaming`) moves each finished block to the meta device and
+    # keeps its converted tensors here, to be read back when the checkpoint is written.
+    block_store: Any = None
 
 
 def quant_state(model: nn.Module) -> QuantState | None:
@@ -74,6 +77,8 @@ class PTQ:
     def __init__(self, config: PTQConfig | str | dict[str, Any], family: str | None = None) -> None:
         self.config = as_config(config)
         self.family_name = family
+        # Out-of-core calibration reads and frees each block through this (`BlockSteps.loader`).
+        self.block_loader: Any = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -257,12 +262,15 @@ class PTQ:
         """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`); with
         `block_ptq`, then tune each block (see `quantmint.algorithms.block_ptq`)."""
         steps = BlockSteps(self, model, layout, targets, state)
+        steps.loader = self.block_loader
         if self.config.block_ptq is not None:
             from quantmint.algorithms.block_ptq import BlockPTQ
 
             tuner = BlockPTQ(self.config.block_ptq, steps, work_dir)
             return steps.result(tuner.run(samples))
-        report = run_sequential(model, layout, samples, steps.attach, steps.finish, batch_size=batch_size)
+        report = run_sequential(
+            model, layout, samples, steps.attach, steps.finish, batch_size=batch_size, done=steps.done
+        )
         return steps.result(report)
 
     def _build_empty_cells(
@@ -333,8 +341,15 @@ class BlockSteps:
     """What calibration does to each block, shared by the sequential engine and block PTQ.
 
     `attach` hooks the observers a block needs; `finish` (after the block ran on every calibration
-    batch) smooths it, fake-quantizes its linears by RTN and stores its kv-cache scales.
+    batch) smooths it, fake-quantizes its linears by RTN and stores its kv-cache scales; `done` is
+    called when the engine has no more use for the block.
+
+    With a `loader` (out-of-core calibration, see `quantmint.streaming.BlockLoader`), `attach` first
+    reads the block's float weights from the checkpoint and `done` converts the block, stores its
+    tensors and gives its memory back.
     """
+
+    loader: Any = None
 
     def __init__(
         self,
@@ -358,6 +373,8 @@ class BlockSteps:
         self.extra: dict[str, Any] = {}
 
     def attach(self, block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
+        if self.loader is not None:
+            self.loader.load(block)
         # Observe every family linear of the block: smoothing needs them even when one is ignored.
         observers, handles = attach_input_observers(block.linears, self.percentile)
         kv_observer = KVObserver(block, self.family.kv) if block.name in self.kv_modules else None
@@ -393,6 +410,10 @@ class BlockSteps:
             attn.register_buffer("v_scale", v_scale)
             self.state.kv_modules.append(self.kv_modules[block.name])
         return False
+
+    def done(self, block: BlockLayout) -> None:
+        if self.loader is not None:
+            self.loader.release(block)
 
     def result(self, report: CalibrationReport) -> dict[str, Any]:
         result: dict[str, Any] = {

@@ -1,0 +1,51 @@
+"""How much memory this process may still use: the smaller of the machine's and its cgroup's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["available_memory_bytes"]
+
+
+_NO_LIMIT = 1 << 60
+# (mount, limit file, usage file) of cgroup v2 and v1
+_CGROUPS = (
+    (Path("/sys/fs/cgroup"), "memory.max", "memory.current"),
+    (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
+)
+
+
+def _cgroup_room() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1), if it has a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers not in ("", "memory"):
+            continue
+        for mount, limit_name, usage_name in _CGROUPS:
+            # Inside a container the mount may already be the process's own group.
+            for group in (mount / rel.lstrip("/"), mount):
+                with contextlib.suppress(OSError, ValueError):
+                    limit = (group / limit_name).read_text().strip()
+                    if limit != "max" and int(limit) < _NO_LIMIT:
+                        rooms.append(max(0, int(limit) - int((group / usage_name).read_text())))
+                    break
+    return min(rooms) if rooms else None
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo, capped by a cgroup memory limit."""
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    room = _cgroup_room()
+    return free if room is None else min(free, room)

@@ -1,0 +1,440 @@
+"""Quantizing a checkpoint without ever holding the model: for checkpoints larger than memory.
+
+Two paths, chosen by the config, both reading the float checkpoint's safetensors files one tensor
+at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for byte, as
+`quantize` + `save_quantized` on the loaded model:
+
+- **Streaming RTN** (configs that need no calibration data): the model's structure is built on the
+  `meta` device (no weights), the output tensors are planned from it, and each output shard is
+  written as its tensors are produced: a quantized linear is read, rounded and converted on its own;
+  every other tensor is copied. Peak memory is the largest linear plus a constant. With
+  `workers > 1` the output shards are written by that many processes at once.
+- **Out-of-core calibration** (SmoothQuant, static activations, C8, block PTQ): the skeleton's
+  embeddings, final norm and head are read in, every block stays on `meta`, and the sequential
+  engine (`quantmint.calibration`, or block PTQ's) reads one block's weights when it reaches it.
+  A finished block is converted to its int8 cells, written to a block store on disk and moved back
+  to `meta`. Peak memory is one block, the non-block weights and the calibration activations (which
+  block PTQ can keep on disk: `block_ptq.cache`).
+
+`quantize_checkpoint` is the entry point (CLI: `quantmint quantize --stream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantmint import checkpoint
+from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
+from quantmint.checkpoint import write_shard
+from quantmint.config import PTQConfig
+from quantmint.errors import CheckpointError, ConfigError, QuantmintError
+from quantmint.family import BlockLayout
+from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.safetensors_io import CheckpointFiles, SafetensorsFile, ShardWriter, TensorSpec
+
+__all__ = ["BlockLoader", "BlockStore", "TensorSource", "empty_model", "quantize_checkpoint"]
+
+
+# --- the skeleton -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block lands on `meta`; buffers (rotary frequencies,
+    position ids) stay real, since nothing in the checkpoint recreates them."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _checkpoint_dtype(config: dict[str, Any], files: CheckpointFiles) -> torch.dtype:
+    """The dtype `from_pretrained(dtype="auto")` would load: config.json's, else the first float tensor's."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    for tensor in files:
+        dtype = files.spec(tensor).dtype
+        if dtype.is_floating_point:
+            return dtype
+    return torch.float32
+
+
+def empty_model(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointFiles]:
+    """The float model of a Hugging Face directory with every parameter on `meta`, and its weights.
+
+    The skeleton is the class, config, dtype and generation config that `load_float_model` would give,
+    with no weight in memory.
+    """
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    raw = read_config_json(path)
+    if raw.get("quantization_config"):
+        raise QuantmintError(
+            f"{path} is already quantized (quant_method={raw['quantization_config'].get('quant_method')!r}); "
+            "quantmint quantizes float checkpoints"
+        )
+    files = CheckpointFiles(path)
+    model_cls = model_class(raw.get("architectures"), path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises several types for a bad config
+        raise QuantmintError(f"{path}/config.json cannot be read by transformers: {exc}") from None
+    dtype = _checkpoint_dtype(raw, files)
+    with no_init_weights(), _parameters_on_meta():
+        model = model_cls._from_config(config, dtype=dtype)
+        model.tie_weights()  # as from_pretrained does; skipped with the weight init
+    config.name_or_path = str(path)
+    if getattr(model, "can_generate", lambda: False)() and (path / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    model.requires_grad_(False)
+    return model.eval(), files
+
+
+class TensorSource:
+    """Finds a model tensor in the checkpoint, allowing for the base-model prefix that Hugging Face
+    checkpoints add or drop (`bert.encoder...` vs `encoder...`), and reads it in the model's dtype."""
+
+    def __init__(self, model: nn.Module, files: CheckpointFiles) -> None:
+        self.files = files
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        # Tied parameters (an untied head is stored, a tied one often not): every name of one tensor.
+        self._names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(param), []).append(name)
+
+    def locate(self, name: str) -> str | None:
+        candidates = [name]
+        if self.prefix:
+            candidates += [f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")]
+        return next((c for c in candidates if c in self.files), None)
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's tensor for model tensor `name` (or a tied twin), cast to `like`'s dtype."""
+        names = self._names.get(id(like), [name]) if isinstance(like, nn.Parameter) else [name]
+        found = next((n for n in (self.locate(c) for c in [name, *names]) if n is not None), None)
+        if found is None:
+            raise CheckpointError(
+                f"{self.files.directory} holds no tensor {name!r} (nor a prefixed or tied variant): its "
+                "tensor names do not match the model class its config.json names; quantize it without "
+                "--stream, which lets transformers rename the weights"
+            )
+        spec = self.files.spec(found)
+        if spec.shape != tuple(like.shape):
+            raise CheckpointError(
+                f"tensor {found!r} in {self.files.directory} has shape {list(spec.shape)}, the model "
+                f"expects {list(like.shape)}: config.json and the weights do not belong together"
+            )
+        return self.files.read(found).to(like.dtype)
+
+
+def _materialize(root: nn.Module, root_name: str, source: TensorSource, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Read every meta parameter (and checkpointed persistent buffer) under `root` from `source`,
+    keeping tied parameters tied; modules named in `skip` (and their children) stay as they are."""
+    made: dict[int, nn.Parameter] = {}
+    for mod_name, module in root.named_modules(remove_duplicate=False):
+        full_mod = ".".join(p for p in (root_name, mod_name) if p)
+        if any(full_mod == s or full_mod.startswith(f"{s}.") for s in skip):
+            continue
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                tensor = source.read(f"{full_mod}.{name}".lstrip("."), param)
+                made[id(param)] = nn.Parameter(tensor, requires_grad=False)
+            module._parameters[name] = made[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            full = f"{full_mod}.{name}".lstrip(".")
+            if buffer is None or name in module._non_persistent_buffers_set or source.locate(full) is None:
+                continue
+            module._buffers[name] = source.read(full, buffer)
+
+
+# --- out-of-core calibration ------------------------------------------------------------------------
+class BlockStore:
+    """Converted blocks, one safetensors file each, read back tensor by tensor at save time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def put(self, block: BlockLayout) -> None:
+        state = {f"{block.name}.{k}": v for k, v in block.module.state_dict().items()}
+        specs = [TensorSpec.of(name, t) for name, t in state.items()]
+        path = self.directory / f"block-{block.index:05d}.safetensors"
+        writer = ShardWriter(path, specs, {"block": block.name})
+        for spec in specs:
+            writer.write(spec.name, state[spec.name])
+        writer.close()
+        stored = SafetensorsFile(path)
+        for name in stored:
+            self._files[name] = stored
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise CheckpointError(f"tensor {name!r} was never stored: its block was not calibrated")
+        return self._files[name].read(name)
+
+
+class BlockLoader:
+    """`BlockSteps.loader` for out-of-core calibration: loads a block's float weights on `attach` and,
+    on `done`, converts it to int8 cells, stores it and returns it to `meta`."""
+
+    def __init__(self, model: nn.Module, source: TensorSource, store: BlockStore) -> None:
+        self.model = model
+        self.source = source
+        self.store = store
+
+    def load(self, block: BlockLayout) -> None:
+        _materialize(block.module, block.name, self.source)
+        # Linears were resolved before loading: point the layout at the modules now in the block.
+        for name in block.linears:
+            block.linears[name] = block.module.get_submodule(name[len(block.name) + 1 :])
+
+    def release(self, block: BlockLayout) -> None:
+        from quantmint.cells.fake_quant import FakeQuantLinear
+
+        for name, module in list(block.module.named_modules()):
+            if isinstance(module, FakeQuantLinear):
+                block.module.set_submodule(name, cell_class(module.scheme).from_fake_quant(module))
+        self.store.put(block)
+        block.module.to("meta")
+
+
+def _calibrate_out_of_core(
+    path: Path,
+    config: PTQConfig,
+    family: str | None,
+    calibration: list[torch.Tensor],
+    scratch: Path,
+    work_dir: Path | None,
+) -> nn.Module:
+    model, files = empty_model(path)
+    source = TensorSource(model, files)
+    ptq = PTQ(config.with_updates(mode="quantize"), family=family)
+    layout = ptq.layout(model)
+    _materialize(model, "", source, skip={block.name for block in layout.blocks})
+    store = BlockStore(scratch)
+    ptq.block_loader = BlockLoader(model, source, store)
+    ptq.apply(model, calibration=calibration, work_dir=work_dir)
+    ptq.convert(model)
+    quant_state(model).block_store = store
+    return model
+
+
+# --- streaming RTN ----------------------------------------------------------------------------------
+Planned = list[tuple[str, list[TensorSpec]]]  # (shard file name, its tensors) in file order
+
+
+class _RTNProducer:
+    """The output tensors of streaming RTN, produced one at a time in any order.
+
+    `model` is the quantized model's skeleton (deploy mode on `meta`): its state dict is the plan of
+    the output. A quantized linear's tensors come from reading its float weight, `PTQ._fake_linear`
+    and the cell's `from_fake_quant`, the very functions `quantize` uses; other tensors are copied.
+    """
+
+    def __init__(self, path: Path, config: PTQConfig, family: str | None) -> None:
+        model, files = empty_model(path)
+        self.source = TensorSource(model, files)
+        self.quant = PTQ(config.with_updates(mode="quantize"), family=family)
+        layout = self.quant.layout(model)
+        self.family = layout.family
+        self.linears = self.quant.targets(layout)  # name -> the float module, kept after the swap below
+        with torch.device("meta"):
+            PTQ(config.with_updates(mode="deploy"), family=family).apply(model)
+        self.model = model
+        self.state = model.state_dict(keep_vars=True)
+        self._cached: tuple[str | None, dict[str, torch.Tensor]] = (None, {})
+
+    def _quantize(self, name: str) -> dict[str, torch.Tensor]:
+        module = self.linears[name]
+        _materialize(module, name, self.source)
+        fake = self.quant._fake_linear(module, self.family, None, None)
+        cell = cell_class(fake.scheme).from_fake_quant(fake)
+        module.to("meta")
+        return {f"{name}.{key}": tensor for key, tensor in cell.state_dict().items()}
+
+    def fetch(self, name: str) -> torch.Tensor:
+        owner = name.rsplit(".", 1)[0]
+        if owner in self.linears:
+            if self._cached[0] != owner:
+                self._cached = (None, {})  # drop the previous linear before reading the next
+                self._cached = (owner, self._quantize(owner))
+            return self._cached[1][name]
+        tensor = self.state[name]
+        if tensor.is_meta or self.source.locate(name) is not None:
+            return self.source.read(name, tensor)
+        return tensor.detach()  # a persistent buffer the checkpoint does not hold: as built
+
+
+def _worker_main(job_file: str) -> None:
+    """One worker process of streaming RTN (`python -m quantmint.streaming JOB.json`): writes the
+    shards the job names and their manifest entries into JOB.json's `result`."""
+    job = json.loads(Path(job_file).read_text())
+    torch.set_num_threads(job["threads"])
+    producer = _RTNProducer(Path(job["model"]), PTQConfig.from_dict(job["config"]), job["family"])
+    out = Path(job["out"])
+    written = {}
+    for name, tensors in job["shards"]:
+        specs = [TensorSpec.of(t, producer.state[t]) for t in tensors]
+        written[name] = write_shard(out / name, specs, producer.fetch)
+    Path(job_file).write_text(json.dumps({**job, "result": written}))
+
+
+def _run_workers(
+    path: Path, config: PTQConfig, family: str | None, groups: list[Planned], out: Path
+) -> dict[str, dict[str, Any]]:
+    """Start one `python -m quantmint.streaming` process per group of shards and wait for all."""
+    threads = max(1, torch.get_num_threads() // len(groups))
+    procs = []
+    for i, group in enumerate(groups):
+        job_file = out / f".worker-{i}.json"
+        job = {
+            "model": str(path),
+            "config": config.to_dict(),
+            "family": family,
+            "out": str(out),
+            "threads": threads,
+            "shards": [(name, [s.name for s in specs]) for name, specs in group],
+        }
+        job_file.write_text(json.dumps(job))
+        command = [sys.executable, "-m", "quantmint.streaming", str(job_file)]
+        procs.append((job_file, subprocess.Popen(command)))
+    written: dict[str, dict[str, Any]] = {}
+    failed = []
+    for job_file, proc in procs:
+        if proc.wait() != 0:
+            failed.append(proc.returncode)
+            continue
+        written.update(json.loads(job_file.read_text())["result"])
+        job_file.unlink()
+    if failed:
+        raise QuantmintError(
+            f"{len(failed)} of {len(procs)} streaming workers failed (exit status {failed}); see above"
+        )
+    return written
+
+
+def _balance(planned: Planned, workers: int) -> list[Planned]:
+    """Shards shared out among workers, largest first to the least loaded."""
+    groups: list[Planned] = [[] for _ in range(min(workers, len(planned)))]
+    loads = [0] * len(groups)
+    for job in sorted(planned, key=lambda j: -sum(s.nbytes for s in j[1])):
+        i = loads.index(min(loads))
+        groups[i].append(job)
+        loads[i] += sum(s.nbytes for s in job[1])
+    return groups
+
+
+def _stream_rtn(
+    path: Path, config: PTQConfig, family: str | None, workers: int
+) -> tuple[nn.Module, checkpoint.ShardsWriter]:
+    producer = _RTNProducer(path, config, family)
+
+    def write_shards(out: Path, planned: Planned) -> dict[str, dict[str, Any]]:
+        if workers <= 1 or len(planned) == 1:
+            return {name: write_shard(out / name, specs, producer.fetch) for name, specs in planned}
+        written = _run_workers(path, config, family, _balance(planned, workers), out)
+        return {name: written[name] for name, _ in planned}
+
+    return producer.model, write_shards
+
+
+# --- entry point ------------------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
+
+
+def quantize_checkpoint(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: PTQConfig | str | dict[str, Any] = "w8a16",
+    family: str | None = None,
+    calibration: list[torch.Tensor] | None = None,
+    tokenizer: Any = None,
+    workers: int = 1,
+    work_dir: str | os.PathLike[str] | None = None,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Quantize the float checkpoint in `model_dir` into `out_dir` without loading the model.
+
+    The result is the checkpoint that `quantize` + `save_quantized` write for the same config and
+    calibration, byte for byte (see the module docstring for how).
+
+    Args:
+        config: a `PTQConfig`, a preset name or a mapping. Configs that calibrate need `calibration`.
+        workers: processes writing output shards at once (streaming RTN; calibration runs in one).
+        work_dir: block PTQ's resume directory (see `PTQ.apply`).
+        Others as in `save_quantized`.
+    Returns:
+        What was done: `mode` (`rtn` or `calibrated`), input bytes, seconds, peak RSS (MB, the
+        largest of this process and its workers) and, when calibrated, the calibration report.
+    """
+    start = time.perf_counter()
+    path = Path(model_dir)
+    out = Path(out_dir)
+    config = as_config(config).with_updates(mode="quantize")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
+    max_bytes = checkpoint.parse_size(max_shard_size)
+    calibrated = PTQ(config, family=family).needs_calibration
+    if calibrated and not calibration:
+        raise ConfigError(
+            f"{config.scheme_name} calibrates (smoothing, static activations, C8 or block PTQ): pass "
+            "calibration=quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
+        )
+    with contextlib.ExitStack() as stack:
+        if calibrated:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.blocks-", dir=out.parent))
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            assert calibration is not None
+            model = _calibrate_out_of_core(
+                path, config, family, calibration, scratch, None if work_dir is None else Path(work_dir)
+            )
+            write_shards = None
+        else:
+            model, write_shards = _stream_rtn(path, config, family, workers)
+        with staged_directory(out, overwrite=overwrite) as tmp:
+            checkpoint.write_checkpoint(model, tmp, tokenizer, max_bytes, write_shards)
+    state = quant_state(model)
+    return {
+        "mode": "calibrated" if calibrated else "rtn",
+        "workers": 1 if calibrated else workers,
+        "input_bytes": sum(f.stat().st_size for f in CheckpointFiles(path).files),
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": _peak_rss_mb(),
+        "calibration": state.calibration if state is not None else None,
+    }
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])
