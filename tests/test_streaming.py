@@ -1,0 +1,286 @@
+"""Quantizing checkpoints larger than memory: streaming RTN, out-of-core calibration, safetensors I/O,
+the synthetic checkpoint generator. The streamed checkpoint must be the in-memory one, byte for byte."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import byte_tokenizer, model_output
+
+from quantmint import quant_math, streaming
+from quantmint.algorithms.ptq import quantize
+from quantmint.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
+from quantmint.config import PTQConfig, get_preset
+from quantmint.errors import CheckpointError, ConfigError
+from quantmint.memory import available_memory_bytes
+from quantmint.models import load_float_model
+from quantmint.safetensors_io import CheckpointFiles, SafetensorsFile, ShardWriter, TensorSpec
+from quantmint.streaming import quantize_checkpoint
+from quantmint.synthetic import make_synthetic_llama, synthetic_llama_config
+
+
+def _calibration(n: int = 8, length: int = 32) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (length,), generator=generator) for _ in range(n)]
+
+
+def _in_memory(src: Path, out: Path, config: PTQConfig | str, calibration=None, shard: str = "40KB") -> None:
+    model = load_float_model(src)
+    quantize(model, config, calibration=calibration)
+    save_quantized(model, out, tokenizer=byte_tokenizer(), max_shard_size=shard)
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b))
+    for name in names:
+        if name == CALIBRATION_NAME:  # timings and peak memory differ; what was measured may not
+            left, right = json.loads((a / name).read_text()), json.loads((b / name).read_text())
+            for record in (left, right):
+                for key in ("seconds", "peak_rss_mb"):
+                    record.pop(key)
+                for block in record.get("block_ptq", {}).get("blocks", []):
+                    block.pop("seconds")
+            assert left == right
+            continue
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+@pytest.mark.parametrize(
+    ("family", "preset", "workers"),
+    [("llama", "w8a16", 1), ("llama", "w4a16", 2), ("gpt2", "w8a16", 2), ("bert", "w8a16", 1)],
+)
+def test_streaming_rtn_is_byte_identical_to_in_memory(
+    family: str, preset: str, workers: int, tiny_model_dir, tmp_path: Path
+) -> None:
+    src = tiny_model_dir(family)
+    config = get_preset(preset)
+    if config.weights.group_size:
+        config = config.with_updates(weights={**config.weights.model_dump(), "group_size": 32})
+    _in_memory(src, tmp_path / "memory", config)
+    report = quantize_checkpoint(
+        src, tmp_path / "stream", config, tokenizer=byte_tokenizer(), workers=workers, max_shard_size="40KB"
+    )
+    assert report["mode"] == "rtn" and report["workers"] == workers
+    assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1  # sharded: workers share them
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    assert not list(tmp_path.glob(".stream*")), "no staging or worker file is left behind"
+
+
+@pytest.mark.parametrize(("family", "preset"), [("llama", "w8a8-c8"), ("gpt2", "w8a8"), ("bert", "w8a8")])
+def test_out_of_core_calibration_is_byte_identical_to_in_memory(
+    family: str, preset: str, tiny_model_dir, tmp_path: Path
+) -> None:
+    src = tiny_model_dir(family)
+    _in_memory(src, tmp_path / "memory", preset, _calibration())
+    report = quantize_checkpoint(
+        src,
+        tmp_path / "stream",
+        preset,
+        calibration=_calibration(),
+        tokenizer=byte_tokenizer(),
+        max_shard_size="40KB",
+    )
+    assert report["mode"] == "calibrated"
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    assert not list(tmp_path.glob(".stream*")), "the block store is removed"
+
+
+def test_out_of_core_block_ptq_is_byte_identical(tiny_model_dir, tmp_path: Path) -> None:
+    config = get_preset("w8a8-ptq")
+    config = config.with_updates(
+        block_ptq={**config.block_ptq.model_dump(), "n_outer_loops": 20, "n_batches": 2, "batch_size": 4}
+    )
+    src = tiny_model_dir("llama")
+    _in_memory(src, tmp_path / "memory", config, _calibration())
+    quantize_checkpoint(
+        src,
+        tmp_path / "stream",
+        config,
+        calibration=_calibration(),
+        tokenizer=byte_tokenizer(),
+        max_shard_size="40KB",
+    )
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_out_of_core_holds_one_block_at_a_time(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    """Every block but the one being calibrated is on `meta`: the model is never in memory whole."""
+    loaded_at_once = []
+    load = streaming.BlockLoader.load
+
+    def spy(self, block) -> None:
+        load(self, block)
+        real = [
+            name
+            for name, module in self.model.named_modules()
+            if name.count(".") == 2 and ".layers." in name and any(not p.is_meta for p in module.parameters())
+        ]
+        loaded_at_once.append(real)
+
+    monkeypatch.setattr(streaming.BlockLoader, "load", spy)
+    quantize_checkpoint(tiny_model_dir("llama"), tmp_path / "out", "w8a8", calibration=_calibration())
+    assert loaded_at_once == [["model.layers.0"], ["model.layers.1"]]
+
+
+def test_streamed_checkpoint_loads_and_runs(tiny_model_dir, tmp_path: Path, input_ids: torch.Tensor) -> None:
+    src = tiny_model_dir("llama")
+    quantize_checkpoint(src, tmp_path / "out", "w8a16")
+    quantized = load_quantized(tmp_path / "out")
+    reference = model_output(load_float_model(src), input_ids)
+    assert quant_math.sqnr_db(reference, model_output(quantized, input_ids)) > 25
+
+
+def test_streaming_refuses_what_it_cannot_read(tiny_model_dir, tmp_path: Path) -> None:
+    src = tiny_model_dir("llama")
+    # Pickle weights only: refused, naming the way out.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="pickle files are not read"):
+        quantize_checkpoint(pickled, tmp_path / "o1", "w8a16")
+    # A truncated shard: named, before anything is written.
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in src.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        quantize_checkpoint(truncated, tmp_path / "o2", "w8a16")
+    # Weights that do not belong to the model class: the missing tensor is named.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in src.iterdir():
+        (renamed / f.name).write_bytes(f.read_bytes())
+    files = CheckpointFiles(src)
+    specs = [files.spec(n) for n in files]
+    specs = [TensorSpec(s.name.replace("q_proj", "query"), s.dtype, s.shape) for s in specs]
+    writer = ShardWriter(renamed / "model.safetensors", specs, {"format": "pt"})
+    for spec, name in zip(specs, files, strict=True):
+        writer.write(spec.name, files.read(name))
+    writer.close()
+    with pytest.raises(CheckpointError, match="q_proj.weight"):
+        quantize_checkpoint(renamed, tmp_path / "o3", "w8a16")
+    # Calibrating configs need data; nothing is left behind by any of these.
+    with pytest.raises(ConfigError, match="calibration"):
+        quantize_checkpoint(src, tmp_path / "o4", "w8a8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pickled", "renamed", "truncated"]
+
+
+def test_safetensors_writer_reads_back_like_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.randint(-127, 127, (7,), dtype=torch.int8),
+        "c": torch.tensor(2.5),
+        "d": torch.zeros(0, 4),
+        "e": torch.arange(6, dtype=torch.int32).reshape(2, 3).t(),  # not contiguous
+    }
+    specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+    writer = ShardWriter(tmp_path / "x.safetensors", specs, {"format": "pt"})
+    for name, t in tensors.items():
+        writer.write(name, t)
+    info = writer.close()
+    assert info["bytes"] == (tmp_path / "x.safetensors").stat().st_size
+    ours = SafetensorsFile(tmp_path / "x.safetensors")
+    theirs = load_file(tmp_path / "x.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(theirs[name], t) and torch.equal(ours.read(name), t)
+    assert (tmp_path / "x.safetensors").read_bytes()[8:9] == b"{"
+    # Out of plan: refused with the expected tensor named.
+    writer = ShardWriter(tmp_path / "y.safetensors", specs, {})
+    with pytest.raises(CheckpointError, match="expected tensor 'a'"):
+        writer.write("b", tensors["b"])
+    writer.abort()
+    # A header longer than the file is corruption.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(CheckpointError, match="header"):
+        SafetensorsFile(bad)
+
+
+def test_chunked_quantization_matches_whole_tensor() -> None:
+    torch.manual_seed(0)
+    weight = (torch.randn(1100, 1024) * 0.02).bfloat16()  # above the chunk size, ragged last chunk
+    for strategy, bits, group in (("channel", 8, None), ("group", 4, 128), ("tensor", 8, None)):
+        q, scale = quant_math.quantize_weight(weight, strategy, bits, group)
+        whole_scale = quant_math.qparams_from_absmax(quant_math._weight_absmax(weight, strategy, group), bits)
+        expanded = quant_math.expand_weight_scale(whole_scale, weight.shape, group)
+        assert torch.equal(scale, whole_scale)
+        assert torch.equal(q, quant_math._quantize(weight, expanded, None, bits, torch.int8))
+        deq = quant_math.dequantize_weight(q, scale, torch.bfloat16, group)
+        assert torch.equal(deq, quant_math._dequantize(q, expanded, None, torch.bfloat16))
+
+
+def test_synthetic_llama_has_the_asked_size_and_quantizes(tmp_path: Path) -> None:
+    for size in (60e6, 500e6, 2e9, 8e9):
+        cfg = synthetic_llama_config(int(size))
+        params = (
+            cfg["num_hidden_layers"]
+            * (
+                2 * cfg["hidden_size"] ** 2
+                + 2 * cfg["hidden_size"] * cfg["num_key_value_heads"] * 128
+                + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
+            )
+            + 2 * cfg["vocab_size"] * cfg["hidden_size"]
+        )
+        assert abs(2 * params - size) / size < 0.1, (size, cfg)
+    info = make_synthetic_llama(tmp_path / "synth", size="60MB", max_shard_size="20MB", tokenizer_dir=None)
+    assert info["shards"] > 1 and abs(info["bytes"] - 60e6) / 60e6 < 0.25
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "synth")
+    assert config.num_hidden_layers == info["num_hidden_layers"]
+    make_synthetic_llama(tmp_path / "again", size="60MB", max_shard_size="20MB")
+    assert filecmp.cmp(
+        tmp_path / "synth" / "model-00001-of-00003.safetensors",
+        tmp_path / "again" / "model-00001-of-00003.safetensors",
+        shallow=False,
+    )
+    report = quantize_checkpoint(
+        tmp_path / "synth", tmp_path / "q", "w8a16", workers=2, max_shard_size="20MB"
+    )
+    assert report["input_bytes"] > 60e6 * 0.75
+    model = load_quantized(tmp_path / "q")
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_cli_streams_when_asked_and_when_memory_is_short(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    from quantmint import cli
+
+    src = tiny_model_dir("gpt2")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantmint.cli",
+            "quantize",
+            str(src),
+            "-o",
+            str(tmp_path / "a"),
+            "--stream",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["streamed"]["mode"] == "rtn" and report["streamed"]["workers"] == 2
+    assert available_memory_bytes() > 0
+    monkeypatch.setattr("quantmint.memory.available_memory_bytes", lambda: 1000)
+    assert cli._too_big_for_memory(src)
+    monkeypatch.setattr("quantmint.memory.available_memory_bytes", lambda: 10**12)
+    assert not cli._too_big_for_memory(src)
