@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -31,3 +32,137 @@ def test_int8_matmul_quick_prints_one_json_line() -> None:
         if row["kernel"].startswith("quantmint.") and row.get("sqnr_db") is not None:
             assert row["sqnr_db"] > 35, row  # our cell computes what the math says
     assert report["best"]
+
+
+# --- smoothquant_vs_llmcompressor: the pure helpers and the plan, without llm-compressor or a model -----
+
+
+def _sq_module() -> ModuleType:
+    """The benchmark loaded from its path (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "smoothquant_vs_llmcompressor.py"
+    spec = importlib.util.spec_from_file_location("smoothquant_vs_llmcompressor", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sq_run(calib_s: float, ppl: float, rss: float, sha: str = "abc") -> dict[str, object]:
+    return {
+        "load_s": 1.0,
+        "calib_s": calib_s,
+        "peak_rss_mb": rss,
+        "calib_peak_rss_mb": rss / 2,
+        "ppl": ppl,
+        "calib_sha256": sha,
+        "eval_sha256": "e",
+    }
+
+
+def test_smoothquant_vs_llmcompressor_arguments_and_plan() -> None:
+    sq = _sq_module()
+    args = sq.parse_args([])
+    assert (args.samples, args.seq_len, args.seed, args.eval_tokens, args.llmc_alpha) == (
+        128,
+        512,
+        0,
+        32768,
+        0.8,
+    )
+    assert args.venv == Path("/work/venvs/llmc") and args.llmc_batch_size == 1
+    for bad in (["--samples", "0"], ["--eval-tokens", "100"], ["--llmc-alpha", "1.5"]):
+        with pytest.raises(SystemExit):
+            sq.parse_args(bad)
+    args = sq.parse_args(["--venv", "/tmp/v", "--alpha05", "--eval-tokens", "4096", "--threads", "3"])
+    children = sq.plan(args, "MODEL", "IDS")
+    assert [c.name for c in children] == [
+        "float",
+        "quantmint",
+        "llmcompressor",
+        "quantmint_alpha0.5",
+        "llmcompressor_alpha0.5",
+    ]
+    by_name = {c.name: c for c in children}
+    assert by_name["llmcompressor"].python == "/tmp/v/bin/python"
+    assert by_name["quantmint"].python == sys.executable
+    assert (
+        by_name["llmcompressor"].spec["alpha"] == 0.8
+        and by_name["llmcompressor_alpha0.5"].spec["alpha"] == 0.5
+    )
+    assert by_name["quantmint"].spec["alpha"] is None and by_name["quantmint_alpha0.5"].spec["alpha"] == 0.5
+    assert {c.spec["calib_ids"] for c in children} == {"IDS"}  # one set of token ids for every child
+    assert {(c.spec["eval_tokens"], c.spec["threads"]) for c in children} == {(4096, 3)}
+    argv = by_name["llmcompressor"].argv("OUT")
+    assert argv[2:4] == ["--child", "llmcompressor"] and json.loads(argv[5])["batch_size"] == 1
+
+
+def test_smoothquant_vs_llmcompressor_report() -> None:
+    sq = _sq_module()
+    quantmint, llmc = _sq_run(100.0, 26.276, 2000.0), _sq_run(350.0, 26.333, 3000.0)
+    cmp = sq.compare(26.149, quantmint, llmc)
+    assert cmp["time_ratio"] == 3.5 and cmp["total_time_ratio"] == round(351 / 101, 3)
+    assert cmp["rss_ratio"] == 1.5 and cmp["calib_rss_ratio"] == 1.5
+    assert cmp["ppl_delta_pct"] == {"quantmint": 0.486, "llmcompressor": 0.704}
+    assert cmp["ppl_quantmint_vs_llmcompressor_pct"] < 0 and cmp["goal_met"] is True
+    assert sq.compare(26.149, _sq_run(200.0, 26.276, 1.0), llmc)["goal_met"] is False  # only 1.75x faster
+    assert sq.compare(26.149, _sq_run(100.0, 26.4, 1.0), llmc)["goal_met"] is False  # worse perplexity
+    assert sq.compare(26.149, {}, llmc)["time_ratio"] is None
+
+    meta = {"calibration": {"sha256": "abc"}, "eval": {"max_tokens": 4096}}
+    results = {
+        "float": {"ppl": 26.149, "eval_sha256": "e"},
+        "float_venv": {"ppl": 26.1491, "eval_sha256": "e"},
+        "quantmint": quantmint,
+        "llmcompressor": llmc,
+    }
+    report = sq.assemble(results, meta)
+    assert report["benchmark"] == "smoothquant_vs_llmcompressor" and set(report["runs"]) == {
+        "quantmint",
+        "llmcompressor",
+    }
+    assert report["float"]["venv_matches"] is True and report["comparison"] == cmp
+    assert report["calibration"]["same_ids_in_every_child"] and report["eval"]["same_ids_in_every_child"]
+    json.dumps(report)  # one JSON line
+    results["llmcompressor"] = _sq_run(350.0, 26.333, 3000.0, sha="other")
+    assert sq.assemble(results, meta)["calibration"]["same_ids_in_every_child"] is False
+
+
+def test_smoothquant_vs_llmcompressor_refuses_torch_and_cuda_in_the_venv() -> None:
+    sq = _sq_module()
+
+    def report(*names: str) -> dict[str, object]:
+        return {"install": [{"metadata": {"name": n, "version": "1"}} for n in names]}
+
+    assert sq.forbidden_installs(report("llmcompressor", "transformers", "nvidia-ml-py")) == []
+    assert sq.forbidden_installs(report("torch", "nvidia_cublas_cu12", "triton", "datasets")) == [
+        "torch==1",
+        "nvidia-cublas-cu12==1",
+        "triton==1",
+    ]
+
+
+def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "smoothquant_vs_llmcompressor.py"),
+            "--dry-run",
+            "--samples",
+            "8",
+            "--venv",
+            "/nonexistent/venv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    plan = json.loads(lines[0])
+    assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
+    assert [c["kind"] for c in plan["children"]] == ["float", "quantmint", "llmcompressor"]
+    assert plan["children"][2]["python"] == "/nonexistent/venv/bin/python"
