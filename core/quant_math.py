@@ -151,7 +151,14 @@ def _quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int, dtype: torch.dtype
 ) -> torch.Tensor:
     qmin, qmax = int_range(num_bits, symmetric=zero_point is None)
-    q = torch.round(x.float() / scale.float())
+    scale = scale.float()
+    if torch.broadcast_shapes(x.shape, scale.shape) == x.shape and not x.requires_grad:
+        if x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            q = torch.div(x, scale).round_()  # promotes to float32 in the same pass: one temporary
+        else:
+            q = x.to(torch.float32, copy=True).div_(scale).round_()
+    else:
+        q = torch.round(x.float() / scale)
     if zero_point is not None:
         q = q + zero_point
     return q.clamp_(qmin, qmax).to(dtype)
@@ -175,9 +182,11 @@ def dequantize(
 def _dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    x = q.float()
+    x = q.to(torch.float32, copy=True)
     if zero_point is not None:
         x = x - zero_point.float()
+    if torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
+        return x.mul_(scale.float()).to(dtype)
     return (x * scale.float()).to(dtype)
 
 
@@ -232,18 +241,22 @@ def weight_absmax(weight: torch.Tensor, strategy: str, group_size: int | None = 
 
 
 def _weight_absmax(weight: torch.Tensor, strategy: str, group_size: int | None) -> torch.Tensor:
-    w = weight.float().abs()
+    # |w| and max are exact in any float dtype: reduce in the weight's own dtype, then widen.
+    if strategy == "channel" and weight.is_floating_point() and weight.numel():
+        low, high = torch.aminmax(weight, dim=1, keepdim=True)  # one pass, no |w| temporary
+        return torch.maximum(low.neg(), high).float()
+    w = weight.abs() if weight.is_floating_point() else weight.float().abs()
     if strategy == "tensor":
-        return w.amax().reshape(1, 1)
+        return w.amax().reshape(1, 1).float()
     if strategy == "channel":
-        return w.amax(dim=1, keepdim=True)
+        return w.amax(dim=1, keepdim=True).float()
     if strategy == "group":
         if not group_size or group_size < 1:
             raise ValueError(f"strategy 'group' needs a positive group_size, got {group_size!r}")
         out, cols = w.shape
         groups = -(-cols // group_size)
         w = torch.nn.functional.pad(w, (0, groups * group_size - cols))
-        return w.reshape(out, groups, group_size).amax(dim=2)
+        return w.reshape(out, groups, group_size).amax(dim=2).float()
     raise ValueError(f"unknown weight strategy {strategy!r}; expected 'channel', 'tensor' or 'group'")
 
 
