@@ -272,7 +272,7 @@ class _RTNProducer:
     def _quantize(self, name: str) -> dict[str, torch.Tensor]:
         module = self.linears[name]
         _materialize(module, name, self.source)
-        fake = self.quant._fake_linear(module, self.family, None, None)
+        fake = self.quant._fake_linear(module, self.family, None, None, convert_only=True)
         cell = cell_class(fake.scheme).from_fake_quant(fake)
         module.to("meta")
         return {f"{name}.{key}": tensor for key, tensor in cell.state_dict().items()}

@@ -284,3 +284,18 @@ def test_cli_streams_when_asked_and_when_memory_is_short(tiny_model_dir, tmp_pat
     assert cli._too_big_for_memory(src)
     monkeypatch.setattr("quantmint.memory.available_memory_bytes", lambda: 10**12)
     assert not cli._too_big_for_memory(src)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("strategy", "bits", "group"), [("channel", 8, None), ("group", 4, 32), ("tensor", 8, None)]
+)
+def test_rounding_the_dequantized_weight_again_gives_the_same_integers(dtype, strategy, bits, group) -> None:
+    """Why streaming RTN may keep the integers instead of re-rounding at convert time."""
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.logspace(-6, 2 if dtype == torch.float16 else 4, 64).reshape(-1, 1)
+    weight = (torch.randn(64, 96, generator=generator) * magnitudes).to(dtype)
+    q, scale = quant_math.quantize_weight(weight, strategy, bits, group)
+    deq = quant_math.dequantize_weight(q, scale, dtype, group)
+    again = quant_math.quantize(deq, quant_math.expand_weight_scale(scale, deq.shape, group), num_bits=bits)
+    assert torch.equal(again, q)

@@ -122,11 +122,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> Int4WeightOnlyLinear:
         scale = layer.weight_scale
-        q = quant_math.quantize(
-            layer.weight.data,
-            quant_math.expand_weight_scale(scale, layer.weight.shape, layer.group_size),
-            num_bits=4,
-        )
+        q = layer.integer_weight(4)
         bias = None if layer.bias is None else layer.bias.data.clone()
         input_scale = None if layer.input_scale is None else layer.input_scale.clone()
         return cls(

@@ -75,7 +75,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> Int8Linear:
-        q = quant_math.quantize(layer.weight.data, layer.weight_scale)
+        q = layer.integer_weight(8)
         bias = None if layer.bias is None else layer.bias.data.clone()
         input_scale = None if layer.input_scale is None else layer.input_scale.clone()
         return cls(q, layer.weight_scale.clone(), bias, input_scale)

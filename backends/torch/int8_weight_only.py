@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantmint import quant_math
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 
@@ -87,7 +86,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> Int8WeightOnlyLinear:
-        q = quant_math.quantize(layer.weight.data, layer.weight_scale)
+        q = layer.integer_weight(8)
         bias = None if layer.bias is None else layer.bias.data.clone()
         return cls(q, layer.weight_scale.clone(), bias)
 

@@ -185,10 +185,12 @@ class PTQ:
         family: ModelFamily,
         observer: InputObserver | None,
         smoothing: torch.Tensor | None,
+        convert_only: bool = False,
     ) -> FakeQuantLinear:
         """The fake-quantized twin of one float linear (weights RTN, activations per config)."""
         scheme = self._scheme_for(observer)
-        fake = RoundToNearest(self.config.weights).fake_quantize(module, family.adapter, scheme)
+        rtn = RoundToNearest(self.config.weights)
+        fake = rtn.fake_quantize(module, family.adapter, scheme, convert_only=convert_only)
         if scheme.endswith("a8"):
             fake.quantize_input = True
             if not self.config.activations.dynamic:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from quantmint import quant_math
@@ -23,17 +24,27 @@ class RoundToNearest:
     def __init__(self, args: QuantArgs) -> None:
         self.args = args
 
-    def fake_quantize(self, module: nn.Module, adapter: LinearAdapter, scheme: str) -> FakeQuantLinear:
+    def fake_quantize(
+        self, module: nn.Module, adapter: LinearAdapter, scheme: str, convert_only: bool = False
+    ) -> FakeQuantLinear:
+        """The fake-quantized twin of `module`. With `convert_only` (streaming RTN), it keeps the
+        integers (`known_int_weight`) and leaves its float weight on `meta`: it cannot run, only be
+        converted, and nothing is dequantized or rounded twice."""
         weight = adapter.weight(module).detach()
         q, scale = quant_math.quantize_weight(
             weight, self.args.strategy, self.args.num_bits, self.args.group_size
         )
         bias = adapter.bias(module)
-        return FakeQuantLinear(
-            weight=quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size),
+        fake = FakeQuantLinear(
+            weight=torch.empty_like(weight, device="meta")
+            if convert_only
+            else quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size),
             bias=None if bias is None else bias.detach().clone(),
             weight_scale=scale,
             scheme=scheme,
             source_type=type(module).__name__,
             group_size=self.args.group_size,
         )
+        if convert_only:
+            fake.known_int_weight = q
+        return fake

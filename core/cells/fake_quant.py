@@ -61,6 +61,20 @@ class FakeQuantLinear(nn.Module):
         self.quantize_input = quantize_input
         self.group_size = group_size if scale.dim() == 2 and scale.shape[-1] > 1 else None
 
+    # The integers the weight was rounded to, when whoever rounded it kept them (streaming RTN), so
+    # that converting does not round again. Re-rounding the dequantized weight gives the same
+    # integers in any float dtype (tested), so this only saves time: the in-memory path re-rounds.
+    known_int_weight: torch.Tensor | None = None
+
+    def integer_weight(self, num_bits: int = 8) -> torch.Tensor:
+        """The weight's integers q [out, in] (int8 storage): `weight / weight_scale`, rounded."""
+        if self.known_int_weight is not None:
+            return self.known_int_weight
+        scale = self.weight_scale
+        if self.group_size:
+            scale = quant_math.expand_weight_scale(scale, self.weight.shape, self.group_size)
+        return quant_math.quantize(self.weight.data, scale, num_bits=num_bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_input:
             x = fake_quantize_activation(x, self.input_scale)
