@@ -1,0 +1,328 @@
+"""Quantizing checkpoints larger than memory: streaming RTN throughput and peak RSS vs checkpoint size,
+side by side with the raw cost of the same I/O, and out-of-core SmoothQuant under a memory cap.
+
+Checkpoints are synthetic Llama-shaped bf16 models (`quantmint synth-model`, random weights, SmolLM2's
+tokenizer so text calibration works), made once under ``--dir`` and reused.
+
+``rtn`` (default sizes 0.5, 2 and 8 GB), for each size, each step in its own child process:
+
+* ``io`` -- the raw cost: read every input shard start to end (16 MiB ``readinto`` into one buffer) and
+  write as many bytes as the quantized checkpoint has (16 MiB writes), into the same output directory;
+* ``rtn`` -- ``quantmint quantize --stream --preset w8a16`` (`quantmint.streaming.quantize_checkpoint`)
+  with ``--workers`` 1 and 2 (processes writing output shards at once).
+
+It reports seconds, GB/s of input, ``ratio_vs_io`` (I/O seconds / RTN seconds: the goal is >= 0.5) and the
+child's peak RSS (``os.wait4``, the largest of the child and its workers), with the largest tensor for
+scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1). The I/O
+child runs before and after the RTN children and the faster is kept, so both see the same page-cache state.
+
+``smoothquant`` runs ``quantmint quantize --stream`` with SmoothQuant W8A8 (fixed alpha 0.5, no search) and
+``--calib-samples`` samples of wikitext-2 valid on one checkpoint: out-of-core calibration, one block in
+memory at a time.
+
+``--mem-cap 4G`` runs every child inside a fresh cgroup (v1 ``memory.limit_in_bytes``, or v2
+``memory.max``) with that limit, so an 8 GB checkpoint is quantized with 4 GB of memory; the cgroup's own
+peak (``memory.max_usage_in_bytes``/``memory.peak``, page cache included) and its OOM count are reported.
+Needs permission to create cgroups (root in this container).
+
+Run::
+
+    python benchmarks/scale.py rtn [--sizes 500MB,2GB,8GB] [--workers 1,2] [--dir /work/synth] [--mem-cap 4G]
+    python benchmarks/scale.py smoothquant --sizes 8GB --calib-samples 16 --mem-cap 4G
+    python benchmarks/scale.py rtn --sizes 60MB --workers 1 --dir /tmp/x      # smoke test (seconds)
+
+One JSON line goes to stdout; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+CHUNK = 16 << 20
+
+
+def log(message: str) -> None:
+    print(f"[scale] {message}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "G": 2**30, "M": 2**20}
+    text = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+# --- memory cap -------------------------------------------------------------------------------------
+class Cgroup:
+    """A throwaway memory cgroup (v1 or v2) that children join before they exec."""
+
+    def __init__(self, limit: int) -> None:
+        v1 = Path("/sys/fs/cgroup/memory")
+        name = f"quantmint-scale-{os.getpid()}"
+        if v1.is_dir():
+            self.path, self.limit_file, self.peak_file = (
+                v1 / name,
+                "memory.limit_in_bytes",
+                "memory.max_usage_in_bytes",
+            )
+        else:
+            self.path, self.limit_file, self.peak_file = (
+                Path("/sys/fs/cgroup") / name,
+                "memory.max",
+                "memory.peak",
+            )
+        self.path.mkdir()
+        (self.path / self.limit_file).write_text(str(limit))
+        self.limit = limit
+
+    def join(self) -> None:  # runs in the child, between fork and exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def reset(self) -> None:
+        peak = self.path / self.peak_file
+        if self.peak_file == "memory.max_usage_in_bytes":
+            peak.write_text("0")
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"limit_bytes": self.limit}
+        peak = self.path / self.peak_file
+        if peak.exists():
+            out["peak_bytes_incl_page_cache"] = int(peak.read_text())
+        failcnt = self.path / "memory.failcnt"
+        if failcnt.exists():
+            out["limit_hits"] = int(failcnt.read_text())
+        oom = self.path / "memory.oom_control"
+        if oom.exists():
+            fields = dict(line.split() for line in oom.read_text().splitlines())
+            out["oom_kills"] = int(fields.get("oom_kill", 0))
+        return out
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            log(f"could not remove {self.path}: {exc}")
+
+
+def run_child(argv: list[str], cgroup: Cgroup | None, stdout_json: bool = True) -> dict[str, Any]:
+    """Run one child to completion: its JSON stdout plus wall seconds and peak RSS (MB, wait4)."""
+    if cgroup is not None:
+        cgroup.reset()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=sys.stderr.fileno(),
+        cwd=str(ROOT),
+        preexec_fn=cgroup.join if cgroup is not None else None,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+    )
+    stdout = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    result: dict[str, Any] = json.loads(stdout) if stdout_json and code == 0 and stdout.strip() else {}
+    result.update(exit_code=code, wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    if cgroup is not None:
+        result["cgroup"] = cgroup.report()
+    if code != 0:
+        log(f"child {argv[:4]} failed with exit code {code}")
+    return result
+
+
+# --- the children -----------------------------------------------------------------------------------
+def io_child(src: str, out: str, nbytes: int) -> None:
+    """Read every safetensors file of `src`, write `nbytes` into `out`; print seconds as JSON."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    read = 0
+    for file in sorted(Path(src).glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                read += n
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "io.bin", "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(view[: min(CHUNK, left)])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": round(seconds, 3), "read_bytes": read, "written_bytes": nbytes}))
+
+
+def ensure_checkpoint(directory: Path, size: str) -> Path:
+    path = directory / f"synth-{size}"
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = subprocess.run(
+        [sys.executable, "-m", "quantmint.cli", "example-model", "smollm2"], capture_output=True, text=True
+    ).stdout.strip()
+    argv = [sys.executable, "-m", "quantmint.cli", "synth-model", str(path), "--size", size]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
+    log(f"making {path}")
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def largest_tensor(path: Path) -> int:
+    from quantmint.safetensors_io import CheckpointFiles
+
+    files = CheckpointFiles(path)
+    return max(files.spec(name).nbytes for name in files)
+
+
+def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]:
+    runs = []
+    for size in args.sizes.split(","):
+        src = ensure_checkpoint(Path(args.dir), size)
+        out = Path(args.dir) / f"out-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        input_bytes = checkpoint_bytes(src)
+        rtn = []
+        for workers in (int(w) for w in args.workers.split(",")):
+            log(f"{size}: streaming RTN, {workers} worker(s)")
+            argv = [sys.executable, "-m", "quantmint.cli", "quantize", str(src), "-o", str(out)]
+            result = run_child([*argv, "--stream", "--workers", str(workers), "--preset", "w8a16"], cgroup)
+            output_bytes = checkpoint_bytes(out) if out.exists() else 0
+            shutil.rmtree(out, ignore_errors=True)
+            rtn.append(
+                {
+                    "workers": workers,
+                    "seconds": result["wall_s"],
+                    "quantize_seconds": result.get("seconds", {}).get("quantize_and_save"),
+                    "gbps": round(input_bytes / result["wall_s"] / 1e9, 3),
+                    "peak_rss_mb": result["peak_rss_mb"],
+                    "exit_code": result["exit_code"],
+                    **({"cgroup": result["cgroup"]} if "cgroup" in result else {}),
+                }
+            )
+        io_times = []
+        for _ in range(2):
+            log(f"{size}: raw read of {input_bytes / 1e9:.2f} GB and write of {output_bytes / 1e9:.2f} GB")
+            argv = [sys.executable, __file__, "io-child", str(src), str(out), str(output_bytes)]
+            io_times.append(run_child(argv, cgroup))
+            shutil.rmtree(out, ignore_errors=True)
+        io = min(io_times, key=lambda r: r["seconds"])
+        for entry in rtn:
+            entry["ratio_vs_io"] = round(io["seconds"] / entry["seconds"], 3)
+            if entry["quantize_seconds"]:
+                entry["ratio_vs_io_excluding_startup"] = round(io["seconds"] / entry["quantize_seconds"], 3)
+        runs.append(
+            {
+                "size": size,
+                "input_bytes": input_bytes,
+                "output_bytes": output_bytes,
+                "largest_tensor_bytes": largest_tensor(src),
+                "io": {
+                    "seconds": io["seconds"],
+                    "gbps": round(input_bytes / io["seconds"] / 1e9, 3),
+                    "peak_rss_mb": io["peak_rss_mb"],
+                },
+                "rtn": rtn,
+            }
+        )
+    peaks = [entry["peak_rss_mb"] for run in runs for entry in run["rtn"] if entry["workers"] == 1]
+    return {"runs": runs, "rss_spread": round(max(peaks) / min(peaks), 3) if peaks else None}
+
+
+def bench_smoothquant(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]:
+    runs = []
+    config = Path(args.dir) / "smoothquant-alpha0.5.yaml"
+    config.write_text(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from quantmint.config import get_preset; import sys; "
+                "sys.stdout.write(get_preset('w8a8').with_updates("
+                "algorithm_args={'smooth_alpha': 0.5, 'smooth_alpha_grid': None}).to_yaml())",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    for size in args.sizes.split(","):
+        src = ensure_checkpoint(Path(args.dir), size)
+        out = Path(args.dir) / f"out-sq-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"{size}: out-of-core SmoothQuant W8A8, {args.calib_samples} x {args.calib_seq_len} tokens")
+        argv = [sys.executable, "-m", "quantmint.cli", "quantize", str(src), "-o", str(out), "--stream"]
+        argv += ["--config", str(config), "--calib", str(CALIB), "--calib-samples", str(args.calib_samples)]
+        argv += ["--calib-seq-len", str(args.calib_seq_len)]
+        result = run_child(argv, cgroup)
+        output_bytes = checkpoint_bytes(out) if out.exists() else 0
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(
+            {
+                "size": size,
+                "input_bytes": checkpoint_bytes(src),
+                "output_bytes": output_bytes,
+                "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
+                "seconds": result["wall_s"],
+                "calibration_seconds": (result.get("calibration") or {}).get("seconds"),
+                "peak_rss_mb": result["peak_rss_mb"],
+                "exit_code": result["exit_code"],
+                **({"cgroup": result["cgroup"]} if "cgroup" in result else {}),
+            }
+        )
+    return {"runs": runs}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "io-child":
+        io_child(argv[1], argv[2], int(argv[3]))
+        return None
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["rtn", "smoothquant"])
+    parser.add_argument(
+        "--sizes", default=None, help="checkpoint sizes (default rtn 500MB,2GB,8GB; smoothquant 8GB)"
+    )
+    parser.add_argument("--workers", default="1,2", help="rtn: worker counts to run (default 1,2)")
+    parser.add_argument("--dir", default="/work/synth", help="where checkpoints are made and kept")
+    parser.add_argument("--mem-cap", help="run the children in a cgroup with this memory limit, e.g. 4G")
+    parser.add_argument("--calib-samples", type=int, default=16, help="smoothquant: samples (default 16)")
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="smoothquant: tokens per sample")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes or ("500MB,2GB,8GB" if args.what == "rtn" else "8GB")
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    cgroup = Cgroup(parse_size(args.mem_cap)) if args.mem_cap else None
+    try:
+        body = bench_rtn(args, cgroup) if args.what == "rtn" else bench_smoothquant(args, cgroup)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    report = {
+        "benchmark": f"scale_{args.what}",
+        "mem_cap_bytes": parse_size(args.mem_cap) if args.mem_cap else None,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "commit": commit.stdout.strip(),
+        **body,
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
