@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,11 +108,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+_IO_CHUNK = 16 << 20  # one huge write() is ~10x slower than 16 MiB ones on Linux (measured)
+_MAX_PENDING = 512 << 20  # bytes handed to the writer thread and not yet written
+
+
 class ShardWriter:
     """Writes one safetensors file whose tensors (`specs`, in file order) are known in advance.
 
     Call `write` once per spec, in order; `close` checks that every tensor came and returns the file's
-    sha256 and size. The file is written in place: write into a staging directory.
+    sha256 and size. The file is written in place: write into a staging directory. Writing and hashing
+    happen on a background thread (both release the GIL), so the caller can produce the next tensor
+    meanwhile; at most `_MAX_PENDING` bytes wait.
     """
 
     def __init__(
@@ -134,13 +142,33 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._hash = hashlib.sha256()
-        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
-        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="quantmint-writer")
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._emit(struct.pack("<Q", len(raw)) + raw, None)
         self._next = 0
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+    def _write_out(self, data: bytes | memoryview, owner: torch.Tensor | None) -> None:
+        """Runs on the writer thread; `owner` keeps the tensor under `data` alive until written."""
+        for start in range(0, len(data), _IO_CHUNK):
+            chunk = data[start : start + _IO_CHUNK]
+            done = 0
+            while done < len(chunk):
+                done += self._file.write(chunk[done:])
+            self._hash.update(chunk)
+
+    def _emit(self, data: bytes | memoryview, owner: torch.Tensor | None) -> None:
+        """Queue `data` (a view of `owner`, which the queue keeps alive) for the writer thread."""
+        while self._pending and sum(n for _, n in self._pending) + len(data) > _MAX_PENDING:
+            self._pending.popleft()[0].result()
+        while self._pending and self._pending[0][0].done():
+            self._pending.popleft()[0].result()
+        future = self._thread.submit(self._write_out, data, owner)
+        self._pending.append((future, len(data)))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft()[0].result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.specs):
@@ -151,12 +179,17 @@ class ShardWriter:
                 f"{self.path}: expected tensor {spec.name!r} {spec.dtype} {list(spec.shape)} next, "
                 f"got {name!r} {tensor.dtype} {list(tensor.shape)}"
             )
-        self._emit(_tensor_bytes(tensor))
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._emit(_tensor_bytes(flat), flat)
         self._next += 1
 
     def close(self) -> dict[str, Any]:
         """Finish the file; returns {"sha256", "bytes"} for the manifest."""
-        self._file.close()
+        try:
+            self._drain()
+        finally:
+            self._thread.shutdown()
+            self._file.close()
         if self._next != len(self.specs):
             missing = [s.name for s in self.specs[self._next :]]
             raise CheckpointError(
@@ -166,6 +199,7 @@ class ShardWriter:
         return {"sha256": self._hash.hexdigest(), "bytes": self.path.stat().st_size}
 
     def abort(self) -> None:
+        self._thread.shutdown(cancel_futures=True)
         self._file.close()
 
 

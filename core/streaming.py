@@ -356,7 +356,14 @@ def _stream_rtn(
 
     def write_shards(out: Path, planned: Planned) -> dict[str, dict[str, Any]]:
         if workers <= 1 or len(planned) == 1:
-            return {name: write_shard(out / name, specs, producer.fetch) for name, specs in planned}
+            # The shard writer's thread writes and hashes while torch rounds the next tensor: leave it
+            # a core (OpenMP threads that lose theirs stall every parallel region; measured).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, threads - 1))
+            try:
+                return {name: write_shard(out / name, specs, producer.fetch) for name, specs in planned}
+            finally:
+                torch.set_num_threads(threads)
         written = _run_workers(path, config, family, _balance(planned, workers), out)
         return {name: written[name] for name, _ in planned}
 

@@ -166,3 +166,31 @@ def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
     assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
     assert [c["kind"] for c in plan["children"]] == ["float", "quantmint", "llmcompressor"]
     assert plan["children"][2]["python"] == "/nonexistent/venv/bin/python"
+
+
+# --- scale: streaming RTN vs raw I/O on a small synthetic checkpoint --------------------------------------
+
+
+SCALE = [sys.executable, str(ROOT / "benchmarks" / "scale.py")]
+
+
+@pytest.mark.slow
+def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*SCALE, "rtn", "--sizes", "60MB", "--workers", "2", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["benchmark"] == "scale_rtn"
+    (run,) = report["runs"]
+    assert run["input_bytes"] > 40e6 and 0 < run["output_bytes"] < run["input_bytes"]
+    (rtn,) = run["rtn"]
+    assert rtn["exit_code"] == 0 and rtn["workers"] == 2
+    assert rtn["ratio_vs_io"] > 0 and run["io"]["seconds"] > 0
+    assert rtn["peak_rss_mb"] > run["largest_tensor_bytes"] / 2**20  # the child held at least one tensor
+    assert not list(tmp_path.glob("out-*")), "outputs are removed after measuring"
