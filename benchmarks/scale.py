@@ -13,8 +13,10 @@ tokenizer so text calibration works), made once under ``--dir`` and reused.
 
 It reports seconds, GB/s of input, ``ratio_vs_io`` (I/O seconds / RTN seconds: the goal is >= 0.5) and the
 child's peak RSS (``os.wait4``, the largest of the child and its workers), with the largest tensor for
-scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1). The I/O
-child runs before and after the RTN children and the faster is kept, so both see the same page-cache state.
+scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1). Every
+timed child starts alike: dirty pages flushed (``sync``) and, without a memory cap, the input read into the
+page cache first (so both sides measure memory-speed I/O; under a cap, both read from disk). The I/O child
+runs before and after the RTN children and the faster is kept.
 
 ``smoothquant`` runs ``quantmint quantize --stream`` with SmoothQuant W8A8 (fixed alpha 0.5, no search) and
 ``--calib-samples`` samples of wikitext-2 valid on one checkpoint: out-of-core calibration, one block in
@@ -189,6 +191,42 @@ def largest_tensor(path: Path) -> int:
     return max(files.spec(name).nbytes for name in files)
 
 
+def settle(src: Path, cgroup: Cgroup | None) -> None:
+    """The same start for every timed child: dirty pages flushed and, without a memory cap, the
+    input in the page cache (under a cap it cannot stay there: every child reads from disk)."""
+    os.sync()
+    if cgroup is None:
+        buffer = bytearray(CHUNK)
+        for file in sorted(src.glob("*.safetensors")):
+            with open(file, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
+def estimate_output_bytes(src: Path) -> int:
+    """W8A16's checkpoint size: linear weights at one byte (plus one float32 scale per row), the rest
+    as stored."""
+    from quantmint.safetensors_io import CheckpointFiles
+
+    files = CheckpointFiles(src)
+    total = 0
+    for name in files:
+        spec = files.spec(name)
+        linear = name.endswith("_proj.weight")
+        total += spec.shape[0] * (spec.shape[1] + 4) if linear else spec.nbytes
+    return total
+
+
+def measure_io(
+    src: Path, out: Path, input_bytes: int, output_bytes: int, size: str, cgroup: Cgroup | None
+) -> dict:
+    settle(src, cgroup)
+    log(f"{size}: raw read of {input_bytes / 1e9:.2f} GB and write of {output_bytes / 1e9:.2f} GB")
+    result = run_child([sys.executable, __file__, "io-child", str(src), str(out), str(output_bytes)], cgroup)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]:
     runs = []
     for size in args.sizes.split(","):
@@ -196,8 +234,11 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
         out = Path(args.dir) / f"out-{size}"
         shutil.rmtree(out, ignore_errors=True)
         input_bytes = checkpoint_bytes(src)
+        output_bytes = estimate_output_bytes(src)
+        io_times = [measure_io(src, out, input_bytes, output_bytes, size, cgroup)]
         rtn = []
         for workers in (int(w) for w in args.workers.split(",")):
+            settle(src, cgroup)
             log(f"{size}: streaming RTN, {workers} worker(s)")
             argv = [sys.executable, "-m", "quantmint.cli", "quantize", str(src), "-o", str(out)]
             result = run_child([*argv, "--stream", "--workers", str(workers), "--preset", "w8a16"], cgroup)
@@ -214,12 +255,7 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
                     **({"cgroup": result["cgroup"]} if "cgroup" in result else {}),
                 }
             )
-        io_times = []
-        for _ in range(2):
-            log(f"{size}: raw read of {input_bytes / 1e9:.2f} GB and write of {output_bytes / 1e9:.2f} GB")
-            argv = [sys.executable, __file__, "io-child", str(src), str(out), str(output_bytes)]
-            io_times.append(run_child(argv, cgroup))
-            shutil.rmtree(out, ignore_errors=True)
+        io_times.append(measure_io(src, out, input_bytes, output_bytes, size, cgroup))
         io = min(io_times, key=lambda r: r["seconds"])
         for entry in rtn:
             entry["ratio_vs_io"] = round(io["seconds"] / entry["seconds"], 3)
