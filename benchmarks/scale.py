@@ -289,7 +289,7 @@ def bench_smoothquant(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[s
                 "-c",
                 "from quantmint.config import get_preset; import sys; "
                 "sys.stdout.write(get_preset('w8a8').with_updates("
-                "algorithm_args={'smooth_alpha': 0.5, 'smooth_alpha_grid': None}).to_yaml())",
+                "algorithm_args={'smooth_alpha': 0.5, 'smooth_alpha_grid': []}).to_yaml())",
             ],
             capture_output=True,
             text=True,

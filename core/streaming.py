@@ -221,6 +221,9 @@ class BlockLoader:
                 block.module.set_submodule(name, cell_class(module.scheme).from_fake_quant(module))
         self.store.put(block)
         block.module.to("meta")
+        # The float linears the cells replaced are still referenced (the layout, the targets): free them.
+        for module in block.linears.values():
+            module.to("meta")
 
 
 def _calibrate_out_of_core(
