@@ -85,6 +85,12 @@ def test_smoothquant_vs_llmcompressor_arguments_and_plan() -> None:
         "quantmint_alpha0.5",
         "llmcompressor_alpha0.5",
     ]
+    assert [c.name for c in sq.plan(sq.parse_args([]), "M", "I")] == [
+        "float",
+        "quantmint",
+        "llmcompressor",
+        "quantmint_alpha0.5",
+    ]
     by_name = {c.name: c for c in children}
     assert by_name["llmcompressor"].python == "/tmp/v/bin/python"
     assert by_name["quantmint"].python == sys.executable
@@ -117,13 +123,18 @@ def test_smoothquant_vs_llmcompressor_report() -> None:
         "float_venv": {"ppl": 26.1491, "eval_sha256": "e"},
         "quantmint": quantmint,
         "llmcompressor": llmc,
+        "quantmint_alpha0.5": _sq_run(50.0, 26.4, 1000.0),
     }
     report = sq.assemble(results, meta)
     assert report["benchmark"] == "smoothquant_vs_llmcompressor" and set(report["runs"]) == {
         "quantmint",
         "llmcompressor",
+        "quantmint_alpha0.5",
     }
     assert report["float"]["venv_matches"] is True and report["comparison"] == cmp
+    fast = report["comparison_quantmint_alpha0.5_vs_llmcompressor"]
+    assert fast["time_ratio"] == 7.0 and fast["goal_met"] is False  # faster, but worse perplexity
+    assert report["goal_met"] is True  # the searched run met it
     assert report["calibration"]["same_ids_in_every_child"] and report["eval"]["same_ids_in_every_child"]
     json.dumps(report)  # one JSON line
     results["llmcompressor"] = _sq_run(350.0, 26.333, 3000.0, sha="other")
@@ -164,7 +175,7 @@ def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
     assert len(lines) == 1
     plan = json.loads(lines[0])
     assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
-    assert [c["kind"] for c in plan["children"]] == ["float", "quantmint", "llmcompressor"]
+    assert [c["kind"] for c in plan["children"]] == ["float", "quantmint", "llmcompressor", "quantmint"]
     assert plan["children"][2]["python"] == "/nonexistent/venv/bin/python"
 
 
