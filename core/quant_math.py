@@ -26,6 +26,8 @@ shorter, so the group size cannot be read off the scale's shape and is always pa
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -283,9 +285,56 @@ def quantize_weight(
     """Symmetric round-to-nearest of a weight [out, in] with its MinMax range per scale group.
 
     Returns (q int8 [out, in] in [-(2^(b-1) - 1), 2^(b-1) - 1], scale float32 as in `weight_absmax`).
+    With QUANTMINT_COMPILE=1, large per-channel weights on the CPU go through one compiled kernel
+    (`_compiled_rtn_channel`), which gives the same integers and scales as the eager passes (tested).
     """
+    if strategy == "channel" and _use_compiled(weight):
+        fused = _compiled_rtn_channel()
+        if fused is not None:
+            try:
+                return fused(weight.detach(), 2 ** (num_bits - 1) - 1, _MIN_SCALE)
+            except Exception as exc:  # a missing compiler, an inductor bug: the eager passes still work
+                _COMPILED["fn"] = None
+                print(
+                    f"quantmint: compiled RTN kernel unavailable, using eager torch ({exc})", file=sys.stderr
+                )
     scale = qparams_from_absmax(weight_absmax(weight, strategy, group_size), num_bits)
     return quantize(weight, expand_weight_scale(scale, weight.shape, group_size), num_bits=num_bits), scale
+
+
+# Per-channel RTN of a large weight as one torch.compile'd kernel: the eager version is five passes of
+# element-wise kernels over float32 temporaries; inductor fuses them into a reduction and one loop.
+# On with QUANTMINT_COMPILE=1, for weights of at least this many elements: compiling costs seconds
+# and about 600 MB once per process, which only a large model repays (benchmarks/scale.py).
+_COMPILE_MIN_ELEMENTS = 1 << 22
+_COMPILED: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = {}
+
+
+def _rtn_channel(weight: torch.Tensor, qmax: int, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_weight(weight, "channel")` written as one expression for the compiler."""
+    amax = weight.abs().amax(dim=1, keepdim=True).float()
+    scale = (amax / qmax).clamp_min(min_scale)
+    return torch.round(weight.float() / scale).clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def _use_compiled(weight: torch.Tensor) -> bool:
+    return (
+        weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.numel() >= _COMPILE_MIN_ELEMENTS
+        and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and not weight.requires_grad
+        and os.environ.get("QUANTMINT_COMPILE") == "1"
+    )
+
+
+def _compiled_rtn_channel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(_rtn_channel, dynamic=True)
+        except Exception:  # torch.compile unsupported here
+            _COMPILED["fn"] = None
+    return _COMPILED["fn"]
 
 
 def dequantize_weight(
