@@ -7,6 +7,7 @@ import filecmp
 import gc
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -153,19 +154,13 @@ def test_streaming_refuses_what_it_cannot_read(tiny_model_dir, tmp_path: Path) -
     with pytest.raises(CheckpointError, match="pickle files are not read"):
         quantize_checkpoint(pickled, tmp_path / "o1", "w8a16")
     # A truncated shard: named, before anything is written.
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    for f in src.iterdir():
-        (truncated / f.name).write_bytes(f.read_bytes())
+    truncated = shutil.copytree(src, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         quantize_checkpoint(truncated, tmp_path / "o2", "w8a16")
     # Weights that do not belong to the model class: the missing tensor is named.
-    renamed = tmp_path / "renamed"
-    renamed.mkdir()
-    for f in src.iterdir():
-        (renamed / f.name).write_bytes(f.read_bytes())
+    renamed = shutil.copytree(src, tmp_path / "renamed")
     files = CheckpointFiles(src)
     specs = [files.spec(n) for n in files]
     specs = [TensorSpec(s.name.replace("q_proj", "query"), s.dtype, s.shape) for s in specs]
