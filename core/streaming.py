@@ -150,7 +150,9 @@ class TensorSource:
         return self.files.read(found).to(like.dtype)
 
 
-def _materialize(root: nn.Module, root_name: str, source: TensorSource, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def _materialize(
+    root: nn.Module, root_name: str, source: TensorSource, skip: frozenset[str] | set[str] = frozenset()
+) -> None:
     """Read every meta parameter (and checkpointed persistent buffer) under `root` from `source`,
     keeping tied parameters tied; modules named in `skip` (and their children) stay as they are."""
     made: dict[int, nn.Parameter] = {}
@@ -208,10 +210,8 @@ class BlockLoader:
         self.store = store
 
     def load(self, block: BlockLayout) -> None:
+        # Parameters are replaced inside the same modules, so the layout's references stay valid.
         _materialize(block.module, block.name, self.source)
-        # Linears were resolved before loading: point the layout at the modules now in the block.
-        for name in block.linears:
-            block.linears[name] = block.module.get_submodule(name[len(block.name) + 1 :])
 
     def release(self, block: BlockLayout) -> None:
         from quantmint.cells.fake_quant import FakeQuantLinear
