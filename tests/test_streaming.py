@@ -78,33 +78,24 @@ def test_streaming_rtn_is_byte_identical_to_in_memory(
     assert not list(tmp_path.glob(".stream*")), "no staging or worker file is left behind"
 
 
-@pytest.mark.parametrize(("family", "preset"), [("llama", "w8a8-c8"), ("gpt2", "w8a8"), ("bert", "w8a8")])
+def _fast_block_ptq() -> PTQConfig:
+    config = get_preset("w8a8-ptq")
+    return config.with_updates(
+        block_ptq={**config.block_ptq.model_dump(), "n_outer_loops": 20, "n_batches": 2, "batch_size": 4}
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "preset"),
+    [("llama", "w8a8-c8"), ("gpt2", "w8a8"), ("bert", "w8a8"), ("llama", "block-ptq")],
+)
 def test_out_of_core_calibration_is_byte_identical_to_in_memory(
     family: str, preset: str, tiny_model_dir, tmp_path: Path
 ) -> None:
     src = tiny_model_dir(family)
-    _in_memory(src, tmp_path / "memory", preset, _calibration())
-    report = quantize_checkpoint(
-        src,
-        tmp_path / "stream",
-        preset,
-        calibration=_calibration(),
-        tokenizer=byte_tokenizer(),
-        max_shard_size="40KB",
-    )
-    assert report["mode"] == "calibrated"
-    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
-    assert not list(tmp_path.glob(".stream*")), "the block store is removed"
-
-
-def test_out_of_core_block_ptq_is_byte_identical(tiny_model_dir, tmp_path: Path) -> None:
-    config = get_preset("w8a8-ptq")
-    config = config.with_updates(
-        block_ptq={**config.block_ptq.model_dump(), "n_outer_loops": 20, "n_batches": 2, "batch_size": 4}
-    )
-    src = tiny_model_dir("llama")
+    config = _fast_block_ptq() if preset == "block-ptq" else preset
     _in_memory(src, tmp_path / "memory", config, _calibration())
-    quantize_checkpoint(
+    report = quantize_checkpoint(
         src,
         tmp_path / "stream",
         config,
@@ -112,7 +103,9 @@ def test_out_of_core_block_ptq_is_byte_identical(tiny_model_dir, tmp_path: Path)
         tokenizer=byte_tokenizer(),
         max_shard_size="40KB",
     )
+    assert report["mode"] == "calibrated"
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    assert not list(tmp_path.glob(".stream*")), "the block store is removed"
 
 
 def test_out_of_core_holds_one_block_at_a_time(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
