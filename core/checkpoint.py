@@ -127,6 +127,7 @@ def quantization_config_block(model: nn.Module) -> dict[str, Any]:
         "config": state.config.with_updates(mode="deploy").to_dict(),
         "modules": dict(state.modules),
         "kv_cache_modules": list(state.kv_modules),
+        "rotated_modules": list(state.rotated),
     }
 
 

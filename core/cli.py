@@ -36,6 +36,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.ignore:
         config = config.with_updates(ignore=[*config.ignore, *args.ignore])
+    if args.hadamard:
+        try:
+            config = config.with_updates(
+                algorithm_args={**config.algorithm_args.model_dump(), "hadamard": True}
+            )
+        except ValueError as exc:
+            raise _usage_error(f"--hadamard: {exc}") from None
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -353,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--ignore", action="append", metavar="PATTERN", help="also leave this module in float")
     q.add_argument("--family", help="force a model family instead of matching the architecture")
+    q.add_argument(
+        "--hadamard",
+        action="store_true",
+        help="W8A8: rotate the MLP down projection's input by a Hadamard matrix (algorithm_args.hadamard)",
+    )
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sample, at most (default 512)")

@@ -136,6 +136,10 @@ class AlgorithmArgs(_Strict):
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0)
+    # Rotate the inputs of the family's `hadamard_linears` (the MLP down projection) by a Hadamard
+    # matrix online, folding it into their weights (see `quantmint.rotation`); those linears leave
+    # their smoothing pair. For int8 activations.
+    hadamard: bool = False
 
     @field_validator("smooth_alpha_grid")
     @classmethod
@@ -291,6 +295,13 @@ class PTQConfig(_Strict):
             )
         if self.block_ptq is not None and not self.weight_dtype:
             raise ValueError("block_ptq tunes quantized weights: set weight_dtype, or drop block_ptq")
+        if self.algorithm_args.hadamard and not self.activation_dtype:
+            raise ValueError(
+                "algorithm_args.hadamard rotates activations before they are quantized: set "
+                "activation_dtype: int8, or hadamard: false"
+            )
+        if self.algorithm_args.hadamard and self.block_ptq is not None:
+            raise ValueError("algorithm_args.hadamard is not supported with block_ptq yet: drop one of them")
         if not self.weights.symmetric:
             raise ValueError("int8 weights are stored symmetric (no zero point): set weights.symmetric: true")
         if self.activations.strategy not in ("token", "tensor"):

@@ -55,6 +55,12 @@ def _refuse(path: Path, block: dict[str, Any]) -> None:
             "one, but vLLM accepts only an fp8 kv_cache_scheme. Export a checkpoint quantized without C8, or "
             "serve this one with the quantmint plugin (quantmint serve)"
         )
+    if block.get("rotated_modules"):
+        raise QuantmintError(
+            f"{path} rotates the inputs of {len(block['rotated_modules'])} layers by a Hadamard matrix "
+            "(algorithm_args.hadamard), which a compressed-tensors checkpoint cannot describe. Serve it with "
+            "the quantmint plugin (quantmint serve), or quantize without hadamard to export"
+        )
     if block.get("family") == "gpt2":
         raise QuantmintError(
             f"{path} is a GPT2 checkpoint: its Conv1D layers are not Linear to compressed-tensors and vLLM "

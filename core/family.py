@@ -88,6 +88,8 @@ class ModelFamily:
         linears: paths of the linears to quantize, relative to one block.
         smooth_pairs: norm→linear and linear→linear pairs that outlier smoothing may use.
         kv: where the attention keys and values are produced, for kv-cache quantization.
+        hadamard_linears: linears after a nonlinearity (the MLP's down projection), whose input an
+            online Hadamard rotation flattens for int8 activations (`algorithm_args.hadamard`).
         default_ignore: module patterns left in float unless the user asks otherwise.
         adapter: how to read this family's linear modules (see `LinearAdapter`).
     """
@@ -98,6 +100,7 @@ class ModelFamily:
     linears: tuple[str, ...]
     smooth_pairs: tuple[SmoothPair, ...] = ()
     kv: KVProjections | None = None
+    hadamard_linears: tuple[str, ...] = ()
     default_ignore: tuple[str, ...] = ()
     adapter: LinearAdapter = field(default_factory=LinearAdapter)
 

@@ -103,6 +103,12 @@ def _collect(hook_name: str, key: Any, validate: Any) -> dict[str, Any]:
 def _validate_family(obj: Any, plugin: str) -> None:
     if not isinstance(obj, ModelFamily):
         raise PluginError(f"plugin {plugin!r} registered {obj!r}, which is not a quantmint ModelFamily")
+    stray = sorted(set(obj.hadamard_linears) - set(obj.linears))
+    if stray:
+        raise PluginError(
+            f"plugin {plugin!r}: family {obj.name!r} lists hadamard_linears {stray} that are not among its "
+            "linears; declare them in `linears` too"
+        )
 
 
 def model_families() -> dict[str, ModelFamily]:

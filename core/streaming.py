@@ -44,6 +44,7 @@ from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.family import BlockLayout
 from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.rotation import carry_rotation
 from quantmint.safetensors_io import CheckpointFiles, SafetensorsFile, ShardWriter, TensorSpec
 
 __all__ = ["BlockLoader", "BlockStore", "TensorSource", "empty_model", "quantize_checkpoint"]
@@ -218,7 +219,8 @@ class BlockLoader:
 
         for name, module in list(block.module.named_modules()):
             if isinstance(module, FakeQuantLinear):
-                block.module.set_submodule(name, cell_class(module.scheme).from_fake_quant(module))
+                cell = carry_rotation(module, cell_class(module.scheme).from_fake_quant(module))
+                block.module.set_submodule(name, cell)
         self.store.put(block)
         block.module.to("meta")
         # The float linears the cells replaced are still referenced (the layout, the targets): free them.
@@ -266,6 +268,7 @@ class _RTNProducer:
         layout = self.quant.layout(model)
         self.family = layout.family
         self.linears = self.quant.targets(layout)  # name -> the float module, kept after the swap below
+        self.quant._rotated = self.quant.rotated(layout, self.linears)
         with torch.device("meta"):
             PTQ(config.with_updates(mode="deploy"), family=family).apply(model)
         self.model = model
@@ -275,6 +278,7 @@ class _RTNProducer:
     def _quantize(self, name: str) -> dict[str, torch.Tensor]:
         module = self.linears[name]
         _materialize(module, name, self.source)
+        self.quant.rotate_if_chosen(name, module, self.family)
         fake = self.quant._fake_linear(module, self.family, None, None, convert_only=True)
         cell = cell_class(fake.scheme).from_fake_quant(fake)
         module.to("meta")

@@ -29,6 +29,7 @@ BERT = ModelFamily(
     # (the attention context is linear in the values).
     smooth_pairs=(SmoothPair("attention.self.value", ("attention.output.dense",)),),
     kv=KVProjections(key="attention.self.key", value="attention.self.value"),
+    hadamard_linears=("output.dense",),
 )
 
 

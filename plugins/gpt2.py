@@ -42,6 +42,7 @@ GPT2 = ModelFamily(
         SmoothPair("ln_2", ("mlp.c_fc",)),
     ),
     kv=KVProjections(key="attn.c_attn", value="attn.c_attn", fused=True),
+    hadamard_linears=("mlp.c_proj",),
     adapter=Conv1DAdapter(),
 )
 

@@ -26,6 +26,7 @@ LLAMA = ModelFamily(
         SmoothPair("mlp.up_proj", ("mlp.down_proj",)),
     ),
     kv=KVProjections(key="self_attn.k_proj", value="self_attn.v_proj", rotary=True),
+    hadamard_linears=("mlp.down_proj",),
 )
 
 

@@ -132,6 +132,29 @@ def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) ->
     assert code == 0 and json.loads(stdout)["quantized_layers"] == 12
 
 
+def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
+    tmp_path: Path, tiny_model_dir, text_file: Path, capsys
+) -> None:
+    model = str(tiny_model_dir("llama"))
+    argv = [
+        "quantize",
+        model,
+        "--preset",
+        "w8a8",
+        "--hadamard",
+        "--calib",
+        str(text_file),
+        "--calib-samples",
+        "4",
+    ]
+    code, _, _ = _run(capsys, *argv, "--calib-seq-len", "32", "-o", str(tmp_path / "q"))
+    assert code == 0
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert block["config"]["algorithm_args"]["hadamard"] is True
+    assert block["config"]["algorithm_args"]["smooth_alpha_grid"] == [0.5, 0.6, 0.7, 0.8]  # the preset's
+    assert block["rotated_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -144,6 +167,7 @@ def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) ->
         (["quantize", "{model}", "-o", "{out}", "--family", "opt"], "unknown model family 'opt'"),
         (["quantize", "{model}", "-o", "{out}", "--config", "{badconfig}"], "unknown key 'frobnicate'"),
         (["eval", "{model}"], "--text"),
+        (["quantize", "{model}", "-o", "{out}", "--hadamard"], "activation_dtype: int8, or hadamard: false"),
         (["inspect", "{model}"], "not a quantmint checkpoint"),
     ],
 )

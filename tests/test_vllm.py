@@ -115,7 +115,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, 
             path = tmp_path_factory.mktemp(f"vllm-{family}-{preset}") / "ckpt"
             torch.manual_seed(1)
             calibration = [torch.randint(0, 256, (64,)) for _ in range(8)]
-            model = quantize(vllm_tiny_model(family), preset, calibration=calibration)
+            base, _, extra = preset.partition("+")  # "w8a8+hadamard": the preset with that option on
+            config = get_preset(base).with_updates(algorithm_args={"hadamard": True}) if extra else base
+            model = quantize(vllm_tiny_model(family), config, calibration=calibration)
             save_quantized(model, path, tokenizer=byte_tokenizer())
             cache[family, preset] = path
         return cache[family, preset]
@@ -283,13 +285,16 @@ def test_probe_of_the_real_kernel_runs_whatever_the_default_dtype() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "preset"), [("llama", "w8a8"), ("llama", "w8a16"), ("gpt2", "w8a8")])
+@pytest.mark.parametrize(
+    ("family", "preset"),
+    [("llama", "w8a8"), ("llama", "w8a16"), ("gpt2", "w8a8"), ("llama", "w8a8+hadamard")],
+)
 def test_generation_agrees_with_the_torch_runtime(
     family: str, preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
     path = tiny_checkpoint(family, preset)
     tasks = [{"kind": "generate", "prompts": PROMPTS, "max_tokens": 16}]
-    if preset == "w8a8":
+    if preset.startswith("w8a8"):
         tasks.append({"kind": "prompt_logprobs", "prompts": PROMPTS})
     out = vllm_ok({"model": str(path), "tasks": tasks}, tmp_path)
     model = load_quantized(path)
@@ -297,7 +302,7 @@ def test_generation_agrees_with_the_torch_runtime(
     got = out["results"][0]["value"]
     assert [g[0] for g in got] == [w[0] for w in want]
     assert agreement(got, want) >= 0.75, (got, want)
-    if preset == "w8a8":
+    if preset.startswith("w8a8"):
         # served log-probabilities vs quantmint's exact int32 path: a kernel that saturated int16 pair sums
         # (x86 without VNNI) would be off by percents here
         for ids, served in zip(PROMPTS, out["results"][1]["value"], strict=True):
@@ -376,6 +381,7 @@ def test_compressed_tensors_export_loads_in_plain_vllm_and_transformers(
     ("llama", "w8a8-c8", "int8 KV cache"),
     ("llama", "w8a16", "w8a16 layers"),
     ("gpt2", "w8a8", "Conv1D"),
+    ("llama", "w8a8+hadamard", "Hadamard"),
 ])  # fmt: skip
 def test_export_refuses_what_compressed_tensors_cannot_serve(
     family: str, preset: str, reason: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path

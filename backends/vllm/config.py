@@ -67,6 +67,7 @@ class QuantmintConfig(QuantizationConfig):
         self.scheme: str = block.get("scheme", "?")
         self.modules: dict[str, str] = dict(block.get("modules", {}))
         self.kv_cache_modules: list[str] = list(block.get("kv_cache_modules", []))
+        self._rotated = [_components(name) for name in block.get("rotated_modules", [])]
         activations = block.get("config", {}).get("activations", {})
         self.static_input = activations.get("dynamic", True) is False
         self._index = [(_components(name), scheme) for name, scheme in self.modules.items()]
@@ -135,10 +136,13 @@ class QuantmintConfig(QuantizationConfig):
         if scheme is None:
             return UnquantizedLinearMethod()
         transposed = prefix.rsplit(".", 1)[-1] in _TRANSPOSED_ON_LOAD.get(self.family or "", ())
+        rotate = self.is_rotated(prefix)
         if scheme == "w8a8":
-            return W8A8LinearMethod(static_input=self.static_input, transposed=transposed)
+            return W8A8LinearMethod(
+                static_input=self.static_input, transposed=transposed, rotate_input=rotate
+            )
         if scheme == "w8a16":
-            return W8A16LinearMethod(transposed=transposed)
+            return W8A16LinearMethod(transposed=transposed, rotate_input=rotate)
         raise ValueError(
             f"layer {prefix} is quantized with scheme {scheme!r}, which quantmint's vLLM backend does not "
             "serve (it serves w8a8 and w8a16): serve it with quantmint's torch runtime"
@@ -170,6 +174,13 @@ class QuantmintConfig(QuantizationConfig):
                 "pattern that covers every one)"
             )
         return found.pop()
+
+    def is_rotated(self, prefix: str) -> bool:
+        """Whether the checkpoint rotated vLLM layer `prefix`'s input (never a fused layer's)."""
+        for pattern, replacement in _VLLM_PREFIX_FIXES:
+            prefix = pattern.sub(replacement, prefix)
+        wanted = _components(prefix)
+        return any(_suffix_match(parts, wanted) for parts in self._rotated)
 
     def _lookup(self, name: str) -> str | None:
         wanted = _components(name)

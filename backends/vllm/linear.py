@@ -20,6 +20,7 @@ from vllm.model_executor.utils import replace_parameter
 
 from quantmint.backends.torch.int8_linear import int8_linear
 from quantmint.backends.torch.int8_weight_only import int8_weight_only_linear
+from quantmint.rotation import hadamard_transform
 
 __all__ = ["W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
@@ -60,8 +61,11 @@ def _create_int8_weights(
 class _Int8WeightsMethod(LinearMethodBase):
     """Creates the int8 `weight` [out, in] and float32 `weight_scale` [out, 1] of every int8 scheme."""
 
-    def __init__(self, transposed: bool = False) -> None:
+    def __init__(self, transposed: bool = False, rotate_input: bool = False) -> None:
         self.transposed = transposed
+        # The checkpoint folded a Hadamard matrix into this layer's weight (`quantmint.rotation`):
+        # its input is rotated the same way before the int8 matmul.
+        self.rotate_input = rotate_input
 
     def create_weights(
         self,
@@ -73,6 +77,12 @@ class _Int8WeightsMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
+        if self.rotate_input and input_size_per_partition != input_size:
+            raise ValueError(
+                f"a quantmint layer with a Hadamard-rotated input ({input_size} features) cannot be split "
+                f"over tensor-parallel ranks ({input_size_per_partition} per rank): the rotation mixes all "
+                "features. Serve with tensor_parallel_size=1, or quantize without algorithm_args.hadamard"
+            )
         weight_loader = extra_weight_attrs["weight_loader"]
         _create_int8_weights(
             layer, input_size_per_partition, output_partition_sizes, weight_loader, self.transposed
@@ -157,8 +167,10 @@ def vllm_int8_kernel_is_exact(
 class W8A8LinearMethod(_Int8WeightsMethod):
     """Int8 weights per output channel, int8 activations per token (dynamic) or per tensor (static)."""
 
-    def __init__(self, static_input: bool = False, transposed: bool = False) -> None:
-        super().__init__(transposed)
+    def __init__(
+        self, static_input: bool = False, transposed: bool = False, rotate_input: bool = False
+    ) -> None:
+        super().__init__(transposed, rotate_input)
         self.static_input = static_input
         self.kernel: Any = None
 
@@ -188,6 +200,8 @@ class W8A8LinearMethod(_Int8WeightsMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.rotate_input:
+            x = hadamard_transform(x)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
@@ -214,4 +228,6 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.rotate_input:
+            x = hadamard_transform(x)
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)

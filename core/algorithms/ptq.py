@@ -34,6 +34,7 @@ from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layo
 from quantmint.kv_cache import KVObserver, attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
+from quantmint.rotation import carry_rotation, mark_rotated, rotate_linear, supports_hadamard
 
 __all__ = ["PTQ", "BlockSteps", "QuantState", "quant_state", "quantize"]
 
@@ -50,6 +51,7 @@ class QuantState:
     phase: str = "applied"  # "applied" (fake-quant) or "converted" (real int8 cells)
     calibration: dict[str, Any] | None = None  # samples, tokens, seconds, peak RSS of calibration
     kv_modules: list[str] = field(default_factory=list)  # attention modules holding k_scale / v_scale
+    rotated: list[str] = field(default_factory=list)  # linears whose input is Hadamard-rotated
     # Out-of-core calibration (`quantmint.streaming`) moves each finished block to the meta device and
     # keeps its converted tensors here, to be read back when the checkpoint is written.
     block_store: Any = None
@@ -79,6 +81,7 @@ class PTQ:
         self.family_name = family
         # Out-of-core calibration reads and frees each block through this (`BlockSteps.loader`).
         self.block_loader: Any = None
+        self._rotated: set[str] = set()  # set by apply (see `rotated`)
 
     @property
     def needs_calibration(self) -> bool:
@@ -120,6 +123,35 @@ class PTQ:
         ignore = self.ignore_patterns(layout.family)
         return {name: m for name, m in layout.linears() if not matches_any(name, ignore)}
 
+    def rotated(self, layout: ModelLayout, targets: dict[str, nn.Module]) -> set[str]:
+        """Targets whose input gets an online Hadamard rotation (`algorithm_args.hadamard`): the
+        family's `hadamard_linears` in every block."""
+        if not self.config.algorithm_args.hadamard:
+            return set()
+        family = layout.family
+        if not family.hadamard_linears:
+            raise NotSupportedError(
+                f"model family {family.name!r} declares no hadamard_linears, so no input can be rotated: "
+                "set algorithm_args.hadamard: false"
+            )
+        names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
+        chosen = {name for name in names if name in targets}
+        for name in sorted(chosen):
+            width = family.adapter.weight(targets[name]).shape[1]
+            if not supports_hadamard(width):
+                raise NotSupportedError(
+                    f"{name} has {width} input features, an order for which quantmint builds no Hadamard "
+                    "matrix (2^k and 2^k * (q + 1) for a prime q = 3 mod 4, q + 1 <= 256): set "
+                    "algorithm_args.hadamard: false"
+                )
+        return chosen
+
+    def rotate_if_chosen(self, name: str, module: nn.Module, family: ModelFamily) -> None:
+        """Fold the Hadamard rotation into a float linear chosen by `rotated` (W -> W H) and rotate its
+        input from now on; the model computes the same function."""
+        if name in self._rotated:
+            rotate_linear(module, family.adapter)
+
     @property
     def scheme(self) -> str:
         return self.config.linear_scheme
@@ -157,6 +189,8 @@ class PTQ:
                 f"family {layout.family.name!r}: nothing is left to quantize"
             )
         state = QuantState(config=self.config, family=layout.family.name)
+        self._rotated = self.rotated(layout, targets)
+        state.rotated = sorted(self._rotated)
         if self.config.mode == "deploy":
             self._build_empty_cells(model, layout, targets, state, schemes or {})
             self._build_empty_kv_scales(model, layout, state)
@@ -174,6 +208,7 @@ class PTQ:
             )
         else:
             for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
+                self.rotate_if_chosen(name, module, layout.family)
                 model.set_submodule(name, self._fake_linear(module, layout.family, None, None))
                 state.modules[name] = self.scheme
         setattr(model, STATE_ATTR, state)
@@ -197,7 +232,7 @@ class PTQ:
                 assert observer is not None
                 amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
                 fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
-        return fake
+        return carry_rotation(module, fake)
 
     def _scheme_for(self, observer: InputObserver | None) -> str:
         """The config's scheme, or w8a16 for a W8A8 linear whose input has an outlier token (see
@@ -298,6 +333,8 @@ class PTQ:
                 static_input=scheme.endswith("a8") and not self.config.activations.dynamic,
                 **({"group_size": self.config.weights.group_size} if self.config.weights.group_size else {}),
             )
+            if name in self._rotated:
+                mark_rotated(cell)
             model.set_submodule(name, cell)
             state.modules[name] = scheme
         state.phase = "converted"
@@ -334,7 +371,7 @@ class PTQ:
             return model
         fakes = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
         for name, fake in tqdm(fakes, desc="convert to int8", unit="linear", disable=None):
-            model.set_submodule(name, cell_class(fake.scheme).from_fake_quant(fake))
+            model.set_submodule(name, carry_rotation(fake, cell_class(fake.scheme).from_fake_quant(fake)))
         state.phase = "converted"
         return model
 
@@ -377,6 +414,8 @@ class BlockSteps:
     def attach(self, block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
         if self.loader is not None:
             self.loader.load(block)
+        for name, module in block.linears.items():
+            self.ptq.rotate_if_chosen(name, module, self.family)
         # Observe every family linear of the block: smoothing needs them even when one is ignored.
         observers, handles = attach_input_observers(block.linears, self.percentile)
         kv_observer = KVObserver(block, self.family.kv) if block.name in self.kv_modules else None

@@ -16,6 +16,7 @@ from torch import nn
 
 from quantmint.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
 from quantmint.observers import InputObserver
+from quantmint.rotation import is_rotated
 
 __all__ = ["SmoothQuant", "smoothing_scales"]
 
@@ -51,6 +52,8 @@ class SmoothQuant:
         outputs: dict[str, torch.Tensor] = {}
         for pair in family.smooth_pairs:
             names = [f"{block.name}.{rel}" for rel in pair.linears]
+            if any(is_rotated(block.module.get_submodule(rel)) for rel in pair.linears):
+                continue  # a rotated input's channels are not the channels `prev` produces
             if any(name not in observers or observers[name].absmax is None for name in names):
                 continue
             scales = self._smooth_pair(block.module, pair, family.adapter, observers[names[0]].absmax)

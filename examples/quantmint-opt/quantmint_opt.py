@@ -23,6 +23,7 @@ OPT = ModelFamily(
         SmoothPair("final_layer_norm", ("fc1",)),
     ),
     kv=KVProjections(key="self_attn.k_proj", value="self_attn.v_proj"),
+    hadamard_linears=("fc2",),  # after the activation: algorithm_args.hadamard rotates its input
 )
 
 

@@ -1,0 +1,225 @@
+"""Online Hadamard rotation of the MLP down projection's input (`algorithm_args.hadamard`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, model_output
+
+import quantmint
+from quantmint.config import PTQConfig, get_preset
+from quantmint.errors import NotSupportedError
+from quantmint.models import load_float_model
+from quantmint.rotation import (
+    hadamard_factors,
+    hadamard_matrix,
+    hadamard_transform,
+    is_rotated,
+    rotate_linear,
+)
+
+
+def _hadamard(preset: str = "w8a8", **args: object) -> PTQConfig:
+    return get_preset(preset).with_updates(algorithm_args={"hadamard": True, **args})
+
+
+def _calibration(n: int = 8, length: int = 32) -> list[torch.Tensor]:
+    torch.manual_seed(2)
+    return [torch.randint(0, 256, (length,)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- the matrices
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 128, 384, 576, 768, 1536, 3072, 5120])
+def test_hadamard_matrix_is_orthogonal_and_the_transform_applies_it(n: int) -> None:
+    h = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    # every entry is +-1/sqrt(n): the rotation spreads one channel evenly over all
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    assert torch.allclose(hadamard_transform(x), x @ h, atol=1e-10)
+
+
+def test_factors_cover_common_widths_and_refuse_others() -> None:
+    assert [f.shape[0] for f in hadamard_factors(1536)] == [12, 128]
+    assert [f.shape[0] for f in hadamard_factors(14336)] == [224, 64]  # Llama-3-8B's MLP width
+    for n in (6, 10, 100, 11008):  # no construction here (11008 = 43 * 256)
+        assert hadamard_factors(n) is None
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
+        hadamard_matrix(100)
+
+
+def test_transform_flattens_an_outlier_channel() -> None:
+    x = torch.randn(16, 512)
+    x[:, 7] = 500.0  # one massive channel, as in the input of an LLM's down projection
+    rotated = hadamard_transform(x)
+    ratio = lambda t: float((t.abs().amax(-1) / t.abs().mean(-1)).mean())  # noqa: E731
+    assert ratio(x) > 100
+    assert ratio(rotated) < 5
+    assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- rotated linears
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_rotating_the_declared_linears_leaves_the_float_function_unchanged(
+    family: str, input_ids: torch.Tensor
+) -> None:
+    model = build_tiny(family)
+    want = model_output(model, input_ids)
+    ptq = quantmint.PTQ(_hadamard())
+    layout = ptq.layout(model)
+    targets = ptq.targets(layout)
+    chosen = ptq.rotated(layout, targets)
+    assert len(chosen) == len(layout.blocks)  # one down projection per block
+    for name in chosen:
+        rotate_linear(targets[name], layout.family.adapter)
+        rotate_linear(targets[name], layout.family.adapter)  # idempotent
+        assert is_rotated(targets[name])
+    got = model_output(model, input_ids)
+    assert (got - want).abs().max() < 1e-4
+
+
+def _planted_down_outliers(family: str = "llama") -> torch.nn.Module:
+    """A tiny model whose down projections see a few huge input channels that are not the same in
+    every token (the pattern SmoothQuant's per-channel scales cannot remove)."""
+    model = build_tiny(family)
+    for layer in model.model.layers:
+        layer.mlp.up_proj.weight.data[:4] *= 60
+        layer.mlp.gate_proj.weight.data[:4] *= 6
+    return model
+
+
+def test_rotation_lowers_w8a8_error_on_outlier_inputs(input_ids: torch.Tensor) -> None:
+    model = _planted_down_outliers()
+    want = model_output(model, input_ids)
+    errors = {}
+    for hadamard in (False, True):
+        config = get_preset("w8a8").with_updates(
+            outliers_suppression="none", algorithm_args={"hadamard": hadamard}
+        )
+        quantized = quantmint.quantize(copy.deepcopy(model), config)
+        errors[hadamard] = float((model_output(quantized, input_ids) - want).pow(2).mean())
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_smoothing_skips_the_pair_of_a_rotated_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantmint.algorithms.smooth_quant import SmoothQuant
+
+    smoothed: list[str] = []
+    original = SmoothQuant._smooth_pair
+
+    def record(self: SmoothQuant, block: torch.nn.Module, pair: object, *args: object) -> object:
+        smoothed.append(pair.prev)  # type: ignore[attr-defined]
+        return original(self, block, pair, *args)
+
+    monkeypatch.setattr(SmoothQuant, "_smooth_pair", record)
+    for hadamard in (False, True):
+        smoothed.clear()
+        config = get_preset("w8a8").with_updates(
+            algorithm_args={"hadamard": hadamard, "smooth_alpha_grid": []}
+        )
+        quantmint.PTQ(config).apply(build_tiny("llama"), calibration=_calibration())
+        assert ("mlp.up_proj" in smoothed) is not hadamard  # a rotated input's channels are not up's
+        assert smoothed.count("input_layernorm") == 2
+
+
+def test_rotated_checkpoint_round_trips(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    model = quantmint.quantize(build_tiny("llama"), _hadamard(), calibration=_calibration())
+    want = model_output(model, input_ids)
+    quantmint.save_quantized(model, tmp_path / "q")
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert block["rotated_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert block["config"]["algorithm_args"]["hadamard"] is True
+    loaded = quantmint.load_quantized(tmp_path / "q")
+    assert is_rotated(loaded.model.layers[1].mlp.down_proj)
+    assert not is_rotated(loaded.model.layers[1].mlp.up_proj)
+    assert torch.equal(model_output(loaded, input_ids), want)
+
+
+def test_rotation_with_c8_and_yaml_round_trip(input_ids: torch.Tensor) -> None:
+    config = _hadamard("w8a8-c8")
+    assert PTQConfig.from_yaml(config.to_yaml()) == config
+    float_model = build_tiny("llama")
+    want = model_output(float_model, input_ids)
+    model = quantmint.quantize(copy.deepcopy(float_model), config, calibration=_calibration())
+    err = (model_output(model, input_ids) - want).abs().max() / want.abs().max()
+    assert err < 0.05
+
+
+def test_streaming_rtn_with_rotation_matches_in_memory(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from quantmint.streaming import quantize_checkpoint
+
+    config = get_preset("w8a8").with_updates(outliers_suppression="none", algorithm_args={"hadamard": True})
+    src = tiny_model_dir("llama")
+    quantize_checkpoint(src, tmp_path / "streamed", config)
+    model = quantmint.quantize(load_float_model(src), config)
+    quantmint.save_quantized(model, tmp_path / "memory")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "streamed" / "model.safetensors")
+    b = load_file(tmp_path / "memory" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_config_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="activation_dtype: int8, or hadamard: false"):
+        get_preset("w8a16").with_updates(algorithm_args={"hadamard": True})
+    with pytest.raises(ValueError, match="not supported with block_ptq"):
+        get_preset("w8a8-ptq").with_updates(algorithm_args={"hadamard": True})
+
+
+def test_unsupported_width_is_refused_before_any_change() -> None:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=4, vocab_size=256
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotSupportedError, match="100 input features.*hadamard: false"):
+        quantmint.quantize(model, _hadamard(), calibration=_calibration())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_family_without_hadamard_linears_is_refused(temporary_plugin: Callable[[object, str], None]) -> None:
+    import dataclasses
+
+    from quantmint.hookspecs import hookimpl
+    from quantmint.plugins.llama import LLAMA
+
+    bare = dataclasses.replace(LLAMA, name="bare-llama", architectures=("BareLlama",), hadamard_linears=())
+
+    class Plugin:
+        @hookimpl
+        def register_model_families(self, register: Callable[[object], None]) -> None:
+            register(bare)
+
+    temporary_plugin(Plugin(), "bare")
+    with pytest.raises(NotSupportedError, match="declares no hadamard_linears"):
+        quantmint.quantize(build_tiny("llama"), _hadamard(), family="bare-llama", calibration=_calibration())
+
+
+def test_adapter_round_trip_for_conv1d_weights() -> None:
+    model = build_tiny("gpt2")
+    ptq = quantmint.PTQ(_hadamard())
+    layout = ptq.layout(model)
+    c_proj = model.transformer.h[0].mlp.c_proj
+    before = layout.family.adapter.weight(c_proj).detach().clone()
+    rotate_linear(c_proj, layout.family.adapter)
+    after = layout.family.adapter.weight(c_proj)
+    h = hadamard_matrix(before.shape[1], torch.float32)
+    assert torch.allclose(after, before @ h, atol=1e-5)
