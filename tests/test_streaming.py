@@ -87,13 +87,17 @@ def _fast_block_ptq() -> PTQConfig:
 
 @pytest.mark.parametrize(
     ("family", "preset"),
-    [("llama", "w8a8-c8"), ("gpt2", "w8a8"), ("bert", "w8a8"), ("llama", "block-ptq")],
+    [("llama", "w8a8-c8"), ("gpt2", "w8a8"), ("bert", "w8a8"), ("llama", "block-ptq"), ("gpt2", "hadamard")],
 )
 def test_out_of_core_calibration_is_byte_identical_to_in_memory(
     family: str, preset: str, tiny_model_dir, tmp_path: Path
 ) -> None:
     src = tiny_model_dir(family)
-    config = _fast_block_ptq() if preset == "block-ptq" else preset
+    config: str | PTQConfig = preset
+    if preset == "block-ptq":
+        config = _fast_block_ptq()
+    elif preset == "hadamard":  # rotated inputs of the MLP output projections (Conv1D), plus smoothing
+        config = get_preset("w8a8-c8").with_updates(algorithm_args={"hadamard": True})
     _in_memory(src, tmp_path / "memory", config, _calibration())
     report = quantize_checkpoint(
         src,
