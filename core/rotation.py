@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from quantmint.family import LinearAdapter
 
 __all__ = [
+    "apply_hadamard",
     "carry_rotation",
+    "hadamard_factors_for",
     "hadamard_factors",
     "hadamard_matrix",
     "hadamard_transform",
@@ -124,17 +126,31 @@ def _normalised_factors(n: int, dtype: torch.dtype, device: str) -> tuple[torch.
     return tuple((f / f.shape[0] ** 0.5).to(dtype=dtype, device=device) for f in _factors_or_raise(n))
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """`x @ hadamard_matrix(x.shape[-1])` for x [..., n], computed factor by factor in x's dtype."""
+def hadamard_factors_for(
+    n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
+    """The normalised factors `apply_hadamard` takes for width `n` (cached; a runtime keeps them on
+    its layer so that no lookup happens in a compiled forward)."""
+    return _normalised_factors(n, dtype, str(torch.device(device)))
+
+
+def apply_hadamard(x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`x @ H` for x [..., n] and the factors of H (`hadamard_factors_for(n)`), one small matmul per
+    factor. Half-precision inputs are rotated in float32 and returned in their own dtype."""
     n = x.shape[-1]
     lead = x.shape[:-1]
-    factors = _normalised_factors(n, x.dtype, str(x.device))
-    sizes = [f.shape[0] for f in factors]
-    y = x.reshape(-1, *sizes)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(work).reshape(-1, *(f.shape[0] for f in factors))
     # (A ⊗ B ⊗ ...) acting on a row vector: multiply each axis of the reshaped vector by its factor.
     for axis, factor in enumerate(factors):
-        y = torch.movedim(torch.movedim(y, axis + 1, -1) @ factor, -1, axis + 1)
-    return y.reshape(*lead, n)
+        y = torch.movedim(torch.movedim(y, axis + 1, -1) @ factor.to(y.device, work), -1, axis + 1)
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """`x @ hadamard_matrix(x.shape[-1])` for x [..., n] (see `apply_hadamard`)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return apply_hadamard(x, hadamard_factors_for(x.shape[-1], x.device, work))
 
 
 # --- rotated linears ----------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def test_hadamard_matrix_is_orthogonal_and_the_transform_applies_it(n: int) -> N
     assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))
     x = torch.randn(2, 3, n, dtype=torch.float64)
     assert torch.allclose(hadamard_transform(x), x @ h, atol=1e-10)
+    half = hadamard_transform(x.to(torch.bfloat16))  # rotated in float32, returned in bfloat16
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.double(), x.to(torch.bfloat16).double() @ h, rtol=1e-2, atol=1e-2)
 
 
 def test_factors_cover_common_widths_and_refuse_others() -> None:

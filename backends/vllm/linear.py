@@ -20,7 +20,7 @@ from vllm.model_executor.utils import replace_parameter
 
 from quantmint.backends.torch.int8_linear import int8_linear
 from quantmint.backends.torch.int8_weight_only import int8_weight_only_linear
-from quantmint.rotation import hadamard_transform
+from quantmint.rotation import apply_hadamard, hadamard_factors_for
 
 __all__ = ["W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
@@ -83,6 +83,8 @@ class _Int8WeightsMethod(LinearMethodBase):
                 f"over tensor-parallel ranks ({input_size_per_partition} per rank): the rotation mixes all "
                 "features. Serve with tensor_parallel_size=1, or quantize without algorithm_args.hadamard"
             )
+        if self.rotate_input:  # kept on the layer: no cache lookup inside a compiled forward
+            layer.quantmint_hadamard = hadamard_factors_for(input_size)
         weight_loader = extra_weight_attrs["weight_loader"]
         _create_int8_weights(
             layer, input_size_per_partition, output_partition_sizes, weight_loader, self.transposed
@@ -201,7 +203,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.rotate_input:
-            x = hadamard_transform(x)
+            x = apply_hadamard(x, layer.quantmint_hadamard)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
@@ -229,5 +231,5 @@ class W8A16LinearMethod(_Int8WeightsMethod):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.rotate_input:
-            x = hadamard_transform(x)
+            x = apply_hadamard(x, layer.quantmint_hadamard)
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)
