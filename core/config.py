@@ -300,8 +300,6 @@ class PTQConfig(_Strict):
                 "algorithm_args.hadamard rotates activations before they are quantized: set "
                 "activation_dtype: int8, or hadamard: false"
             )
-        if self.algorithm_args.hadamard and self.block_ptq is not None:
-            raise ValueError("algorithm_args.hadamard is not supported with block_ptq yet: drop one of them")
         if not self.weights.symmetric:
             raise ValueError("int8 weights are stored symmetric (no zero point): set weights.symmetric: true")
         if self.activations.strategy not in ("token", "tensor"):

@@ -157,6 +157,32 @@ def test_rotation_with_c8_and_yaml_round_trip(input_ids: torch.Tensor) -> None:
     assert err < 0.05
 
 
+def test_block_ptq_tunes_rotated_linears_and_resumes_them(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    base = get_preset("w8a8-ptq")
+    config = base.with_updates(
+        algorithm_args={**base.algorithm_args.model_dump(), "hadamard": True},
+        block_ptq={**base.block_ptq.model_dump(), "n_outer_loops": 20, "n_batches": 2, "batch_size": 4},
+    )
+    model = quantmint.quantize(
+        build_tiny("llama"), config, calibration=_calibration(), work_dir=tmp_path / "w"
+    )
+    assert is_rotated(model.model.layers[0].mlp.down_proj)
+    log = quantmint.quant_state(model).calibration["block_ptq"]["blocks"]
+    assert any(entry["kept"] == "ptq" for entry in log)  # tuning ran through the rotated layers
+    assert all(entry["ptq_mse"] < entry["rtn_mse"] for entry in log if entry["kept"] == "ptq")
+    quantmint.save_quantized(model, tmp_path / "q")
+    loaded = quantmint.load_quantized(tmp_path / "q")
+    assert torch.equal(model_output(loaded, input_ids), model_output(model, input_ids))
+    # the same command again resumes from the work directory: every block's rotated layers come back as
+    # they were tuned (the path a run killed between blocks takes for the finished ones)
+    resumed = quantmint.quantize(
+        build_tiny("llama"), config, calibration=_calibration(), work_dir=tmp_path / "w"
+    )
+    assert quantmint.quant_state(resumed).calibration["block_ptq"]["resumed_at_block"] == 2
+    assert is_rotated(resumed.model.layers[0].mlp.down_proj)
+    assert torch.equal(model_output(resumed, input_ids), model_output(model, input_ids))
+
+
 def test_streaming_rtn_with_rotation_matches_in_memory(
     tiny_model_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -181,8 +207,6 @@ def test_streaming_rtn_with_rotation_matches_in_memory(
 def test_config_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="activation_dtype: int8, or hadamard: false"):
         get_preset("w8a16").with_updates(algorithm_args={"hadamard": True})
-    with pytest.raises(ValueError, match="not supported with block_ptq"):
-        get_preset("w8a8-ptq").with_updates(algorithm_args={"hadamard": True})
 
 
 def test_unsupported_width_is_refused_before_any_change() -> None:

@@ -53,6 +53,7 @@ from quantmint.config import BlockPTQArgs
 from quantmint.errors import ConfigError
 from quantmint.family import BlockLayout
 from quantmint.memory import available_memory_bytes
+from quantmint.rotation import carry_rotation, mark_rotated
 
 if TYPE_CHECKING:
     from quantmint.algorithms.ptq import BlockSteps
@@ -341,12 +342,12 @@ class BlockPTQ:
             for name in rel
         }
         for name, module in learnables.items():
-            block.module.set_submodule(rel[name], module)
+            block.module.set_submodule(rel[name], carry_rotation(block.linears[name], module))
         losses = self._optimise(block, learnables, call_with, q_in, fp_out, n, rtn_mse)
 
         # 4. freeze, compare with RTN, keep the better block.
         for name, module in learnables.items():
-            block.module.set_submodule(rel[name], module.freeze(dtype))
+            block.module.set_submodule(rel[name], carry_rotation(module, module.freeze(dtype)))
         ptq_mse = self._mse(block, call_with, q_in, fp_out, n)
         kept = "ptq"
         if not ptq_mse < rtn_mse:
@@ -535,7 +536,10 @@ class BlockPTQ:
                 if name not in steps.targets:
                     continue
                 rel = name[len(block.name) + 1 :]
-                block.module.set_submodule(rel, _linear_from_record(records[name], tensors, rel))
+                linear = _linear_from_record(records[name], tensors, rel)
+                block.module.set_submodule(
+                    rel, mark_rotated(linear) if name in steps.ptq._rotated else linear
+                )
                 steps.state.modules[name] = records[name]["scheme"]
             for key in [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]:
                 owner, buffer = key.rsplit(".", 1)
