@@ -250,3 +250,27 @@ def test_adapter_round_trip_for_conv1d_weights() -> None:
     after = layout.family.adapter.weight(c_proj)
     h = hadamard_matrix(before.shape[1], torch.float32)
     assert torch.allclose(after, before @ h, atol=1e-5)
+
+
+def test_a_family_must_declare_its_hadamard_linears_among_its_linears(
+    temporary_plugin: Callable[[object, str], None],
+) -> None:
+    import dataclasses
+
+    from quantmint import registry
+    from quantmint.errors import PluginError
+    from quantmint.hookspecs import hookimpl
+    from quantmint.plugins.llama import LLAMA
+
+    stray = dataclasses.replace(
+        LLAMA, name="stray-llama", architectures=("StrayLlama",), hadamard_linears=("mlp.fc2",)
+    )
+
+    class Plugin:
+        @hookimpl
+        def register_model_families(self, register: Callable[[object], None]) -> None:
+            register(stray)
+
+    temporary_plugin(Plugin(), "stray")
+    with pytest.raises(PluginError, match=r"hadamard_linears \['mlp.fc2'\] that are not among its linears"):
+        registry.model_families()
