@@ -6,7 +6,10 @@ section, padded with spaces to a multiple of 8, then the data.
 
 - `SafetensorsFile` parses and checks a header, then reads single tensors with `pread` into fresh
   memory. Unlike a memory map, nothing of the file stays resident once a tensor is dropped, so the
-  peak RSS of a pass over a 10 GB checkpoint is its largest tensor, not the checkpoint.
+  peak RSS of a pass over a 10 GB checkpoint is its largest tensor, not the checkpoint. A caller that
+  is done with each tensor before reading the next passes a `ReadArena` instead: first touches of
+  fresh pages cost more than the read itself on some machines (1.7 GB/s into fresh memory vs
+  6.6 GB/s into reused memory, measured on a 2-core VM).
 - `CheckpointFiles` is a model directory: `model.safetensors`, or the shards of
   `model.safetensors.index.json`; a tensor is found by name in whichever shard holds it.
 - `ShardWriter` writes a file whose tensor list is known in advance (`TensorSpec`): the header goes
@@ -203,6 +206,36 @@ class ShardWriter:
         self._file.close()
 
 
+class ReadArena:
+    """Reusable memory for reads whose tensors die before the next `reset()`.
+
+    `take(n)` hands out the next `n` bytes of one buffer (64-byte aligned, so any dtype can view them);
+    `reset()` starts again from its beginning. When a request does not fit, a larger buffer replaces
+    the current one; tensors already handed out keep the old one alive until they are dropped.
+    """
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._offset = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        start = -(-self._offset // self.ALIGN) * self.ALIGN
+        if start + nbytes > self._buffer.numel():
+            self._buffer = torch.empty(max(nbytes, 2 * self._buffer.numel()), dtype=torch.uint8)
+            start = 0
+        self._offset = start + nbytes
+        return self._buffer[start : start + nbytes]
+
+    def reset(self) -> None:
+        self._offset = 0
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` lives in the current buffer (and so will be overwritten after `reset`)."""
+        return tensor.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr()
+
+
 class SafetensorsFile:
     """One safetensors file: its header, checked against the file size, and tensors read one at a time."""
 
@@ -256,10 +289,10 @@ class SafetensorsFile:
         dtype, shape, _, _ = self._entries[name]
         return TensorSpec(name, dtype, shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor `name`, in its stored dtype and shape, in memory of its own."""
+    def read(self, name: str, arena: ReadArena | None = None) -> torch.Tensor:
+        """The tensor `name`, in its stored dtype and shape, in memory of its own or from `arena`."""
         dtype, shape, begin, end = self._entries[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        buffer = arena.take(end - begin) if arena is not None else torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buffer.numpy()) if end > begin else memoryview(bytearray())
         done = 0
         with open(self.path, "rb", buffering=0) as f:
@@ -313,8 +346,8 @@ class CheckpointFiles:
     def spec(self, name: str) -> TensorSpec:
         return self._where[name].spec(name)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._where[name].read(name)
+    def read(self, name: str, arena: ReadArena | None = None) -> torch.Tensor:
+        return self._where[name].read(name, arena)
 
     @property
     def total_bytes(self) -> int:

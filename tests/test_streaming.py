@@ -25,7 +25,7 @@ from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import CheckpointError, ConfigError
 from quantmint.memory import available_memory_bytes
 from quantmint.models import load_float_model
-from quantmint.safetensors_io import CheckpointFiles, SafetensorsFile, ShardWriter, TensorSpec
+from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
 from quantmint.streaming import quantize_checkpoint
 from quantmint.synthetic import make_synthetic_llama, synthetic_llama_config
 
@@ -204,6 +204,74 @@ def test_safetensors_writer_reads_back_like_safetensors(tmp_path: Path) -> None:
     bad.write_bytes(struct.pack("<Q", 10**6) + b"{}")
     with pytest.raises(CheckpointError, match="header"):
         SafetensorsFile(bad)
+
+
+def test_reads_into_an_arena_reuse_its_memory(tmp_path: Path) -> None:
+    tensors = {
+        "w": torch.randn(33, 17).bfloat16(),
+        "b": torch.randn(5),
+        "i": torch.arange(3, dtype=torch.int64),
+    }
+    specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+    writer = ShardWriter(tmp_path / "x.safetensors", specs, {})
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+    stored, arena = SafetensorsFile(tmp_path / "x.safetensors"), ReadArena()
+    for _ in range(2):  # the first pass grows the buffer (a request that does not fit replaces it)
+        arena.reset()
+        first = {name: stored.read(name, arena) for name in tensors}  # w (odd byte count), then b and i
+    for name, t in tensors.items():
+        assert torch.equal(first[name], t) and arena.owns(first[name])
+        assert first[name].untyped_storage().data_ptr() == first["w"].untyped_storage().data_ptr()
+        assert (first[name].data_ptr() - first["w"].data_ptr()) % ReadArena.ALIGN == 0
+    arena.reset()
+    again = stored.read("w", arena)
+    assert again.data_ptr() == first["w"].data_ptr() and torch.equal(again, tensors["w"])
+    assert not arena.owns(stored.read("w"))  # no arena: memory of its own
+
+
+@pytest.mark.parametrize(("family", "preset"), [("gpt2", "w8a16"), ("bert", "w8a8"), ("gpt2", "w4a16")])
+def test_streamed_tensors_never_alias_the_reused_read_buffer(
+    family: str, preset: str, tiny_model_dir, monkeypatch
+) -> None:
+    # The shard writer holds a linear's tensors until its thread writes them, after the next linear's
+    # read has reused the arena: a tensor left in it would be overwritten. quantmint's fake-quant layer
+    # and cells copy the float bias; layers that keep it as read must not break the checkpoint either.
+    cell_class = streaming.cell_class
+    fake_linear = streaming.PTQ._fake_linear
+
+    def fake_keeping_bias(self, module, *args, **kwargs):
+        fake = fake_linear(self, module, *args, **kwargs)
+        if module.bias is not None:
+            fake.bias.data = module.bias.data
+        return fake
+
+    def keeping_bias(scheme):
+        base = cell_class(scheme)
+
+        class KeepsBias(base):
+            @classmethod
+            def from_fake_quant(cls, layer):
+                cell = base.from_fake_quant(layer)
+                if layer.bias is not None:
+                    cell.bias.data = layer.bias.data  # the tensor as read, no copy
+                return cell
+
+        return KeepsBias
+
+    monkeypatch.setattr(streaming, "cell_class", keeping_bias)
+    monkeypatch.setattr(streaming.PTQ, "_fake_linear", fake_keeping_bias)
+    producer = streaming._RTNProducer(tiny_model_dir(family), get_preset(preset), None)
+    names = list(producer.linears)
+    outputs = [(name, producer._quantize(name)) for name in names]
+    reference = streaming._RTNProducer(tiny_model_dir(family), get_preset(preset), None)
+    for name, tensors in outputs:
+        assert not any(producer._arena.owns(t) for t in tensors.values())
+        expected = reference._quantize(name)  # read into the arena last: equal if nothing was overwritten
+        assert tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[k], expected[k]) for k in tensors), name
+    assert any(k.endswith(".bias") for _, tensors in outputs for k in tensors), "a bias was streamed"
 
 
 def test_chunked_quantization_matches_whole_tensor() -> None:
