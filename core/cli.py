@@ -27,6 +27,14 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _with_algorithm_args(config: Any, option: str, **updates: Any) -> Any:
+    """`config` with these `algorithm_args` changed and the others kept; a usage error names `option`."""
+    try:
+        return config.with_updates(algorithm_args={**config.algorithm_args.model_dump(), **updates})
+    except ValueError as exc:
+        raise _usage_error(f"{option}: {exc}") from None
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from quantmint.algorithms.ptq import quant_state, quantize
     from quantmint.checkpoint import save_quantized
@@ -36,13 +44,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.ignore:
         config = config.with_updates(ignore=[*config.ignore, *args.ignore])
-    if args.hadamard:
-        try:
-            config = config.with_updates(
-                algorithm_args={**config.algorithm_args.model_dump(), "hadamard": True}
+    if args.smooth_alpha is not None:
+        if config.outliers_suppression != "smooth":
+            raise _usage_error(
+                f"--smooth-alpha: this config does no SmoothQuant (outliers_suppression: "
+                f"{config.outliers_suppression}); pick a W8A8 preset or drop the option"
             )
-        except ValueError as exc:
-            raise _usage_error(f"--hadamard: {exc}") from None
+        config = _with_algorithm_args(
+            config, "--smooth-alpha", smooth_alpha=args.smooth_alpha, smooth_alpha_grid=[]
+        )
+    if args.hadamard:
+        config = _with_algorithm_args(config, "--hadamard", hadamard=True)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -364,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--hadamard",
         action="store_true",
         help="W8A8: rotate the MLP down projection's input by a Hadamard matrix (algorithm_args.hadamard)",
+    )
+    q.add_argument(
+        "--smooth-alpha",
+        type=float,
+        metavar="ALPHA",
+        help="SmoothQuant: this alpha for every block, no per-block search (algorithm_args.smooth_alpha, "
+        "an empty smooth_alpha_grid)",
     )
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")

@@ -153,6 +153,15 @@ def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
     assert block["config"]["algorithm_args"]["hadamard"] is True
     assert block["config"]["algorithm_args"]["smooth_alpha_grid"] == [0.5, 0.6, 0.7, 0.8]  # the preset's
     assert block["rotated_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # --smooth-alpha fixes alpha (no search) and keeps the rest, the rotation included.
+    argv += ["--smooth-alpha", "0.6", "--calib-seq-len", "32", "-o", str(tmp_path / "fixed")]
+    code, _, _ = _run(capsys, *argv)
+    assert code == 0
+    args = json.loads((tmp_path / "fixed" / "config.json").read_text())["quantization_config"]["config"]
+    assert args["algorithm_args"]["smooth_alpha"] == 0.6 and args["algorithm_args"]["smooth_alpha_grid"] == []
+    assert args["algorithm_args"]["hadamard"] is True and args["kvcache_dtype"] is None
+    calibration = json.loads((tmp_path / "fixed" / "quantmint_calibration.json").read_text())
+    assert set(calibration["smooth_alpha_per_block"]) == {0.6}
 
 
 @pytest.mark.parametrize(
@@ -168,6 +177,11 @@ def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
         (["quantize", "{model}", "-o", "{out}", "--config", "{badconfig}"], "unknown key 'frobnicate'"),
         (["eval", "{model}"], "--text"),
         (["quantize", "{model}", "-o", "{out}", "--hadamard"], "activation_dtype: int8, or hadamard: false"),
+        (["quantize", "{model}", "-o", "{out}", "--smooth-alpha", "0.5"], "does no SmoothQuant"),
+        (
+            ["quantize", "{model}", "-o", "{out}", "--preset", "w8a8", "--smooth-alpha", "1.5"],
+            "--smooth-alpha: PTQConfig: algorithm_args: AlgorithmArgs: invalid value 1.5 for 'smooth_alpha'",
+        ),
         (["inspect", "{model}"], "not a quantmint checkpoint"),
     ],
 )
