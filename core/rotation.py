@@ -9,7 +9,7 @@ input channels SmoothQuant cannot fold into the layer before.
 
 `hadamard_matrix(n)` builds a Hadamard matrix of order `n` as a Kronecker product of a power of two
 (Sylvester) and, where needed, one Paley matrix of order q + 1 for a prime q ≡ 3 (mod 4) (12, 20, 24,
-44, ...), which covers the widths of common models (576 = 12·48, 1536 = 12·128, 3072 = 12·256, 11008 =
+44, ...), which covers the widths of common models (576 = 72·8, 1536 = 12·128, 3072 = 12·256, 11008 =
 43·256 is not: such a width is refused with the reason). `hadamard_transform` applies it factor by factor
 (one small matmul per factor), so the run-time cost is a fraction of the linear's own.
 """
