@@ -42,6 +42,8 @@ def test_wheel_installs_and_imports(tmp_path: Path) -> None:
         "from quantmint import registry\n"
         f"assert quantmint.__file__.startswith({str(target)!r}), quantmint.__file__\n"
         "print(sorted(registry.model_families()), sorted(registry.cell_classes()))\n"
+        "from quantmint import native\n"
+        "assert (native._SOURCES / 'rtn.c').is_file(), 'the wheel lacks the native kernel sources'\n"
     )
     # Run from an empty directory so that the source tree is not importable.
     env = {**os.environ, "PYTHONPATH": str(target)}

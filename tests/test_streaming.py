@@ -362,18 +362,3 @@ def test_rounding_the_dequantized_weight_again_gives_the_same_integers(dtype, st
     deq = quant_math.dequantize_weight(q, scale, dtype, group)
     again = quant_math.quantize(deq, quant_math.expand_weight_scale(scale, deq.shape, group), num_bits=bits)
     assert torch.equal(again, q)
-
-
-def test_compiled_rtn_kernel_gives_the_eager_integers(monkeypatch) -> None:
-    generator = torch.Generator().manual_seed(0)
-    rows = quant_math._COMPILE_MIN_ELEMENTS // 1024 + 3
-    weight = torch.randn(rows, 1024, generator=generator) * torch.logspace(-4, 1, rows).reshape(-1, 1)
-    for dtype in (torch.bfloat16, torch.float32):
-        w = weight.to(dtype)
-        eager = quant_math.quantize_weight(w, "channel", 8)
-        monkeypatch.setenv("QUANTMINT_COMPILE", "1")
-        assert quant_math._use_compiled(w)
-        compiled = quant_math.quantize_weight(w, "channel", 8)
-        monkeypatch.delenv("QUANTMINT_COMPILE")
-        assert quant_math._COMPILED.get("fn") is not None, "the compiled kernel fell back to eager"
-        assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
