@@ -206,6 +206,69 @@ def test_safetensors_writer_reads_back_like_safetensors(tmp_path: Path) -> None:
         SafetensorsFile(bad)
 
 
+def _takes_o_direct(directory: Path) -> bool:
+    import os
+
+    try:
+        fd = os.open(directory / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    (directory / ".probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_direct_and_buffered_writes_give_the_same_file_and_hash(tmp_path: Path, monkeypatch, direct) -> None:
+    """O_DIRECT output (staged, padded, truncated) is the very file buffered writes give, at sizes on
+    and off the 4 KiB block and across the 16 MiB staging buffer."""
+    import hashlib
+
+    from quantmint import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "_IO_CHUNK", 1 << 16)  # several staging buffers per file
+    monkeypatch.setenv("QUANTMINT_DIRECT_IO", direct)
+    generator = torch.Generator().manual_seed(0)
+    for total in (4096 - 8, 3 * (1 << 16) + 5, 1 << 18):
+        tensors = {"x": torch.randint(-127, 127, (total,), dtype=torch.int8, generator=generator)}
+        specs = [TensorSpec.of("x", tensors["x"])]
+        path = tmp_path / f"{direct}-{total}.safetensors"
+        writer = ShardWriter(path, specs, {})
+        assert writer._file.direct == (direct == "1" and _takes_o_direct(tmp_path))
+        writer.write("x", tensors["x"])
+        info = writer.close()
+        data = path.read_bytes()
+        assert info == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        assert torch.equal(SafetensorsFile(path).read("x"), tensors["x"])
+        assert data[-total:] == tensors["x"].numpy().tobytes()
+
+
+def test_direct_writes_a_filesystem_refuses_go_on_buffered(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from quantmint import safetensors_io
+
+    real_write, refused = os.write, []
+
+    def write(fd: int, data) -> int:
+        if safetensors_io.fcntl.fcntl(fd, safetensors_io.fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(safetensors_io.os, "write", write)
+    tensor = torch.arange(10_000, dtype=torch.int32)
+    if not _takes_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT at open")
+    writer = ShardWriter(tmp_path / "x.safetensors", [TensorSpec.of("t", tensor)], {})
+    assert writer._file.direct
+    writer.write("t", tensor)
+    writer.close()
+    assert refused, "the direct write was never tried"
+    assert torch.equal(SafetensorsFile(tmp_path / "x.safetensors").read("t"), tensor)
+
+
 def test_reads_into_an_arena_reuse_its_memory(tmp_path: Path) -> None:
     tensors = {
         "w": torch.randn(33, 17).bfloat16(),
