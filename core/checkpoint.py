@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,35 @@ def quantization_config_block(model: nn.Module) -> dict[str, Any]:
     }
 
 
+# The files a Hugging Face tokenizer is made of (those present are copied; see `save_quantized`).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of model directory `src` into `dst`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if not copied:
+        raise CheckpointError(f"{src} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    return copied
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -143,7 +173,9 @@ def save_quantized(
     Args:
         model: a model returned by `quantize` (or `load_quantized`).
         out_dir: the directory to create. It must not exist unless `overwrite=True`.
-        tokenizer: saved alongside, so the directory is self-contained (optional).
+        tokenizer: saved alongside, so the directory is self-contained (optional): a tokenizer object
+            (written with its `save_pretrained`) or a model directory whose tokenizer files are copied
+            as they are (`TOKENIZER_FILES`; what the CLI does: no tokenizer is loaded to save it).
         max_shard_size: shards are split above this many bytes (`"2GB"`, `500_000_000`).
         overwrite: replace an existing directory, only once the new one is complete.
     """
@@ -208,7 +240,9 @@ def write_checkpoint(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and getattr(model, "can_generate", lambda: False)():
         generation_config.save_pretrained(tmp)
-    if tokenizer is not None:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        copy_tokenizer_files(Path(tokenizer), tmp)
+    elif tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     manifest = {
         "quant_method": QUANT_METHOD,

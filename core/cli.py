@@ -62,7 +62,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     stream = args.stream or _too_big_for_memory(Path(args.model))
     model = None if stream else load_float_model(args.model)
     has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
-    tokenizer = load_tokenizer(args.model) if has_tokenizer else None
+    # Saved by copying its files; loaded only to tokenize calibration text (loading costs seconds).
+    tokenizer = Path(args.model) if has_tokenizer else None
     calibration = None
     if args.calib:
         from quantmint.data import calibration_samples
@@ -71,7 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             raise _usage_error(f"--calib needs a tokenizer, and {args.model} has none")
         calibration = calibration_samples(
             args.calib,
-            tokenizer,
+            load_tokenizer(args.model),
             n_samples=args.calib_samples,
             seq_len=args.calib_seq_len,
             seed=args.calib_seed,

@@ -7,7 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantmint import PTQ, CheckpointError, ConfigError, load_quantized, quant_state, quantize, save_quantized
+from quantmint import (
+    PTQ,
+    CheckpointError,
+    ConfigError,
+    checkpoint,
+    load_quantized,
+    quant_state,
+    quantize,
+    save_quantized,
+)
 from quantmint.checkpoint import MANIFEST_NAME, _sha256, parse_size
 from tests.conftest import build_tiny, byte_tokenizer, model_output
 
@@ -212,3 +221,12 @@ def test_a_loaded_checkpoint_saves_again_identically(tmp_path: Path, input_ids: 
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_copying_tokenizer_files_from_a_directory_without_any_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(CheckpointError, match="holds no tokenizer files"):
+        checkpoint.copy_tokenizer_files(tmp_path / "src", tmp_path / "dst")
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    assert checkpoint.copy_tokenizer_files(tmp_path / "src", tmp_path / "dst") == ["tokenizer.json"]
