@@ -7,7 +7,9 @@ tokenizer so text calibration works), made once under ``--dir`` and reused.
 ``rtn`` (default sizes 0.5, 2 and 8 GB), for each size, each step in its own child process:
 
 * ``io`` -- the raw cost: read every input shard start to end (16 MiB ``readinto`` into one buffer) and
-  write as many bytes as the quantized checkpoint has (16 MiB writes), into the same output directory;
+  write as many bytes as the quantized checkpoint has (16 MiB writes), into the same output directory,
+  once with buffered writes and once with O_DIRECT (what quantmint's writer uses where it can): the
+  faster is the reference, so neither side gains from the page cache's moods;
 * ``rtn`` -- ``quantmint quantize --stream --preset w8a16`` (`quantmint.streaming.quantize_checkpoint`)
   with ``--workers`` 1 and 2 (processes writing output shards at once).
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -146,9 +149,10 @@ def run_child(argv: list[str], cgroup: Cgroup | None, stdout_json: bool = True) 
 
 
 # --- the children -----------------------------------------------------------------------------------
-def io_child(src: str, out: str, nbytes: int) -> None:
-    """Read every safetensors file of `src`, write `nbytes` into `out`; print seconds as JSON."""
-    buffer = bytearray(CHUNK)
+def io_child(src: str, out: str, nbytes: int, direct: bool) -> None:
+    """Read every safetensors file of `src`, write `nbytes` into `out` (buffered, or O_DIRECT from an
+    aligned buffer, the last block padded and the file truncated); print seconds as JSON."""
+    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
     view = memoryview(buffer)
     start = time.perf_counter()
     read = 0
@@ -157,10 +161,15 @@ def io_child(src: str, out: str, nbytes: int) -> None:
             while n := f.readinto(view):
                 read += n
     Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / "io.bin", "wb", buffering=0) as f:
-        left = nbytes
-        while left > 0:
-            left -= f.write(view[: min(CHUNK, left)])
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(Path(out) / "io.bin", flags, 0o644)
+    left = nbytes
+    while left > 0:
+        n = min(CHUNK, left)
+        os.write(fd, view[: -(-n // 4096) * 4096 if direct else n])
+        left -= n
+    os.ftruncate(fd, nbytes)
+    os.close(fd)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": round(seconds, 3), "read_bytes": read, "written_bytes": nbytes}))
 
@@ -220,11 +229,15 @@ def estimate_output_bytes(src: Path) -> int:
 def measure_io(
     src: Path, out: Path, input_bytes: int, output_bytes: int, size: str, cgroup: Cgroup | None
 ) -> dict:
-    settle(src, cgroup)
-    log(f"{size}: raw read of {input_bytes / 1e9:.2f} GB and write of {output_bytes / 1e9:.2f} GB")
-    result = run_child([sys.executable, __file__, "io-child", str(src), str(out), str(output_bytes)], cgroup)
-    shutil.rmtree(out, ignore_errors=True)
-    return result
+    results = {}
+    for mode in ("buffered", "direct"):
+        settle(src, cgroup)
+        log(f"{size}: raw read of {input_bytes / 1e9:.2f} GB and {mode} write of {output_bytes / 1e9:.2f} GB")
+        argv = [sys.executable, __file__, "io-child", str(src), str(out), str(output_bytes), mode]
+        results[mode] = run_child(argv, cgroup)
+        shutil.rmtree(out, ignore_errors=True)
+    best = min(results.values(), key=lambda r: r["seconds"])
+    return {**best, "seconds_by_write": {mode: r["seconds"] for mode, r in results.items()}}
 
 
 def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]:
@@ -271,6 +284,7 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
                     "seconds": io["seconds"],
                     "gbps": round(input_bytes / io["seconds"] / 1e9, 3),
                     "peak_rss_mb": io["peak_rss_mb"],
+                    "runs": [r["seconds_by_write"] for r in io_times],
                 },
                 "rtn": rtn,
             }
@@ -326,7 +340,7 @@ def bench_smoothquant(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "io-child":
-        io_child(argv[1], argv[2], int(argv[3]))
+        io_child(argv[1], argv[2], int(argv[3]), direct=argv[4] == "direct")
         return None
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["rtn", "smoothquant"])
