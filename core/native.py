@@ -45,8 +45,13 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+# Flags some sources need besides the common ones. OpenMP: the library links libgomp.so.1, which the
+# loader resolves to the copy torch has already loaded, so kernels share torch's thread pool.
+_EXTRA_FLAGS = {"woq": ["-fopenmp"]}
+
+
+def _flags(name: str) -> list[str]:
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", *_EXTRA_FLAGS.get(name, [])]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")  # compilers default to 256-bit vectors on AVX-512
     return flags
@@ -67,7 +72,7 @@ def _cpu_signature() -> str:
 def _build(name: str, source: Path, compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, version, " ".join(_flags()), _cpu_signature()]).encode()
+        "\0".join([source.read_text(), compiler, version, " ".join(_flags(name)), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -77,7 +82,7 @@ def _build(name: str, source: Path, compiler: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *_flags(), "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
+            [compiler, *_flags(name), "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")

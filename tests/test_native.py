@@ -127,3 +127,78 @@ def test_the_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch) -> N
     again = native._build("rtn", native._SOURCES / "rtn.c", compiler)
     assert again == first and again.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+# --- the AMX W8A16 kernel (csrc/woq.c) -----------------------------------------------------------------
+def _amx_ready() -> bool:
+    from quantmint.backends.torch import int8_weight_only
+
+    return int8_weight_only._woq_library() is not None
+
+
+needs_amx = pytest.mark.skipif(
+    not _amx_ready(), reason="no AMX-BF16 here (or no C compiler): W8A16 uses its torch kernels"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 32), (80, 96), (960, 576)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_amx_w8a16_kernel_matches_the_float32_product(rows, out_features, in_features, with_bias) -> None:
+    from quantmint.backends.torch.int8_weight_only import amx_woq_linear, pack_weight_for_amx
+
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = torch.rand(out_features, generator=generator) * 0.01
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    wide = torch.randn(rows, in_features + 32, generator=generator).bfloat16()
+    x = wide[:, 7 : 7 + in_features]  # rows strided in memory
+    y = amx_woq_linear(x, pack_weight_for_amx(weight), scale, bias)
+    exact = (x.double() @ weight.double().t()) * scale.double() + (0 if bias is None else bias.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+    # float32 accumulation in another order, then one bf16 rounding: within one bf16 step
+    assert torch.all((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-5)
+
+
+@needs_amx
+def test_amx_w8a16_kernel_gives_the_same_result_on_any_thread_count() -> None:
+    from quantmint.backends.torch.int8_weight_only import amx_woq_linear, pack_weight_for_amx
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (1040, 256), dtype=torch.int8, generator=generator)
+    packed, scale = pack_weight_for_amx(weight), torch.rand(1040, generator=generator)
+    x = torch.randn(3, 9, 256, generator=generator).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(amx_woq_linear(x, packed, scale))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0].shape == (3, 9, 1040)
+    assert all(torch.equal(results[0], r) for r in results[1:])  # each output is one thread's work
+
+
+def test_amx_packing_puts_each_element_where_the_kernel_reads_it() -> None:
+    from quantmint.backends.torch.int8_weight_only import pack_weight_for_amx
+
+    weight = torch.arange(48 * 64, dtype=torch.int32).reshape(48, 64)
+    packed = pack_weight_for_amx(weight)
+    assert packed.shape == (3, 2, 16, 16, 2)
+    for n, k in [(0, 0), (0, 1), (17, 33), (47, 63), (20, 2)]:
+        assert packed[n // 16, k // 32, (k % 32) // 2, n % 16, k % 2] == weight[n, k]
+
+
+def test_amx_w8a16_kernel_refuses_what_it_cannot_serve() -> None:
+    from quantmint.backends.torch.int8_weight_only import amx_woq_linear, amx_woq_supported
+
+    weight = torch.zeros(64, 64, dtype=torch.int8)
+    assert not amx_woq_supported(weight, torch.float32)
+    assert not amx_woq_supported(weight, torch.float16)
+    assert not amx_woq_supported(torch.zeros(64, 48, dtype=torch.int8), torch.bfloat16)  # in % 32
+    assert not amx_woq_supported(torch.zeros(40, 64, dtype=torch.int8), torch.bfloat16)  # out % 16
+    assert amx_woq_supported(weight, torch.bfloat16) == _amx_ready()
+    with pytest.raises(ValueError, match="bf16 activations"):
+        amx_woq_linear(torch.randn(2, 64), torch.zeros(4, 2, 16, 16, 2, dtype=torch.int8), torch.ones(64))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
+from quantmint import native
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 
-__all__ = ["Int8WeightOnlyLinear", "int8_weight_only_linear"]
+__all__ = [
+    "Int8WeightOnlyLinear",
+    "amx_woq_linear",
+    "amx_woq_supported",
+    "int8_weight_only_linear",
+    "pack_weight_for_amx",
+]
 
 
 def int8_weight_only_linear(
@@ -57,6 +66,75 @@ def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     if x.dtype == torch.float32:
         return rows == 1 and weight.numel() >= _INT8PACK_MIN_WEIGHT_FP32
     return False
+
+
+# --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
+def _woq_library() -> ctypes.CDLL | None:
+    lib = native.library("woq")
+    if lib is None:
+        return None
+    if lib.qm_woq_linear_bf16.argtypes is None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.qm_woq_linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+        lib.qm_woq_linear_bf16.restype = ctypes.c_int
+        lib.qm_woq_available.restype = ctypes.c_int
+    return lib if lib.qm_woq_available() else None
+
+
+def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `amx_woq_linear` serves this int8 weight [out, in] for `dtype` activations here: a CPU
+    with AMX-BF16 (and a C compiler), bf16 activations, `in` a multiple of 32 and `out` of 16."""
+    return (
+        dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.int8
+        and weight.dim() == 2
+        and weight.shape[1] % 32 == 0
+        and weight.shape[0] % 16 == 0
+        and weight.numel() > 0
+        and _woq_library() is not None
+    )
+
+
+def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> the AMX tile order `amx_woq_linear` reads: [out/16, in/32, 16, 16, 2], where
+    element (n, k) sits at [n // 16, k // 32, (k % 32) // 2, n % 16, k % 2]. Same bytes, reordered."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features // 16, 16, in_features // 32, 16, 2)
+    return blocks.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_woq_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ (weight * scale).T + bias on the AMX tile unit (`csrc/woq.c`), for a weight packed by
+    `pack_weight_for_amx` and checked by `amx_woq_supported`.
+
+    x: [..., in] bf16; scale: [out] float32; bias: [out] float32 or None. Accumulates in float32,
+    applies scale and bias in float32 and rounds once to bf16 (the cast path rounds x @ q.T to bf16
+    before scaling). Per output channel only: a per-tensor scale is expanded by the caller.
+    """
+    lib = _woq_library()
+    if lib is None or x.dtype != torch.bfloat16 or scale.dtype != torch.float32:
+        raise ValueError(
+            f"amx_woq_linear takes bf16 activations and float32 scales on an AMX CPU (got {x.dtype}, "
+            f"{scale.dtype}, kernel {'built' if lib else 'unavailable'}): check amx_woq_supported first"
+        )
+    out_features, in_features = packed.shape[0] * 16, packed.shape[1] * 32
+    shape = x.shape
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty((rows, out_features), dtype=torch.bfloat16)
+    if rows:
+        ok = lib.qm_woq_linear_bf16(
+            x2.data_ptr(), rows, in_features, x2.stride(0), packed.data_ptr(), out_features,
+            scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+        )  # fmt: skip
+        if not ok:
+            raise RuntimeError("the AMX W8A16 kernel could not run (no workspace memory)")
+    return y.reshape(*shape[:-1], out_features)
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):

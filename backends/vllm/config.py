@@ -24,7 +24,7 @@ from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
 from quantmint.checkpoint import FORMAT_VERSION, QUANT_METHOD
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 
 # Layer names vLLM 0.32 gets wrong: BertAttention passes its self-attention the prefix `attention.output`,
 # so BERT's fused q/k/v layer is named `attention.output.qkv_proj` instead of `attention.self.qkv_proj`.

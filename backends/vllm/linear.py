@@ -19,12 +19,17 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import replace_parameter
 
 from quantmint.backends.torch.int8_linear import int8_linear
-from quantmint.backends.torch.int8_weight_only import int8_weight_only_linear
+from quantmint.backends.torch.int8_weight_only import (
+    amx_woq_linear,
+    amx_woq_supported,
+    int8_weight_only_linear,
+    pack_weight_for_amx,
+)
 from quantmint.rotation import apply_hadamard, hadamard_factors_for
 
 __all__ = ["W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 
 
 def _transposing(weight_loader: Callable[..., Any]) -> Callable[..., Any]:
@@ -217,13 +222,33 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     """Int8 weights per output channel, float activations.
 
     vLLM 0.32 has no int8 weight-only kernel on CPU (its CPUWNA16 kernel refuses uint8b128), so the layer
-    runs quantmint's int8-weight matmul (`int8_weight_only_linear`): `_weight_int8pack_mm` for decode rows,
-    otherwise the int8 weight cast inside the GEMM with the scale applied to the output. Never a
-    dequantized float copy of the weights.
+    runs quantmint's own:
+    - on CPUs with AMX-BF16 serving bf16, `amx_woq_linear` (`csrc/woq.c`): the weight is repacked at
+      load into the AMX tile order and widened to bf16 a panel at a time inside the kernel (about half
+      the time of a bf16 GEMM on SmolLM2's shapes, benchmarks/int8_matmul.py);
+    - elsewhere `int8_weight_only_linear`: `_weight_int8pack_mm` for decode rows, otherwise the int8
+      weight cast inside the GEMM with the scale applied to the output.
+    Never a dequantized float copy of the weights.
     """
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        replace_parameter(layer, "weight", layer.weight.data.contiguous())
+        weight = layer.weight.data.contiguous()
+        layer.quantmint_amx = amx_woq_supported(weight, layer.quantmint_dtype)
+        if layer.quantmint_amx:
+            logger.info_once("quantmint W8A16: bf16 layers run the AMX kernel (csrc/woq.c)")
+        else:
+            logger.info_once(
+                f"quantmint W8A16: {layer.quantmint_dtype} layers run torch's int8-weight matmul "
+                "(the AMX kernel takes bf16 on CPUs with AMX-BF16)"
+            )
+        if layer.quantmint_amx:
+            out_features = weight.shape[0]
+            replace_parameter(layer, "weight", pack_weight_for_amx(weight))
+            scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
+            replace_parameter(layer, "weight_scale", scale)
+            layer.quantmint_bias = None  # (bias, its float32 copy), made on first use
+            return
+        replace_parameter(layer, "weight", weight)
         scale = layer.weight_scale.data.reshape(-1).to(layer.quantmint_dtype)
         replace_parameter(layer, "weight_scale", scale)
 
@@ -232,4 +257,12 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     ) -> torch.Tensor:
         if self.rotate_input:
             x = apply_hadamard(x, layer.quantmint_hadamard)
+        if layer.quantmint_amx:
+            bias32 = None
+            if bias is not None:
+                cached = layer.quantmint_bias
+                if cached is None or cached[0] is not bias:
+                    cached = layer.quantmint_bias = (bias, bias.float().contiguous())
+                bias32 = cached[1]
+            return amx_woq_linear(x, layer.weight, layer.weight_scale, bias32)
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)

@@ -87,7 +87,8 @@ def run_in_subprocess(
 ) -> dict[str, Any]:
     """Run `job` in a fresh Python process (vLLM's state and environment stay out of the caller).
 
-    Returns the job's JSON result, or {"error": ..., "traceback": ...} when it failed.
+    Returns the job's JSON result, with the log lines that name quantmint under "quantmint_log", or
+    {"error": ..., "traceback": ...} when it failed.
     """
     job_file = os.path.join(workdir, f"vllm-job-{os.getpid()}-{time.monotonic_ns()}.json")
     with open(job_file, "w") as f:
@@ -105,7 +106,10 @@ def run_in_subprocess(
             "error": f"vLLM process exited {proc.returncode} with no result",
             "traceback": proc.stderr[-4000:],
         }
-    return json.loads(lines[-1])
+    out = json.loads(lines[-1])
+    logged = proc.stderr.splitlines() + proc.stdout.splitlines()
+    out["quantmint_log"] = [line for line in logged if "quantmint" in line and not line.startswith("{")]
+    return out
 
 
 def main() -> int:
