@@ -9,8 +9,9 @@ rows M in {1, 16, 256}.
 
 * ``float``   -- ``F.linear`` with the dequantized weight, fp32 and bf16 (the baselines).
 * ``w8``      -- weight-only int8, activations stay float:
-  ``aten._weight_int8pack_mm`` (fp32 / bf16; scales must have x's dtype) and
-  dequantize-then-``F.linear`` done on every call (fp32 / bf16).
+  ``aten._weight_int8pack_mm`` (fp32 / bf16; scales must have x's dtype),
+  dequantize-then-``F.linear`` done on every call (fp32 / bf16), and quantmint's AMX kernel
+  ``amx_woq_linear`` (bf16, CPUs with AMX-BF16; csrc/woq.c).
 * ``w8a8``    -- int8 weights *and* int8 activations, dynamic activation quantization included in the time:
   ``torch._int_mm`` with per-token quantization + rescale (fp32 / bf16),
   ``torch.ao.nn.quantized.dynamic.Linear`` (engine ``x86``, else ``fbgemm``; per-channel qint8 weight; the
@@ -355,6 +356,20 @@ def build_quantmint_cell(dtype: torch.dtype) -> Builder:
     return build
 
 
+def build_amx_woq(layer: Layer, x: torch.Tensor) -> Prepared:
+    """quantmint's AMX W8A16 kernel (csrc/woq.c), what the vLLM plugin serves bf16 W8A16 layers with."""
+    from quantmint.backends.torch.int8_weight_only import (
+        amx_woq_linear,
+        amx_woq_supported,
+        pack_weight_for_amx,
+    )
+
+    if not amx_woq_supported(layer.q, torch.bfloat16):
+        raise ValueError("skipped: no AMX-BF16 kernel here (CPU, compiler, or K % 32 / N % 16)")
+    xd, packed, s = x.to(torch.bfloat16), pack_weight_for_amx(layer.q), layer.scale.float().contiguous()
+    return Prepared(lambda: amx_woq_linear(xd, packed, s))
+
+
 def kernels(engine: str | None) -> list[Kernel]:
     ks: list[Kernel] = []
     for act, dtype in DTYPES.items():
@@ -375,6 +390,7 @@ def kernels(engine: str | None) -> list[Kernel]:
                 build_linear_dynamic_op("fbgemm", False, dtype),
             ),
         ]
+    ks.append(Kernel("quantmint.amx_woq_linear[bf16]", "w8", "bf16", build_amx_woq))
     if engine is not None:
         ks.append(
             Kernel(

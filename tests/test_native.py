@@ -202,3 +202,13 @@ def test_amx_w8a16_kernel_refuses_what_it_cannot_serve() -> None:
     assert amx_woq_supported(weight, torch.bfloat16) == _amx_ready()
     with pytest.raises(ValueError, match="bf16 activations"):
         amx_woq_linear(torch.randn(2, 64), torch.zeros(4, 2, 16, 16, 2, dtype=torch.int8), torch.ones(64))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [16, 256])  # the decode path (one block of rows) and the panel path
+def test_amx_kernel_widens_every_int8_value_exactly(rows) -> None:
+    from quantmint.backends.torch.int8_weight_only import amx_woq_linear, pack_weight_for_amx
+
+    weight = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 256).repeat(16, 1)
+    y = amx_woq_linear(torch.eye(256)[:rows].bfloat16(), pack_weight_for_amx(weight), torch.ones(16))
+    assert torch.equal(y.float().t(), weight[:, :rows].float())

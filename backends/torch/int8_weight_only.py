@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,16 +70,28 @@ def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 
 # --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
-def _woq_library() -> ctypes.CDLL | None:
-    lib = native.library("woq")
-    if lib is None:
-        return None
-    if lib.qm_woq_linear_bf16.argtypes is None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.qm_woq_linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
-        lib.qm_woq_linear_bf16.restype = ctypes.c_int
-        lib.qm_woq_available.restype = ctypes.c_int
-    return lib if lib.qm_woq_available() else None
+_WOQ: dict[str, Any] = {}  # "fn": the kernel's ctypes function, or None where it cannot run
+
+
+def _woq_function() -> Any:
+    """The AMX kernel, looked up once per process (a call costs microseconds: it runs per layer)."""
+    if "fn" not in _WOQ:
+        lib = native.library("woq")
+        fn = None
+        if lib is not None:
+            lib.qm_woq_available.restype = ctypes.c_int
+            if lib.qm_woq_available():
+                fn = lib.qm_woq_linear_bf16
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+                fn.restype = ctypes.c_int
+        _WOQ["fn"] = fn
+    return _WOQ["fn"]
+
+
+def _woq_library() -> Any:
+    """Truthy where the AMX kernel runs here (kept for callers that only ask whether it does)."""
+    return _woq_function()
 
 
 def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -110,31 +123,30 @@ def amx_woq_linear(
     """y = x @ (weight * scale).T + bias on the AMX tile unit (`csrc/woq.c`), for a weight packed by
     `pack_weight_for_amx` and checked by `amx_woq_supported`.
 
-    x: [..., in] bf16; scale: [out] float32; bias: [out] float32 or None. Accumulates in float32,
+    x: [..., in] bf16; scale: [out] float32 (one per output channel: a per-tensor scale is expanded by
+    the caller); bias: [out] float32 or None. Accumulates in float32,
     applies scale and bias in float32 and rounds once to bf16 (the cast path rounds x @ q.T to bf16
-    before scaling). Per output channel only: a per-tensor scale is expanded by the caller.
+    before scaling).
     """
-    lib = _woq_library()
-    if lib is None or x.dtype != torch.bfloat16 or scale.dtype != torch.float32:
+    fn = _WOQ.get("fn") or _woq_function()
+    if fn is None or x.dtype != torch.bfloat16 or scale.dtype != torch.float32:
         raise ValueError(
             f"amx_woq_linear takes bf16 activations and float32 scales on an AMX CPU (got {x.dtype}, "
-            f"{scale.dtype}, kernel {'built' if lib else 'unavailable'}): check amx_woq_supported first"
+            f"{scale.dtype}, kernel {'built' if fn else 'unavailable'}): check amx_woq_supported first"
         )
-    out_features, in_features = packed.shape[0] * 16, packed.shape[1] * 32
-    shape = x.shape
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
+    # Runs once per layer and decode step: every torch call here costs about a microsecond.
+    out_features, in_features = scale.shape[0], x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    rows, (row_stride, col_stride) = x2.shape[0], x2.stride()
+    if col_stride != 1 or (rows > 1 and row_stride < in_features):
+        x2, row_stride = x2.contiguous(), in_features
     y = torch.empty((rows, out_features), dtype=torch.bfloat16)
-    if rows:
-        ok = lib.qm_woq_linear_bf16(
-            x2.data_ptr(), rows, in_features, x2.stride(0), packed.data_ptr(), out_features,
-            scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
-        )  # fmt: skip
-        if not ok:
-            raise RuntimeError("the AMX W8A16 kernel could not run (no workspace memory)")
-    return y.reshape(*shape[:-1], out_features)
+    if rows and not fn(
+        x2.data_ptr(), rows, in_features, row_stride, packed.data_ptr(), out_features,
+        scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+    ):  # fmt: skip
+        raise RuntimeError("the AMX W8A16 kernel could not run (no workspace memory)")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):

@@ -73,6 +73,21 @@ static uint16_t *panel_workspace(size_t elems) {
 
 /* int8 -> bf16, 32 at a time (n is a multiple of 512). */
 static void widen(const int8_t *restrict src, uint16_t *restrict dst, size_t n) {
+#ifdef __AVX512FP16__
+    /* int16 -> fp16 is one exact instruction; fp16 -> bf16 for integers of at most 8 significant bits
+     * is a bit shuffle: the exponent rebased (+112) and the mantissa's low 3 (zero) bits dropped. */
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff), sign = _mm512_set1_epi16((short)0x8000);
+    const __m512i rebase = _mm512_set1_epi16(112 << 7);
+    for (size_t i = 0; i < n; i += 32) {
+        __m512i h = _mm512_castph_si512(
+            _mm512_cvtepi16_ph(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(src + i)))));
+        __mmask32 nonzero = _mm512_test_epi16_mask(h, magnitude);
+        __m512i b = _mm512_srli_epi16(_mm512_and_si512(h, magnitude), 3);
+        b = _mm512_mask_add_epi16(b, nonzero, b, rebase);
+        _mm512_storeu_si512((void *)(dst + i), _mm512_or_si512(b, _mm512_and_si512(h, sign)));
+    }
+    return;
+#endif
     for (size_t i = 0; i < n; i += 32) {
         __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
         __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i + 16))));
@@ -88,6 +103,22 @@ int qm_woq_available(void) {
     return amx_ready;
 }
 
+/* The C tiles of one block of rows out: scaled per column, bias added, rounded once to bf16. */
+static void store_rows(float *cbuf, int np, int rows, uint16_t *y, int64_t ldy, const float *scale,
+                       const float *bias) {
+    _tile_stored(0, cbuf, 256);
+    if (np > 1) _tile_stored(1, cbuf + 16, 256);
+    if (np > 2) _tile_stored(2, cbuf + 32, 256);
+    if (np > 3) _tile_stored(3, cbuf + 48, 256);
+    for (int r = 0; r < rows; r++) {
+        for (int j = 0; j < np; j++) {
+            __m512 v = _mm512_mul_ps(_mm512_load_ps(cbuf + r * 64 + j * 16), _mm512_loadu_ps(scale + j * 16));
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16));
+            _mm256_storeu_si256((__m256i *)(y + r * ldy + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
 /* One thread's share: the panels [p_lo, p_hi) (a panel is 4 column blocks of 16). */
 static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
                       const float *scale, const float *bias, uint16_t *y, int64_t ldy, int64_t p_lo, int64_t p_hi) {
@@ -96,10 +127,43 @@ static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, cons
     if (!ws) return 0;
     float cbuf[16 * 64] __attribute__((aligned(64)));
     int configured = 0;
+    uint16_t ring[4 * 512] __attribute__((aligned(64)));
     for (int64_t p = p_lo; p < p_hi; p++) {
         const int64_t nb0 = p * 4;
         const int np = nb_count - nb0 < 4 ? (int)(nb_count - nb0) : 4;
-        widen(packed + nb0 * kb_count * 512, ws, (size_t)np * kb_count * 512);
+        const int8_t *panel = packed + nb0 * kb_count * 512;
+        if (m <= 16) {
+            /* One block of rows (decode): widen each 16 x 32 block just before its use, in L1. */
+            if (m != configured) {
+                configure_tiles((int)m);
+                configured = (int)m;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kb = 0; kb < kb_count; kb++) {
+                for (int j = 0; j < np; j++) widen(panel + (j * kb_count + kb) * 512, ring + j * 512, 512);
+                _tile_loadd(4, x + kb * 32, ldx * 2);
+                _tile_loadd(5, ring, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (np > 1) {
+                    _tile_loadd(6, ring + 512, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+                if (np > 2) {
+                    _tile_loadd(5, ring + 1024, 64);
+                    _tile_dpbf16ps(2, 4, 5);
+                }
+                if (np > 3) {
+                    _tile_loadd(6, ring + 1536, 64);
+                    _tile_dpbf16ps(3, 4, 6);
+                }
+            }
+            store_rows(cbuf, np, (int)m, y + nb0 * 16, ldy, scale + nb0 * 16, bias ? bias + nb0 * 16 : 0);
+            continue;
+        }
+        widen(panel, ws, (size_t)np * kb_count * 512);
         for (int64_t m0 = 0; m0 < m; m0 += 16) {
             const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
             if (rows != configured) {
@@ -128,19 +192,7 @@ static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, cons
                     _tile_dpbf16ps(3, 4, 6);
                 }
             }
-            _tile_stored(0, cbuf, 256);
-            if (np > 1) _tile_stored(1, cbuf + 16, 256);
-            if (np > 2) _tile_stored(2, cbuf + 32, 256);
-            if (np > 3) _tile_stored(3, cbuf + 48, 256);
-            for (int r = 0; r < rows; r++) {
-                uint16_t *out = y + (m0 + r) * ldy + nb0 * 16;
-                for (int j = 0; j < np; j++) {
-                    __m512 v = _mm512_mul_ps(_mm512_load_ps(cbuf + r * 64 + j * 16),
-                                             _mm512_loadu_ps(scale + nb0 * 16 + j * 16));
-                    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + nb0 * 16 + j * 16));
-                    _mm256_storeu_si256((__m256i *)(out + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
-                }
-            }
+            store_rows(cbuf, np, rows, y + m0 * ldy + nb0 * 16, ldy, scale + nb0 * 16, bias ? bias + nb0 * 16 : 0);
         }
     }
     if (configured) _tile_release();
