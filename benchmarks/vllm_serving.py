@@ -3,7 +3,8 @@ quantmint's W8A16 and W8A8 through the quantmint plugin. Prints one JSON line.
 
 Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults of `quantmint serve`):
 - `tok_s`: greedy decode throughput, `--prompts` prompts x `--tokens` new tokens (EOS ignored), all
-  submitted at once; `start_s`: engine start;
+  submitted at once, the median of `--repeats` runs in the same engine (`tok_s_runs`: each run; single
+  runs of one variant moved by up to 15% between invocations on this machine); `start_s`: engine start;
 - `ppl`: perplexity from vLLM's prompt log-probabilities over `--ppl-windows` independent 512-token
   windows of wikitext-2 test (the first token of each window is not scored), and for int8 variants
   `ppl_runtime`, the same windows through quantmint's own exact torch runtime (fp32), and
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -98,12 +100,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ppl-windows", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="generation runs per variant (median)")
     parser.add_argument(
         "--quick", action="store_true", help="4 prompts x 16 tokens, 2 windows, 16 calib samples"
     )
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.tokens, args.ppl_windows, args.calib_samples = 4, 16, 2, 16
+        args.prompts, args.tokens, args.ppl_windows, args.calib_samples, args.repeats = 4, 16, 2, 16, 1
 
     from quantmint.backends.vllm.offline import run_in_subprocess
     from quantmint.example_models import example_model_dir
@@ -140,7 +143,7 @@ def main() -> None:
                 "dtype": dtype,
                 "max_model_len": 1024,
                 "tasks": [
-                    {"kind": "generate", "prompts": prompts, "max_tokens": args.tokens},
+                    *[{"kind": "generate", "prompts": prompts, "max_tokens": args.tokens}] * args.repeats,
                     {"kind": "prompt_logprobs", "prompts": wins},
                 ],
             }
@@ -149,11 +152,13 @@ def main() -> None:
                 results[name] = {"error": out["error"]}
                 log(f"{name}: {out['error']}")
                 continue
-            gen, lp = out["results"]
+            *gens, lp = out["results"]
+            speeds = [round(args.prompts * args.tokens / g["seconds"], 1) for g in gens]
             row: dict[str, Any] = {
                 "dtype": dtype,
                 "start_s": round(out["start_s"], 1),
-                "tok_s": round(args.prompts * args.tokens / gen["seconds"], 1),
+                "tok_s": statistics.median(speeds),
+                "tok_s_runs": speeds,
                 "ppl": round(ppl_from_logprobs(lp["value"]), 4),
             }
             if str(model) in runtime:
