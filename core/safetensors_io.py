@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import mmap
@@ -170,7 +169,10 @@ class _OutputFile:
                 if exc.errno != errno.EINVAL or not self.direct:
                     raise
                 # The filesystem opened the file for direct I/O but will not do it: go on buffered
-                # (the staged block is still whole; nothing of it reached the file).
+                # (the staged block is still whole; nothing of it reached the file). Only Linux gets
+                # here, so fcntl (not on Windows) is imported here.
+                import fcntl
+
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self._write_all(stage[:length])
         self._fill = 0

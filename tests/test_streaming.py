@@ -245,6 +245,7 @@ def test_direct_and_buffered_writes_give_the_same_file_and_hash(tmp_path: Path, 
 
 def test_direct_writes_a_filesystem_refuses_go_on_buffered(tmp_path: Path, monkeypatch) -> None:
     import errno
+    import fcntl
     import os
 
     from quantmint import safetensors_io
@@ -252,7 +253,7 @@ def test_direct_writes_a_filesystem_refuses_go_on_buffered(tmp_path: Path, monke
     real_write, refused = os.write, []
 
     def write(fd: int, data) -> int:
-        if safetensors_io.fcntl.fcntl(fd, safetensors_io.fcntl.F_GETFL) & os.O_DIRECT:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
