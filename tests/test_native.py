@@ -133,7 +133,7 @@ def test_the_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch) -> N
 def _amx_ready() -> bool:
     from quantmint.backends.torch import int8_weight_only
 
-    return int8_weight_only._woq_library() is not None
+    return int8_weight_only._woq_function() is not None
 
 
 needs_amx = pytest.mark.skipif(

@@ -51,7 +51,7 @@ SMOLLM2 = "smollm2"
 def _amx_ready() -> bool:
     from quantmint.backends.torch import int8_weight_only
 
-    return int8_weight_only._woq_library() is not None
+    return int8_weight_only._woq_function() is not None
 
 
 def run_vllm(job: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -89,11 +89,6 @@ def _woq_function() -> Any:
     return _WOQ["fn"]
 
 
-def _woq_library() -> Any:
-    """Truthy where the AMX kernel runs here (kept for callers that only ask whether it does)."""
-    return _woq_function()
-
-
 def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `amx_woq_linear` serves this int8 weight [out, in] for `dtype` activations here: a CPU
     with AMX-BF16 (and a C compiler), bf16 activations, `in` a multiple of 32 and `out` of 16."""
@@ -105,7 +100,7 @@ def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
         and weight.shape[1] % 32 == 0
         and weight.shape[0] % 16 == 0
         and weight.numel() > 0
-        and _woq_library() is not None
+        and _woq_function() is not None
     )
 
 
