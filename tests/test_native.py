@@ -129,6 +129,74 @@ def test_the_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch) -> N
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
+# --- rounding as the weight is read (streaming RTN) ----------------------------------------------------
+def _stored(tmp_path, weight: torch.Tensor, lead: int = 24, tail: int = 8):
+    """`weight`'s bytes in a file between `lead` and `tail` bytes of other data: (path, offset)."""
+    path = tmp_path / "weights.bin"
+    raw = weight.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    path.write_bytes(b"h" * lead + raw + b"t" * tail)
+    return path, lead
+
+
+def _from_file(path, offset, weight, bits=8, strategy="channel", **kwargs):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        shape = tuple(weight.shape)
+        return qm.quantize_weight_from_file(fd, offset, weight.dtype, shape, strategy, bits, **kwargs)
+    finally:
+        os.close(fd)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 4])
+# One row; rows in several chunks with a ragged last one; a row larger than a chunk.
+@pytest.mark.parametrize("shape", [(1, 7), (300, 4096), (3, 200_000)])
+def test_rounding_from_a_file_gives_the_in_memory_integers_and_scales(tmp_path, dtype, bits, shape) -> None:
+    weight = awkward_weight(*shape, dtype)
+    assert shape[0] * shape[1] * weight.element_size() > qm._FILE_CHUNK or shape[0] == 1
+    path, offset = _stored(tmp_path, weight)
+    result = _from_file(path, offset, weight, bits)
+    assert result is not None, "the native kernel did not run"
+    expected = torch_rtn(weight, bits)
+    assert torch.equal(result[0], expected[0]) and torch.equal(result[1], expected[1])
+
+
+@needs_compiler
+def test_rounding_from_a_file_splits_over_threads_and_writes_into_out(tmp_path) -> None:
+    weight = awkward_weight(2 * qm._NATIVE_SPLIT_ELEMENTS // 512 + 5, 512, torch.bfloat16, seed=2)
+    path, offset = _stored(tmp_path, weight)
+    out = torch.full(weight.shape, 99, dtype=torch.int8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        result = _from_file(path, offset, weight, out=out)
+    finally:
+        torch.set_num_threads(threads)
+    assert result is not None and result[0] is out
+    expected = torch_rtn(weight, 8)
+    assert torch.equal(out, expected[0]) and torch.equal(result[1], expected[1])
+    with pytest.raises(ValueError, match="contiguous int8 tensor of shape"):
+        _from_file(path, offset, weight, out=torch.empty(weight.shape, dtype=torch.int16))
+
+
+@needs_compiler
+def test_rounding_from_a_file_declines_what_the_ordinary_read_must_handle(tmp_path) -> None:
+    weight = awkward_weight(64, 256, torch.bfloat16)
+    bad = weight.clone()
+    bad[40, 7] = float("nan")
+    path, offset = _stored(tmp_path, bad)
+    assert _from_file(path, offset, bad) is None  # inf/NaN rows: torch decides
+    path, offset = _stored(tmp_path, weight, tail=0)
+    short = path.read_bytes()[:-100]
+    path.write_bytes(short)
+    assert _from_file(path, offset, weight) is None  # the file ends inside the weight
+    path, offset = _stored(tmp_path, weight)
+    assert _from_file(path, offset, weight, strategy="tensor") is None
+    assert _from_file(path, offset, weight.to(torch.int16)) is None
+    assert _from_file(path, offset, weight, bits=16) is None
+
+
 # --- the AMX W8A16 kernel (csrc/woq.c) -----------------------------------------------------------------
 def _amx_ready() -> bool:
     from quantmint.backends.torch import int8_weight_only

@@ -99,3 +99,49 @@ int64_t qm_rtn_channel_f32(const uint32_t *restrict w, int64_t rows, int64_t col
                            float min_scale, int8_t *restrict q, float *restrict scale) {
     ROW_LOOP(uint32_t, 0x7fffffffu, 0x7f800000u, f32_bits_to_float)
 }
+
+/* The same rounding, reading the weight from a file: rows [0, rows) stored contiguously at `offset` of
+ * `fd`, read `buf_bytes` at a time (whole rows, at least one) into `buf` and rounded while the chunk is
+ * still in cache. A weight read into memory first and rounded afterwards crosses memory twice more (the
+ * copy out of the page cache is written, then read back cold); this crosses it once. Returns 0, the index
+ * + 1 of a row holding an inf or NaN (rows before it are written), or -1 when the file cannot be read to
+ * the end of the weight (the caller then reads it the ordinary way, which says what is wrong). */
+#include <errno.h>
+#include <unistd.h>
+
+static int read_fully(int fd, char *dst, int64_t n, int64_t offset) {
+    while (n > 0) {
+        ssize_t got = pread(fd, dst, (size_t)n, (off_t)offset);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return -1;
+        dst += got, n -= got, offset += got;
+    }
+    return 0;
+}
+
+#define FILE_LOOP(TYPE, KERNEL)                                                                   \
+    int64_t row_bytes = cols * (int64_t)sizeof(TYPE);                                             \
+    int64_t chunk = buf_bytes / row_bytes;                                                        \
+    if (chunk < 1) return -1;                                                                     \
+    for (int64_t r = 0; r < rows; r += chunk) {                                                   \
+        int64_t n = rows - r < chunk ? rows - r : chunk;                                          \
+        if (read_fully(fd, (char *)buf, n * row_bytes, offset + r * row_bytes)) return -1;        \
+        int64_t bad = KERNEL((const TYPE *)buf, n, cols, cols, qmax, min_scale, q + r * cols, scale + r); \
+        if (bad) return r + bad;                                                                  \
+    }                                                                                             \
+    return 0;
+
+int64_t qm_rtn_channel_file_bf16(int fd, int64_t offset, int64_t rows, int64_t cols, float qmax, float min_scale,
+                                 int8_t *q, float *scale, void *buf, int64_t buf_bytes) {
+    FILE_LOOP(uint16_t, qm_rtn_channel_bf16)
+}
+
+int64_t qm_rtn_channel_file_f16(int fd, int64_t offset, int64_t rows, int64_t cols, float qmax, float min_scale,
+                                int8_t *q, float *scale, void *buf, int64_t buf_bytes) {
+    FILE_LOOP(uint16_t, qm_rtn_channel_f16)
+}
+
+int64_t qm_rtn_channel_file_f32(int fd, int64_t offset, int64_t rows, int64_t cols, float qmax, float min_scale,
+                                int8_t *q, float *scale, void *buf, int64_t buf_bytes) {
+    FILE_LOOP(uint32_t, qm_rtn_channel_f32)
+}
