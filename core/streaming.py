@@ -6,9 +6,11 @@ at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for
 
 - **Streaming RTN** (configs that need no calibration data): the model's structure is built on the
   `meta` device (no weights), the output tensors are planned from it, and each output shard is
-  written as its tensors are produced: a quantized linear is read, rounded and converted on its own;
-  every other tensor is copied. Peak memory is the largest linear plus a constant. With
-  `workers > 1` the output shards are written by that many processes at once.
+  written as its tensors are produced: a quantized linear is read, rounded and converted on its own
+  (a plain per-channel weight is rounded a chunk of rows at a time as it is read:
+  `quant_math.quantize_weight_from_file`); every other tensor is copied. Peak memory is the largest
+  linear plus a constant. With `workers > 1` the output shards are written by that many processes
+  at once.
 - **Out-of-core calibration** (SmoothQuant, static activations, C8, block PTQ): the skeleton's
   embeddings, final norm and head are read in, every block stays on `meta`, and the sequential
   engine (`quantmint.calibration`, or block PTQ's) reads one block's weights when it reaches it.
@@ -22,6 +24,7 @@ at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -34,10 +37,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from quantmint import checkpoint
+from quantmint import checkpoint, quant_math
 from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
 from quantmint.checkpoint import write_shard
 from quantmint.config import PTQConfig
@@ -160,15 +164,15 @@ def _materialize(
     arena: ReadArena | None = None,
 ) -> None:
     """Read every meta parameter (and checkpointed persistent buffer) under `root` from `source`,
-    keeping tied parameters tied; modules named in `skip` (and their children) stay as they are.
-    Parameters are read into `arena` when one is given."""
+    keeping tied parameters tied; modules named in `skip` (and their children) and parameters named
+    there stay as they are. Parameters are read into `arena` when one is given."""
     made: dict[int, nn.Parameter] = {}
     for mod_name, module in root.named_modules(remove_duplicate=False):
         full_mod = ".".join(p for p in (root_name, mod_name) if p)
         if any(full_mod == s or full_mod.startswith(f"{s}.") for s in skip):
             continue
         for name, param in list(module._parameters.items()):
-            if param is None or not param.is_meta:
+            if param is None or not param.is_meta or f"{full_mod}.{name}" in skip:
                 continue
             if id(param) not in made:
                 tensor = source.read(f"{full_mod}.{name}".lstrip("."), param, arena)
@@ -259,6 +263,38 @@ def _calibrate_out_of_core(
 Planned = list[tuple[str, list[TensorSpec]]]  # (shard file name, its tensors) in file order
 
 
+class _ReusedMemory:
+    """Memory for output tensors, reused once nothing holds them any more.
+
+    Fresh memory costs a page fault, and the kernel zeroing a page, on the first touch of every 4 KiB:
+    for the 4.3 GB of integers of an 8 GB checkpoint that was over a second of system time, a third
+    of the rounding (measured). The shard writer holds each tensor until written and hashed and then
+    drops it; a buffer is free again when no tensor is left on it. Buffers are handed out through
+    `torch.from_numpy`, whose tensors keep the array alive, so the array's reference count tells.
+
+    Every buffer has `size` bytes (the largest request expected), so any free one serves any request;
+    the pages of a buffer that no request reaches are never touched and cost no memory. Larger requests
+    get memory of their own. The writer's bound on pending bytes bounds how many buffers are in use.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._arrays: list[np.ndarray] = []
+
+    def _free(self, i: int) -> bool:
+        return sys.getrefcount(self._arrays[i]) == 2  # the list's reference and the argument's
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes > self.size:
+            return torch.empty(shape, dtype=dtype)
+        array = next((self._arrays[i] for i in range(len(self._arrays)) if self._free(i)), None)
+        if array is None:
+            array = np.empty(self.size, dtype=np.uint8)
+            self._arrays.append(array)
+        return torch.from_numpy(array[:nbytes]).view(dtype).view(shape)
+
+
 class _RTNProducer:
     """The output tensors of streaming RTN, produced one at a time in any order.
 
@@ -282,13 +318,42 @@ class _RTNProducer:
         self._cached: tuple[str | None, dict[str, torch.Tensor]] = (None, {})
         # Float weights are dead once rounded: one reused buffer spares a page fault per 4 KiB read.
         self._arena = ReadArena()
+        self._memory = _ReusedMemory(max((m.weight.numel() for m in self.linears.values()), default=0))
+
+    def _quantize_from_file(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight's (q, scale) rounded as it is read (`quant_math.quantize_weight_from_file`), where
+        nothing happens to it between the file and the rounding: stored as the module holds it (no
+        transpose, no cast) and not rotated. None elsewhere: then it is read, then rounded."""
+        if name in self.quant._rotated or self.family.adapter.weight(module) is not module.weight:
+            return None
+        found = self.source.locate(f"{name}.weight")
+        if found is None:
+            return None
+        spec = self.source.files.spec(found)
+        if spec.shape != tuple(module.weight.shape) or spec.dtype != module.weight.dtype:
+            return None
+        path, offset = self.source.files.location(found)
+        weights = self.quant.config.weights
+        out = self._memory.take(spec.shape, torch.int8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return quant_math.quantize_weight_from_file(
+                fd, offset, spec.dtype, spec.shape, weights.strategy, weights.num_bits, out=out
+            )
+        finally:
+            os.close(fd)
 
     def _quantize(self, name: str) -> dict[str, torch.Tensor]:
         module = self.linears[name]
         self._arena.reset()
-        _materialize(module, name, self.source, arena=self._arena)
-        self.quant.rotate_if_chosen(name, module, self.family)
-        fake = self.quant._fake_linear(module, self.family, None, None, convert_only=True)
+        quantized = self._quantize_from_file(name, module)
+        skip = {f"{name}.weight"} if quantized is not None else set()
+        _materialize(module, name, self.source, skip=skip, arena=self._arena)
+        if quantized is None:
+            self.quant.rotate_if_chosen(name, module, self.family)
+        fake = self.quant._fake_linear(
+            module, self.family, None, None, convert_only=True, quantized=quantized
+        )
         cell = cell_class(fake.scheme).from_fake_quant(fake)
         module.to("meta")
         # The shard writer keeps these until written, after the arena is reused: nothing may alias it
@@ -319,9 +384,10 @@ def _worker_main(job_file: str) -> None:
     producer = _RTNProducer(Path(job["model"]), PTQConfig.from_dict(job["config"]), job["family"])
     out = Path(job["out"])
     written = {}
-    for name, tensors in job["shards"]:
-        specs = [TensorSpec.of(t, producer.state[t]) for t in tensors]
-        written[name] = write_shard(out / name, specs, producer.fetch)
+    with _gc_frozen():
+        for name, tensors in job["shards"]:
+            specs = [TensorSpec.of(t, producer.state[t]) for t in tensors]
+            written[name] = write_shard(out / name, specs, producer.fetch)
     Path(job_file).write_text(json.dumps({**job, "result": written}))
 
 
@@ -368,6 +434,18 @@ def _balance(planned: Planned, workers: int) -> list[Planned]:
         groups[i].append(job)
         loads[i] += sum(s.nbytes for s in job[1])
     return groups
+
+
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Python's cycle collector leaves alone every object that exists on entry (torch and transformers:
+    hundreds of thousands) until exit. Each full collection traverses them all, 0.05-0.12 s apiece, and
+    building a model skeleton sets off several (measured)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _stream_rtn(
@@ -440,6 +518,7 @@ def quantize_checkpoint(
             "calibration=quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
         )
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_gc_frozen())
         if calibrated:
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.blocks-", dir=out.parent))

@@ -18,7 +18,7 @@ import torch
 import transformers
 from conftest import byte_tokenizer, model_output
 
-from quantmint import quant_math, streaming
+from quantmint import native, quant_math, streaming
 from quantmint.algorithms.ptq import quantize
 from quantmint.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
 from quantmint.config import PTQConfig, get_preset
@@ -336,6 +336,45 @@ def test_streamed_tensors_never_alias_the_reused_read_buffer(
         assert tensors.keys() == expected.keys()
         assert all(torch.equal(tensors[k], expected[k]) for k in tensors), name
     assert any(k.endswith(".bias") for _, tensors in outputs for k in tensors), "a bias was streamed"
+
+
+def test_streaming_rtn_rounds_plain_linear_weights_as_they_are_read(tiny_model_dir, monkeypatch) -> None:
+    # Llama's nn.Linear weights go straight from the file to the kernel (same bytes: the test above);
+    # GPT2's Conv1D weights are stored transposed, so they are read first and rounded after.
+    calls = {"rounded": 0, "declined": 0}
+    from_file = streaming.quant_math.quantize_weight_from_file
+
+    def counting(*args, **kwargs):
+        result = from_file(*args, **kwargs)
+        calls["rounded" if result is not None else "declined"] += 1
+        return result
+
+    monkeypatch.setattr(streaming.quant_math, "quantize_weight_from_file", counting)
+    for family, expected in (("llama", True), ("gpt2", False)):
+        calls.update(rounded=0, declined=0)
+        producer = streaming._RTNProducer(tiny_model_dir(family), get_preset("w8a16"), None)
+        for name in producer.linears:
+            producer._quantize(name)
+        if expected and native.library("rtn") is not None:
+            assert calls == {"rounded": len(producer.linears), "declined": 0}
+        elif not expected:
+            assert calls["rounded"] == 0
+
+
+def test_reused_memory_is_handed_out_again_only_once_released() -> None:
+    memory = streaming._ReusedMemory(size=1 << 16)
+    first = memory.take((16, 64), torch.int8)
+    held = memory.take((8, 8), torch.int8)
+    assert first.data_ptr() != held.data_ptr()
+    address = first.data_ptr()
+    view = first.reshape(-1)[10:]  # a view keeps the buffer in use, as the writer's queue does
+    del first
+    assert memory.take((4,), torch.int8).data_ptr() not in (address, held.data_ptr())
+    del view
+    again = memory.take((32, 32), torch.int8)
+    assert again.data_ptr() == address and again.shape == (32, 32)
+    assert memory.take((1 << 17,), torch.int8).numel() == 1 << 17  # larger than a buffer: its own
+    assert len(memory._arrays) == 3
 
 
 def test_chunked_quantization_matches_whole_tensor() -> None:

@@ -221,11 +221,15 @@ class PTQ:
         observer: InputObserver | None,
         smoothing: torch.Tensor | None,
         convert_only: bool = False,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FakeQuantLinear:
-        """The fake-quantized twin of one float linear (weights RTN, activations per config)."""
+        """The fake-quantized twin of one float linear (weights RTN, activations per config);
+        `convert_only` and `quantized` as in `RoundToNearest.fake_quantize`."""
         scheme = self._scheme_for(observer)
         rtn = RoundToNearest(self.config.weights)
-        fake = rtn.fake_quantize(module, family.adapter, scheme, convert_only=convert_only)
+        fake = rtn.fake_quantize(
+            module, family.adapter, scheme, convert_only=convert_only, quantized=quantized
+        )
         if scheme.endswith("a8"):
             fake.quantize_input = True
             if not self.config.activations.dynamic:

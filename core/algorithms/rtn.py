@@ -25,13 +25,21 @@ class RoundToNearest:
         self.args = args
 
     def fake_quantize(
-        self, module: nn.Module, adapter: LinearAdapter, scheme: str, convert_only: bool = False
+        self,
+        module: nn.Module,
+        adapter: LinearAdapter,
+        scheme: str,
+        convert_only: bool = False,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FakeQuantLinear:
         """The fake-quantized twin of `module`. With `convert_only` (streaming RTN), it keeps the
         integers (`known_int_weight`) and leaves its float weight on `meta`: it cannot run, only be
-        converted, and nothing is dequantized or rounded twice."""
+        converted, and nothing is dequantized or rounded twice. `quantized` is the weight's
+        `quantize_weight` result when the caller already has it (then the weight may be on `meta`)."""
         weight = adapter.weight(module).detach()
-        q, scale = quant_math.quantize_weight(
+        if quantized is not None and not convert_only:
+            raise ValueError("quantized integers are taken only with convert_only (the weight is not read)")
+        q, scale = quantized or quant_math.quantize_weight(
             weight, self.args.strategy, self.args.num_bits, self.args.group_size
         )
         bias = adapter.bias(module)
