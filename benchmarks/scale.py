@@ -15,10 +15,13 @@ tokenizer so text calibration works), made once under ``--dir`` and reused.
 
 It reports seconds, GB/s of input, ``ratio_vs_io`` (I/O seconds / RTN seconds: the goal is >= 0.5) and the
 child's peak RSS (``os.wait4``, the largest of the child and its workers), with the largest tensor for
-scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1). Every
-timed child starts alike: dirty pages flushed (``sync``) and, without a memory cap, the input read into the
-page cache first (so both sides measure memory-speed I/O; under a cap, both read from disk). The I/O child
-runs before and after the RTN children and the faster is kept.
+scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1).
+``marginal`` compares the two sides on the bytes the largest checkpoint has beyond the smallest (extra
+seconds of I/O over extra seconds of RTN), which cancels what does not grow with the checkpoint: process
+start, imports, building the skeleton. Every timed child starts alike: dirty pages flushed (``sync``) and,
+without a memory cap, the input read into the page cache first (so both sides measure memory-speed I/O);
+under a cap, the input evicted from the page cache (``POSIX_FADV_DONTNEED``), so both read from disk. The
+I/O child runs before and after the RTN children and the faster is kept.
 
 ``smoothquant`` runs ``quantmint quantize --stream`` with SmoothQuant W8A8 (fixed alpha 0.5, no search) and
 ``--calib-samples`` samples of wikitext-2 valid on one checkpoint: out-of-core calibration, one block in
@@ -202,9 +205,18 @@ def largest_tensor(path: Path) -> int:
 
 def settle(src: Path, cgroup: Cgroup | None) -> None:
     """The same start for every timed child: dirty pages flushed and, without a memory cap, the
-    input in the page cache (under a cap it cannot stay there: every child reads from disk)."""
+    input in the page cache; under a cap, the input evicted from it, so that every child reads it from
+    disk into page cache charged to its own cgroup (pages cached by an earlier run are charged to
+    whoever read them first: a child reading those would never feel its limit)."""
     os.sync()
-    if cgroup is None:
+    if cgroup is not None:
+        for file in sorted(src.glob("*.safetensors")):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    else:
         buffer = bytearray(CHUNK)
         for file in sorted(src.glob("*.safetensors")):
             with open(file, "rb", buffering=0) as f:
@@ -290,7 +302,32 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
             }
         )
     peaks = [entry["peak_rss_mb"] for run in runs for entry in run["rtn"] if entry["workers"] == 1]
-    return {"runs": runs, "rss_spread": round(max(peaks) / min(peaks), 3) if peaks else None}
+    spread = round(max(peaks) / min(peaks), 3) if peaks else None
+    return {"runs": runs, "rss_spread": spread, **marginal(runs)}
+
+
+def marginal(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput on the bytes the largest checkpoint has beyond the smallest, for I/O and for RTN with
+    one worker: what each costs per extra GB, with the fixed costs (process start, imports, the
+    skeleton) cancelled on both sides. `ratio_vs_io` is I/O's extra seconds over RTN's."""
+    if len(runs) < 2:
+        return {}
+    small, large = min(runs, key=lambda r: r["input_bytes"]), max(runs, key=lambda r: r["input_bytes"])
+    one = [next((e for e in r["rtn"] if e["workers"] == 1), None) for r in (small, large)]
+    if None in one or large["input_bytes"] == small["input_bytes"]:
+        return {}
+    extra = large["input_bytes"] - small["input_bytes"]
+    io_s = large["io"]["seconds"] - small["io"]["seconds"]
+    rtn_s = one[1]["seconds"] - one[0]["seconds"]
+    return {
+        "marginal": {
+            "sizes": [small["size"], large["size"]],
+            "extra_bytes": extra,
+            "io_gbps": round(extra / io_s / 1e9, 3) if io_s > 0 else None,
+            "rtn_gbps": round(extra / rtn_s / 1e9, 3) if rtn_s > 0 else None,
+            "ratio_vs_io": round(io_s / rtn_s, 3) if io_s > 0 and rtn_s > 0 else None,
+        }
+    }
 
 
 def bench_smoothquant(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]:
