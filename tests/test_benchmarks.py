@@ -188,7 +188,7 @@ SCALE = [sys.executable, str(ROOT / "benchmarks" / "scale.py")]
 @pytest.mark.slow
 def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*SCALE, "rtn", "--sizes", "60MB", "--workers", "2", "--dir", str(tmp_path)],
+        [*SCALE, "rtn", "--sizes", "50MB,80MB", "--workers", "2,1", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -198,10 +198,14 @@ def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     assert len(lines) == 1
     report = json.loads(lines[0])
     assert report["benchmark"] == "scale_rtn"
-    (run,) = report["runs"]
+    small, run = report["runs"]
     assert run["input_bytes"] > 40e6 and 0 < run["output_bytes"] < run["input_bytes"]
-    (rtn,) = run["rtn"]
-    assert rtn["exit_code"] == 0 and rtn["workers"] == 2
+    rtn, one = run["rtn"]
+    assert rtn["exit_code"] == 0 and rtn["workers"] == 2 and one["exit_code"] == 0 and one["workers"] == 1
+    marginal = report["marginal"]  # one worker, on the bytes 80MB has beyond 50MB
+    assert marginal["sizes"] == ["50MB", "80MB"]
+    assert marginal["extra_bytes"] == run["input_bytes"] - small["input_bytes"] > 20e6
+    assert set(marginal) == {"sizes", "extra_bytes", "io_gbps", "rtn_gbps", "ratio_vs_io"}
     assert rtn["ratio_vs_io"] > 0 and run["io"]["seconds"] > 0
     # the fastest of two runs, each writing buffered and O_DIRECT
     assert run["io"]["seconds"] == min(t for r in run["io"]["runs"] for t in (r["buffered"], r["direct"]))
