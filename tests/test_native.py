@@ -252,15 +252,20 @@ def test_amx_w8a16_kernel_gives_the_same_result_on_any_thread_count() -> None:
 def test_amx_packing_puts_each_element_where_the_kernel_reads_it() -> None:
     from quantmint.backends.torch.int8_weight_only import pack_weight_for_amx
 
-    weight = torch.arange(48 * 64, dtype=torch.int32).reshape(48, 64)
+    weight = (torch.arange(48 * 64) % 255 - 127).to(torch.int8).reshape(48, 64)
     packed = pack_weight_for_amx(weight)
-    assert packed.shape == (3, 2, 16, 16, 2)
-    for n, k in [(0, 0), (0, 1), (17, 33), (47, 63), (20, 2)]:
-        assert packed[n // 16, k // 32, (k % 32) // 2, n % 16, k % 2] == weight[n, k]
+    assert packed.shape == (3, 2, 16, 16, 2) and packed.dtype == torch.uint8
+    for n, k in [(0, 0), (0, 1), (17, 33), (47, 63), (20, 2), (1, 63)]:
+        assert int(packed[n // 16, k // 32, (k % 32) // 2, n % 16, k % 2]) == int(weight[n, k]) + 128
+    assert sorted(packed.flatten().tolist()) == sorted((weight.flatten().int() + 128).tolist())
 
 
 def test_amx_w8a16_kernel_refuses_what_it_cannot_serve() -> None:
-    from quantmint.backends.torch.int8_weight_only import amx_woq_linear, amx_woq_supported
+    from quantmint.backends.torch.int8_weight_only import (
+        amx_woq_linear,
+        amx_woq_supported,
+        pack_weight_for_amx,
+    )
 
     weight = torch.zeros(64, 64, dtype=torch.int8)
     assert not amx_woq_supported(weight, torch.float32)
@@ -268,6 +273,10 @@ def test_amx_w8a16_kernel_refuses_what_it_cannot_serve() -> None:
     assert not amx_woq_supported(torch.zeros(64, 48, dtype=torch.int8), torch.bfloat16)  # in % 32
     assert not amx_woq_supported(torch.zeros(40, 64, dtype=torch.int8), torch.bfloat16)  # out % 16
     assert amx_woq_supported(weight, torch.bfloat16) == _amx_ready()
+    weight[3, 5] = -128  # symmetric int8 from elsewhere: the torch path serves it
+    assert not amx_woq_supported(weight, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\[-127, 127\]; this one holds -128"):
+        pack_weight_for_amx(weight)
     with pytest.raises(ValueError, match="bf16 activations"):
         amx_woq_linear(torch.randn(2, 64), torch.zeros(4, 2, 16, 16, 2, dtype=torch.int8), torch.ones(64))
 
@@ -277,6 +286,40 @@ def test_amx_w8a16_kernel_refuses_what_it_cannot_serve() -> None:
 def test_amx_kernel_widens_every_int8_value_exactly(rows) -> None:
     from quantmint.backends.torch.int8_weight_only import amx_woq_linear, pack_weight_for_amx
 
-    weight = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 256).repeat(16, 1)
+    values = torch.arange(-127, 128, dtype=torch.int8)
+    weight = torch.cat([values, values[:1]]).reshape(1, 256).repeat(16, 1)
     y = amx_woq_linear(torch.eye(256)[:rows].bfloat16(), pack_weight_for_amx(weight), torch.ones(16))
     assert torch.equal(y.float().t(), weight[:, :rows].float())
+
+
+@needs_amx
+def test_amx_kernel_without_avx512_fp16_gives_the_same_results(tmp_path) -> None:
+    # CPUs with AMX-BF16 but not AVX512-FP16 widen through float32: built here with that ISA extension
+    # turned off, the kernel must agree bit for bit with the one quantmint built.
+    import ctypes
+
+    from quantmint.backends.torch import int8_weight_only as woq
+
+    compiler = native._compiler()
+    assert compiler is not None
+    library = tmp_path / "woq-no-fp16.so"
+    flags = [*native._flags("woq"), "-mno-avx512fp16"]
+    subprocess.run([compiler, *flags, "-o", str(library), str(native._SOURCES / "woq.c")], check=True)
+    lib = ctypes.CDLL(str(library))
+    assert lib.qm_woq_available()
+    fn = lib.qm_woq_linear_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randint(-127, 128, (80, 96), dtype=torch.int8, generator=generator)
+    weight[0] = torch.arange(-127, -31).to(torch.int8)  # with the next two rows: every value
+    weight[1] = torch.arange(-31, 65).to(torch.int8)
+    weight[2, :63] = torch.arange(65, 128).to(torch.int8)
+    packed, scale = woq.pack_weight_for_amx(weight), torch.rand(80, generator=generator)
+    bias = torch.randn(80, generator=generator)
+    for rows in (3, 40):  # the decode path and the panel path
+        x = torch.randn(rows, 96, generator=generator).bfloat16()
+        y = torch.empty(rows, 80, dtype=torch.bfloat16)
+        pointers = (packed.data_ptr(), 80, scale.data_ptr(), bias.data_ptr(), y.data_ptr(), 80)
+        assert fn(x.data_ptr(), rows, 96, 96, *pointers)
+        assert torch.equal(y, woq.amx_woq_linear(x, packed, scale, bias)), rows

@@ -91,7 +91,8 @@ def _woq_function() -> Any:
 
 def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `amx_woq_linear` serves this int8 weight [out, in] for `dtype` activations here: a CPU
-    with AMX-BF16 (and a C compiler), bf16 activations, `in` a multiple of 32 and `out` of 16."""
+    with AMX-BF16 (and a C compiler), bf16 activations, `in` a multiple of 32 and `out` of 16, and
+    values in [-127, 127] (quantmint's symmetric rounding never writes -128; see `pack_weight_for_amx`)."""
     return (
         dtype == torch.bfloat16
         and weight.device.type == "cpu"
@@ -101,14 +102,20 @@ def amx_woq_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
         and weight.shape[0] % 16 == 0
         and weight.numel() > 0
         and _woq_function() is not None
+        and int(weight.min()) > -128
     )
 
 
 def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor:
-    """int8 [out, in] -> the AMX tile order `amx_woq_linear` reads: [out/16, in/32, 16, 16, 2], where
-    element (n, k) sits at [n // 16, k // 32, (k % 32) // 2, n % 16, k % 2]. Same bytes, reordered."""
+    """int8 [out, in] in [-127, 127] -> what `amx_woq_linear` reads: w + 128 as uint8 (1..255, so the
+    kernel widens it with no sign or zero to handle; it takes 128 * sum(x) back off) in the AMX tile
+    order [out/16, in/32, 16, 16, 2], where element (n, k) sits at
+    [n // 16, k // 32, (k % 32) // 2, n % 16, k % 2]. As many bytes as the weight."""
+    if weight.numel() and int(weight.min()) < -127:
+        raise ValueError("the AMX kernel takes int8 weights in [-127, 127]; this one holds -128")
     out_features, in_features = weight.shape
-    blocks = weight.reshape(out_features // 16, 16, in_features // 32, 16, 2)
+    offset = (weight.to(torch.int16) + 128).to(torch.uint8)
+    blocks = offset.reshape(out_features // 16, 16, in_features // 32, 16, 2)
     return blocks.permute(0, 2, 3, 1, 4).contiguous()
 
 

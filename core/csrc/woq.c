@@ -1,15 +1,22 @@
 /* W8A16 matmul on Intel AMX: y[M, N] (bf16) = x[M, K] (bf16) @ (int8 weight[N, K] * scale[N]).T + bias.
  *
  * quantmint.native compiles this file (quantmint.backends.torch.int8_weight_only calls it). The int8
- * weight is repacked once (`pack_weight_for_amx` in Python) into AMX's VNNI tile order:
+ * weight w, in [-127, 127], is repacked once (`pack_weight_for_amx` in Python) as u = w + 128 (uint8,
+ * 1..255) in AMX's VNNI tile order:
  *
  *     packed[N/16][K/32][16][16][2]: element (n, k) at nb = n/16, kb = k/32, [(k%32)/2][n%16][k%2]
  *
- * so that each 16 (n) x 32 (k) block is 512 contiguous bytes. Per call, a panel of up to four such
- * column blocks is widened to bf16 (exact: every int8 is a bf16) into a per-thread workspace and
- * multiplied with 16-row blocks of x by the AMX tile unit (tdpbf16ps: float32 accumulation); the
- * float32 result is scaled per output channel, the bias added, and rounded once to bf16. Panels are
- * shared among the OpenMP threads of the process (the same runtime torch uses).
+ * so that each 16 (n) x 32 (k) block is 512 contiguous bytes. Per call, blocks are widened to bf16 u
+ * (exact: u has at most 8 significant bits) and multiplied with 16-row blocks of x by the AMX tile unit
+ * (tdpbf16ps: exact products, float32 accumulation); 128 * sum_k x[r, k] is taken off each output of
+ * row r (x @ w = x @ u - 128 * sum x), then the float32 result is scaled per output channel, the bias
+ * added, and rounded once to bf16. Decode-sized calls widen each block just before its use; larger ones
+ * widen a panel of up to four column blocks once for every block of rows. Panels are shared among the
+ * OpenMP threads of the process (the same runtime torch uses).
+ *
+ * Why u and not w: widening u (positive, never 0) is a conversion, a shift and an add; widening w also
+ * needs its sign and zero handled, twice the vector work, and at decode sizes the widening, not the
+ * tile unit, sets the pace (16 rows: 15-20% faster, 1 row: about 35%; benchmarks/int8_matmul.py).
  *
  * Built everywhere; where the compiler or CPU has no AMX-BF16, or Linux refuses the tile-data
  * permission, qm_woq_available() returns 0 and Python uses its torch path.
@@ -71,27 +78,40 @@ static uint16_t *panel_workspace(size_t elems) {
     return workspace;
 }
 
-/* int8 -> bf16, 32 at a time (n is a multiple of 512). */
-static void widen(const int8_t *restrict src, uint16_t *restrict dst, size_t n) {
+/* Stored u = w + 128 (uint8, 1..255 for w in [-127, 127]) -> bf16 u, 32 at a time (n is a multiple of
+ * 512). Every such u is a bf16 (8 significant bits), so this is exact. */
+static void widen(const uint8_t *restrict src, uint16_t *restrict dst, size_t n) {
 #ifdef __AVX512FP16__
-    /* int16 -> fp16 is one exact instruction; fp16 -> bf16 for integers of at most 8 significant bits
-     * is a bit shuffle: the exponent rebased (+112) and the mantissa's low 3 (zero) bits dropped. */
-    const __m512i magnitude = _mm512_set1_epi16(0x7fff), sign = _mm512_set1_epi16((short)0x8000);
+    /* uint16 -> fp16 is one exact instruction; fp16 -> bf16 for a positive integer of at most 8
+     * significant bits is a shift and an add: the mantissa's low 3 (zero) bits dropped and the exponent
+     * rebased (+112). u is never 0, so no zero case. */
     const __m512i rebase = _mm512_set1_epi16(112 << 7);
     for (size_t i = 0; i < n; i += 32) {
         __m512i h = _mm512_castph_si512(
-            _mm512_cvtepi16_ph(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(src + i)))));
-        __mmask32 nonzero = _mm512_test_epi16_mask(h, magnitude);
-        __m512i b = _mm512_srli_epi16(_mm512_and_si512(h, magnitude), 3);
-        b = _mm512_mask_add_epi16(b, nonzero, b, rebase);
-        _mm512_storeu_si512((void *)(dst + i), _mm512_or_si512(b, _mm512_and_si512(h, sign)));
+            _mm512_cvtepu16_ph(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + i)))));
+        _mm512_storeu_si512((void *)(dst + i), _mm512_add_epi16(_mm512_srli_epi16(h, 3), rebase));
     }
     return;
 #endif
     for (size_t i = 0; i < n; i += 32) {
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i + 16))));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i + 16))));
         _mm512_storeu_si512((void *)(dst + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* 128 * sum_k x[r, k] for each row r: the tiles multiply x by w + 128, so this comes off every output
+ * of the row. float32 sums, 32 bf16 at a time (k is a multiple of 32). */
+static void row_offsets(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, float *out) {
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *row = x + r * ldx;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < k; c += 32) {
+            __m512i v = _mm512_loadu_si512((const void *)(row + c));
+            acc0 = _mm512_add_ps(acc0, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+            acc1 = _mm512_add_ps(acc1, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000))));
+        }
+        out[r] = 128.0f * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     }
 }
 
@@ -103,16 +123,19 @@ int qm_woq_available(void) {
     return amx_ready;
 }
 
-/* The C tiles of one block of rows out: scaled per column, bias added, rounded once to bf16. */
-static void store_rows(float *cbuf, int np, int rows, uint16_t *y, int64_t ldy, const float *scale,
-                       const float *bias) {
+/* The C tiles of one block of rows out: the row's offset taken off, scaled per column, bias added,
+ * rounded once to bf16. */
+static void store_rows(float *cbuf, int np, int rows, const float *offset, uint16_t *y, int64_t ldy,
+                       const float *scale, const float *bias) {
     _tile_stored(0, cbuf, 256);
     if (np > 1) _tile_stored(1, cbuf + 16, 256);
     if (np > 2) _tile_stored(2, cbuf + 32, 256);
     if (np > 3) _tile_stored(3, cbuf + 48, 256);
     for (int r = 0; r < rows; r++) {
+        const __m512 off = _mm512_set1_ps(offset[r]);
         for (int j = 0; j < np; j++) {
-            __m512 v = _mm512_mul_ps(_mm512_load_ps(cbuf + r * 64 + j * 16), _mm512_loadu_ps(scale + j * 16));
+            __m512 v = _mm512_sub_ps(_mm512_load_ps(cbuf + r * 64 + j * 16), off);
+            v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + j * 16));
             if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16));
             _mm256_storeu_si256((__m256i *)(y + r * ldy + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
         }
@@ -120,18 +143,22 @@ static void store_rows(float *cbuf, int np, int rows, uint16_t *y, int64_t ldy, 
 }
 
 /* One thread's share: the panels [p_lo, p_hi) (a panel is 4 column blocks of 16). */
-static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
+static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                       const float *scale, const float *bias, uint16_t *y, int64_t ldy, int64_t p_lo, int64_t p_hi) {
     const int64_t kb_count = k / 32, nb_count = n / 16;
-    uint16_t *ws = panel_workspace((size_t)4 * kb_count * 512);
+    /* The workspace holds a panel of widened blocks, then the row offsets. */
+    const size_t panel_elems = (size_t)4 * kb_count * 512;
+    uint16_t *ws = panel_workspace(panel_elems + 2 * (size_t)(m + 16));
     if (!ws) return 0;
+    float *offsets = (float *)(ws + panel_elems);
+    row_offsets(x, m, k, ldx, offsets);
     float cbuf[16 * 64] __attribute__((aligned(64)));
     int configured = 0;
     uint16_t ring[4 * 512] __attribute__((aligned(64)));
     for (int64_t p = p_lo; p < p_hi; p++) {
         const int64_t nb0 = p * 4;
         const int np = nb_count - nb0 < 4 ? (int)(nb_count - nb0) : 4;
-        const int8_t *panel = packed + nb0 * kb_count * 512;
+        const uint8_t *panel = packed + nb0 * kb_count * 512;
         if (m <= 16) {
             /* One block of rows (decode): widen each 16 x 32 block just before its use, in L1. */
             if (m != configured) {
@@ -160,7 +187,7 @@ static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, cons
                     _tile_dpbf16ps(3, 4, 6);
                 }
             }
-            store_rows(cbuf, np, (int)m, y + nb0 * 16, ldy, scale + nb0 * 16, bias ? bias + nb0 * 16 : 0);
+            store_rows(cbuf, np, (int)m, offsets, y + nb0 * 16, ldy, scale + nb0 * 16, bias ? bias + nb0 * 16 : 0);
             continue;
         }
         widen(panel, ws, (size_t)np * kb_count * 512);
@@ -192,14 +219,15 @@ static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, cons
                     _tile_dpbf16ps(3, 4, 6);
                 }
             }
-            store_rows(cbuf, np, rows, y + m0 * ldy + nb0 * 16, ldy, scale + nb0 * 16, bias ? bias + nb0 * 16 : 0);
+            store_rows(cbuf, np, rows, offsets + m0, y + m0 * ldy + nb0 * 16, ldy, scale + nb0 * 16,
+                       bias ? bias + nb0 * 16 : 0);
         }
     }
     if (configured) _tile_release();
     return 1;
 }
 
-int qm_woq_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
+int qm_woq_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                        const float *scale, const float *bias, uint16_t *y, int64_t ldy) {
     if (!qm_woq_available() || k % 32 || n % 16) return 0;
     const int64_t panels = (n / 16 + 3) / 4;
@@ -222,7 +250,7 @@ int qm_woq_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, con
 
 int qm_woq_available(void) { return 0; }
 
-int qm_woq_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
+int qm_woq_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                        const float *scale, const float *bias, uint16_t *y, int64_t ldy) {
     (void)x, (void)m, (void)k, (void)ldx, (void)packed, (void)n, (void)scale, (void)bias, (void)y, (void)ldy;
     return 0;
