@@ -9,7 +9,11 @@ Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults 
   windows of wikitext-2 test (the first token of each window is not scored), and for int8 variants
   `ppl_runtime`, the same windows through quantmint's own exact torch runtime (fp32), and
   `ppl_gap_pp = 100 * (ppl / ppl_runtime - 1)`;
-- ratios to fp32 and to native W8A8.
+- ratios to fp32 and to native W8A8;
+- with `--time-linears`, for the plugin's bf16 variants, `linears` from one more generation run with
+  every quantmint linear's `apply` timed in vLLM's worker (`QUANTMINT_VLLM_TIME_LINEARS`):
+  `decode_s` / `prefill_s` (calls of at most / more than `--prompts` rows) and `per_call_us` per
+  rows x out x in shape. Native W8A8 runs without the plugin; the plugin's W8A8 runs the same kernel.
 
 Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` reuse quantmint checkpoints; otherwise they are made here
 (W8A16: RTN; W8A8: the `w8a8` preset calibrated on `--calib`). The native W8A8 variant is the W8A8
@@ -63,6 +67,37 @@ def runtime_ppl(path: Path, wins: list[list[int]]) -> float:
     return ppl_from_logprobs(rows)
 
 
+def time_linears(
+    model: Path, dtype: str, prompts: list[list[int]], args: argparse.Namespace, tmp: str, env: dict, run: Any
+) -> dict[str, Any]:
+    """One generation run with every quantmint linear's apply timed in the engine (see the docstring)."""
+    prefix = Path(tmp) / f"linears-{time.monotonic_ns()}"
+    job = {
+        "model": str(model),
+        "dtype": dtype,
+        "max_model_len": 1024,
+        "tasks": [{"kind": "generate", "prompts": prompts, "max_tokens": args.tokens}],
+    }
+    out = run(job, tmp, env={**env, "QUANTMINT_VLLM_TIME_LINEARS": str(prefix)})
+    stats: dict[str, list[float]] = {}
+    for dump in Path(tmp).glob(f"{prefix.name}-*.json"):
+        for key, (calls, seconds) in json.loads(dump.read_text()).items():
+            entry = stats.setdefault(key.split(":", 1)[1], [0, 0.0])
+            entry[0] += calls
+            entry[1] += seconds
+    rows = {key: int(key.split("x", 1)[0]) for key in stats}
+
+    def by_time(item: tuple[str, list[float]]) -> float:
+        return -item[1][1]
+
+    return {
+        "error": out.get("error"),
+        "decode_s": round(sum(s for k, (_, s) in stats.items() if rows[k] <= args.prompts), 3),
+        "prefill_s": round(sum(s for k, (_, s) in stats.items() if rows[k] > args.prompts), 3),
+        "per_call_us": {k: round(s / n * 1e6, 1) for k, (n, s) in sorted(stats.items(), key=by_time)},
+    }
+
+
 def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple[Path, Path]:
     from quantmint.algorithms.ptq import quantize
     from quantmint.checkpoint import save_quantized
@@ -104,6 +139,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="4 prompts x 16 tokens, 2 windows, 16 calib samples"
     )
+    parser.add_argument("--time-linears", action="store_true", help="time the plugin's linears (see above)")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.tokens, args.ppl_windows, args.calib_samples, args.repeats = 4, 16, 2, 16, 1
@@ -164,6 +200,8 @@ def main() -> None:
             if str(model) in runtime:
                 row["ppl_runtime"] = round(runtime[str(model)], 4)
                 row["ppl_gap_pp"] = round(100 * (row["ppl"] / runtime[str(model)] - 1), 3)
+            if args.time_linears and name.startswith("quantmint_") and dtype == "bfloat16":
+                row["linears"] = time_linears(model, dtype, prompts, args, tmp, env, run_in_subprocess)
             results[name] = row
             log(f"{name}: {row}")
     base = results.get("fp32", {}).get("tok_s")

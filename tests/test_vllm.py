@@ -321,9 +321,19 @@ def test_generation_agrees_with_the_torch_runtime(
 @pytest.mark.slow
 def test_gpt2_w8a16_generation_agrees(tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path) -> None:
     path = tiny_checkpoint("gpt2", "w8a16")
-    out = vllm_ok({"model": str(path), "tasks": [{"kind": "generate", "prompts": PROMPTS}]}, tmp_path)
+    # Also the linear timing hook of benchmarks/vllm_serving.py --time-linears (saves an engine start).
+    timing = {"QUANTMINT_VLLM_TIME_LINEARS": str(tmp_path / "linears")}
+    out = vllm_ok({"model": str(path), "tasks": [{"kind": "generate", "prompts": PROMPTS}]}, tmp_path, timing)
     want = reference_generate(load_quantized(path), PROMPTS, 16)
     assert agreement(out["results"][0]["value"], want) >= 0.75
+    stats: dict[str, list[float]] = {}
+    for dump in tmp_path.glob("linears-*.json"):
+        stats.update(json.loads(dump.read_text()))
+    hidden = load_quantized(path).config.n_embd
+    decode = {k: v for k, v in stats.items() if k.startswith(f"W8A16LinearMethod:{len(PROMPTS)}x")}
+    assert decode, stats  # one call per layer and decode step, timed under its shape
+    assert all(calls >= 15 and seconds > 0 for calls, seconds in decode.values())
+    assert any(k.endswith(f"x{hidden}") for k in decode)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -224,8 +225,8 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     vLLM 0.32 has no int8 weight-only kernel on CPU (its CPUWNA16 kernel refuses uint8b128), so the layer
     runs quantmint's own:
     - on CPUs with AMX-BF16 serving bf16, `amx_woq_linear` (`csrc/woq.c`): the weight is repacked at
-      load into the AMX tile order and widened to bf16 block by block inside the kernel (0.4-0.5× the
-      time of a bf16 F.linear at SmolLM2's decode shapes, benchmarks/int8_matmul.py);
+      load (w + 128, in the AMX tile order) and widened to bf16 block by block inside the kernel
+      (0.33-0.41× the time of a bf16 F.linear at SmolLM2's decode shapes, benchmarks/int8_matmul.py);
     - elsewhere `int8_weight_only_linear`: `_weight_int8pack_mm` for decode rows, otherwise the int8
       weight cast inside the GEMM with the scale applied to the output.
     Never a dequantized float copy of the weights.
@@ -264,3 +265,43 @@ class W8A16LinearMethod(_Int8WeightsMethod):
                 bias32 = cached[1]
             return amx_woq_linear(x, layer.weight, layer.weight_scale, bias32)
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+# ---------------------------------------------------------------- timing, for benchmarks
+def _time_applies(prefix: str) -> None:
+    """Time every quantmint linear's `apply` in this process and write {"Method:rows x out x in":
+    [calls, seconds]} to PREFIX-PID.json at exit: where a served model's time goes, per layer shape
+    (QUANTMINT_VLLM_TIME_LINEARS=PREFIX; benchmarks/vllm_serving.py --time-linears sets it)."""
+    import atexit
+    import json
+    import time
+
+    stats: dict[str, list[float]] = {}
+
+    def timed(cls: type) -> None:
+        apply = cls.apply
+
+        def timed_apply(self: Any, layer: torch.nn.Module, x: torch.Tensor, bias: Any = None) -> torch.Tensor:
+            start = time.perf_counter()
+            y = apply(self, layer, x, bias)
+            seconds = time.perf_counter() - start
+            rows = x.numel() // max(1, x.shape[-1])
+            entry = stats.setdefault(f"{cls.__name__}:{rows}x{y.shape[-1]}x{x.shape[-1]}", [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+            return y
+
+        cls.apply = timed_apply  # type: ignore[method-assign]
+
+    def dump() -> None:
+        if stats:
+            with open(f"{prefix}-{os.getpid()}.json", "w") as f:
+                json.dump(stats, f)
+
+    timed(W8A8LinearMethod)
+    timed(W8A16LinearMethod)
+    atexit.register(dump)
+
+
+if os.environ.get("QUANTMINT_VLLM_TIME_LINEARS"):
+    _time_applies(os.environ["QUANTMINT_VLLM_TIME_LINEARS"])
