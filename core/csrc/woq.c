@@ -115,6 +115,13 @@ static void row_offsets(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, fl
     }
 }
 
+/* Decode streams the weight from memory once per call: each column block's stream is prefetched this
+ * many 512-byte blocks ahead (2 KiB). 30 SmolLM2 layers of 16 rows, weights out of cache: 4.0 ms
+ * without, 3.45 ms with 2-4 blocks, 3.9 ms with 16. */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 4
+#endif
+
 static int amx_ready = -1;
 
 int qm_woq_available(void) {
@@ -170,7 +177,13 @@ static int run_panels(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, cons
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t kb = 0; kb < kb_count; kb++) {
-                for (int j = 0; j < np; j++) widen(panel + (j * kb_count + kb) * 512, ring + j * 512, 512);
+                for (int j = 0; j < np; j++) {
+                    if (kb + PREFETCH_BLOCKS < kb_count) {
+                        const char *ahead = (const char *)(panel + (j * kb_count + kb + PREFETCH_BLOCKS) * 512);
+                        for (int line = 0; line < 512; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+                    }
+                    widen(panel + (j * kb_count + kb) * 512, ring + j * 512, 512);
+                }
                 _tile_loadd(4, x + kb * 32, ldx * 2);
                 _tile_loadd(5, ring, 64);
                 _tile_dpbf16ps(0, 4, 5);
