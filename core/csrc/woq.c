@@ -16,7 +16,7 @@
  *
  * Why u and not w: widening u (positive, never 0) is a conversion, a shift and an add; widening w also
  * needs its sign and zero handled, twice the vector work, and at decode sizes the widening, not the
- * tile unit, sets the pace (16 rows: 15-20% faster, 1 row: about 35%; benchmarks/int8_matmul.py).
+ * tile unit, sets the pace (weights in cache: 16 rows 15-22% faster, 1 row 28-35%; benchmarks/int8_matmul.py).
  *
  * Built everywhere; where the compiler or CPU has no AMX-BF16, or Linux refuses the tile-data
  * permission, qm_woq_available() returns 0 and Python uses its torch path.
