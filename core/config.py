@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantmint.errors import ConfigError
+from quantmint.errors import MAX_MESSAGE_CHARS, ConfigError
 
 __all__ = [
     "PRESETS",
@@ -42,10 +42,23 @@ def _none_if_spelled_none(value: Any) -> Any:
     return value
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters; safe for ints too long to print and deep structures."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length():,} bits>"
+    if isinstance(value, (dict, list, tuple, set)) and len(value) > 20:
+        return f"<a {type(value).__name__} of {len(value):,} items>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
     """Turn pydantic's report into sentences that name the key, the bad value and what is allowed."""
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "<config>"
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -53,12 +66,143 @@ def _format_validation_error(exc: ValidationError, model: type[BaseModel]) -> st
             lines.append(f"unknown key '{loc}'; allowed keys here: {', '.join(allowed)}")
         elif kind in ("literal_error", "enum"):
             expected = err.get("ctx", {}).get("expected", "")
-            lines.append(f"invalid value {err['input']!r} for '{loc}'; allowed: {expected}")
+            lines.append(f"invalid value {_short_repr(err['input'])} for '{loc}'; allowed: {expected}")
         elif kind == "value_error":
             lines.append(f"{loc}: {err['ctx']['error']}" if "ctx" in err else f"{loc}: {err['msg']}")
         else:
-            lines.append(f"invalid value {err.get('input')!r} for '{loc}': {err['msg']}")
+            lines.append(f"invalid value {_short_repr(err.get('input'))} for '{loc}': {err['msg']}")
     return "; ".join(lines)
+
+
+# --- Reading YAML: plain data only ---------------------------------------------------------------------
+# A config is a small tree of mappings, lists and scalars. Anything else is refused before pydantic sees
+# it, with one line that says where: YAML anchors and aliases (a 9-level alias bomb expands to gigabytes),
+# duplicate keys (YAML keeps the last silently), keys that are not strings, nesting deeper than
+# MAX_CONFIG_DEPTH (Python would overflow its stack), integers longer than MAX_INT_DIGITS, and files
+# larger than MAX_CONFIG_BYTES or not UTF-8.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_NODES = 100_000
+MAX_INT_DIGITS = 100
+
+
+def _at(node: Any) -> str:
+    mark = getattr(node, "start_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that builds plain data only and refuses what a config never needs."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"{_at(event)}: YAML alias *{event.anchor} is not allowed in a config: write the value out"
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise ConfigError(
+                f"{_at(event)}: YAML anchor &{event.anchor} is not allowed in a config: drop it and "
+                "write every value out"
+            )
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{_at(event)}: more than {MAX_CONFIG_NODES:,} values; a config is small")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{_at(event)}: nested more than {MAX_CONFIG_DEPTH} levels deep; a config needs 3"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep=deep)
+        seen: dict[str, Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                scalar = isinstance(key_node, yaml.ScalarNode)
+                shown = _short_repr(key_node.value) if scalar else f"(a {key_node.id})"
+                raise ConfigError(
+                    f"{_at(key_node)}: key {shown} is not a string (it reads as "
+                    f"{key_node.tag.rsplit(':', 1)[-1]}); every key is a name: quote it or remove it"
+                )
+            if key_node.value in seen:
+                raise ConfigError(
+                    f"{_at(key_node)}: duplicate key {_short_repr(key_node.value)} (first at "
+                    f"{_at(seen[key_node.value])}): keep one"
+                )
+            seen[key_node.value] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        digits = sum(c.isalnum() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise ConfigError(
+                f"{_at(node)}: an integer of {digits:,} digits; no config value needs more than "
+                f"{MAX_INT_DIGITS}"
+            )
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes every value out: no anchors or aliases, which `_ConfigLoader` refuses."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _yaml_data(text: str) -> Any:
+    """The plain data of a YAML config text, or one ConfigError line saying what is wrong and where."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config is {len(text):,} characters long; a config is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config is not valid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # the constructors of timestamps, floats and the like: a value YAML cannot read
+        raise ConfigError(f"config has a value YAML cannot read: {type(exc).__name__}: {exc}") from None
+
+
+def _check_plain(data: Any, what: str) -> None:
+    """Refuse, before pydantic sees it, data that is deeper, larger or has other keys than a config has."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    count = 0
+    while stack:
+        value, depth, where = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{what} holds more than {MAX_CONFIG_NODES:,} values; a config is small")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"{what} is nested more than {MAX_CONFIG_DEPTH} levels deep (at {where[:200]}); a config "
+                "needs 3"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ConfigError(
+                        f"{what}: key {_short_repr(key)} at '{where[:200] or '<top>'}' is not a string; "
+                        "every key is a name"
+                    )
+                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -75,7 +219,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 class _Strict(BaseModel):
     """Base for every config model: unknown keys are errors, and errors are `ConfigError`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -86,9 +230,9 @@ class _Strict(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _Strict:
         if not isinstance(data, dict):
-            raise ConfigError(
-                f"{cls.__name__} must be a mapping of keys to values, got {type(data).__name__}"
-            )
+            shown = "an empty file" if data is None else type(data).__name__
+            raise ConfigError(f"{cls.__name__} must be a mapping of keys to values, got {shown}")
+        _check_plain(data, cls.__name__)
         return cls(**data)
 
 
@@ -107,7 +251,7 @@ class QuantArgs(_Strict):
     num_bits: Literal[4, 8] = 8
     symmetric: bool = True
     strategy: Granularity = "channel"
-    group_size: int | None = Field(default=None, ge=8)
+    group_size: int | None = Field(default=None, ge=8, le=1 << 16)
     dynamic: bool = False
     observer: Literal["minmax", "percentile"] = "minmax"
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)
@@ -131,11 +275,11 @@ class AlgorithmArgs(_Strict):
 
     smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     # Non-empty: pick each block's alpha from this grid by the MSE of its quantized output vs float.
-    smooth_alpha_grid: list[float] = Field(default_factory=list)
-    smooth_search_batches: int = Field(default=4, ge=1)
+    smooth_alpha_grid: list[float] = Field(default_factory=list, max_length=101)
+    smooth_search_batches: int = Field(default=4, ge=1, le=1 << 20)
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
-    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0)
+    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
     # Rotate the inputs of the family's `hadamard_linears` (the MLP down projection) by a Hadamard
     # matrix online, folding it into their weights (see `quantmint.rotation`); those linears leave
     # their smoothing pair. For int8 activations.
@@ -172,19 +316,20 @@ class BlockPTQArgs(_Strict):
     steps gave 0.49 and 0.47x RTN where 100 steps left 6 of the first 8 blocks no better than RTN.
     """
 
-    n_batches: int = Field(default=64, ge=1)
-    batch_size: int = Field(default=2, ge=1)
-    n_outer_loops: int = Field(default=300, ge=1)
+    n_batches: int = Field(default=64, ge=1, le=1 << 20)
+    batch_size: int = Field(default=2, ge=1, le=1 << 16)
+    n_outer_loops: int = Field(default=300, ge=1, le=1 << 24)
     cosine_lr: Literal["none", "W", "A", "WA"] = "WA"
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
-    lr_weight: float = Field(default=0.5, gt=0.0)
-    lr_weight_clip: float = Field(default=1e-2, ge=0.0)
-    lr_act_clip: float = Field(default=1e-3, ge=0.0)
+    # Learning rates: finite (no inf/nan anywhere, see _Strict) and at most 1e3; 0 freezes those scales.
+    lr_weight: float = Field(default=0.5, gt=0.0, le=1e3)
+    lr_weight_clip: float = Field(default=1e-2, ge=0.0, le=1e3)
+    lr_act_clip: float = Field(default=1e-3, ge=0.0, le=1e3)
     # AdaRound: weight of the regulariser that drives each rounding variable to 0 or 1, its exponent
     # annealed from beta_start to beta_end, and the share of steps before it is switched on.
-    round_reg: float = Field(default=10.0, ge=0.0)
-    beta_start: float = Field(default=20.0, gt=0.0)
-    beta_end: float = Field(default=2.0, gt=0.0)
+    round_reg: float = Field(default=10.0, ge=0.0, le=1e9)
+    beta_start: float = Field(default=20.0, gt=0.0, le=1e6)
+    beta_end: float = Field(default=2.0, gt=0.0, le=1e6)
     round_reg_warmup: float = Field(default=0.2, ge=0.0, lt=1.0)
     # "float": each block learns from the float model's inputs; "quantized": from the outputs of the
     # already-quantized blocks before it (BRECQ / QDrop), the target staying the float output.
@@ -192,7 +337,7 @@ class BlockPTQArgs(_Strict):
     # Where cached block inputs/outputs live: "memory", "disk" (safetensors files, one batch in RAM at a
     # time) or "auto" (disk when the cache would take more than a quarter of the free RAM).
     cache: Literal["auto", "memory", "disk"] = "auto"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _check(self) -> BlockPTQArgs:
@@ -225,7 +370,7 @@ class PTQConfig(_Strict):
     algorithm_args: AlgorithmArgs = AlgorithmArgs()
     # Set: block-sequential PTQ tunes every block's rounding and scales (see `BlockPTQArgs`).
     block_ptq: BlockPTQArgs | None = None
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], max_length=10_000)
 
     _dtype_fields: ClassVar[tuple[str, ...]] = ("weight_dtype", "activation_dtype", "kvcache_dtype")
 
@@ -255,11 +400,13 @@ class PTQConfig(_Strict):
     @classmethod
     def _regexes_compile(cls, value: list[str]) -> list[str]:
         for entry in value:
+            if len(entry) > 1000:
+                raise ValueError(f"ignore entry {_short_repr(entry)} is {len(entry):,} characters; at most 1000")
             if entry.startswith("re:"):
                 try:
                     re.compile(entry[3:])
-                except re.error as exc:
-                    raise ValueError(f"ignore entry {entry!r} is not a valid regex: {exc}") from None
+                except (re.error, OverflowError, RecursionError) as exc:
+                    raise ValueError(f"ignore entry {_short_repr(entry)} is not a valid regex: {exc}") from None
         return value
 
     @model_validator(mode="after")
@@ -331,15 +478,22 @@ class PTQConfig(_Strict):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
 
     @classmethod
     def from_yaml(cls, text: str) -> PTQConfig:
-        """Read our own schema, or a MindFormers `quantization_config` block (with or without that key)."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config is not valid YAML: {exc}") from None
+        """Read our own schema, or a MindFormers `quantization_config` block (with or without that key).
+
+        Plain YAML only: anchors, aliases, duplicate keys, non-string keys, deep nesting and huge integers
+        are refused (see `_ConfigLoader`)."""
+        data = _yaml_data(text)
+        if data is None:
+            raise ConfigError("config is empty: write a mapping of keys to values (see the README)")
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config must be a mapping of keys to values at the top level, got a {type(data).__name__} "
+                f"({_short_repr(data)})"
+            )
         if isinstance(data, dict) and set(data) == {"quantization_config"}:
             data = data["quantization_config"]
         if isinstance(data, dict) and "quant_method" in data:
@@ -352,7 +506,19 @@ class PTQConfig(_Strict):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            return cls.from_yaml(path.read_text())
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(
+                    f"config is {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}"
+                )
+            try:
+                text = path.read_bytes().decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"config is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as UTF-8"
+                ) from None
+            except OSError as exc:
+                raise ConfigError(f"config cannot be read: {exc.strerror or exc}") from None
+            return cls.from_yaml(text)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
@@ -388,6 +554,9 @@ class PTQConfig(_Strict):
         `ptq` is block-sequential PTQ, with the dtypes and outliers_suppression as written and the
         `BlockPTQArgs` knobs in `algorithm_args`.
         """
+        if not isinstance(block, dict):
+            raise ConfigError(f"MindFormers quantization_config must be a mapping, got {type(block).__name__}")
+        _check_plain(block, "MindFormers quantization_config")
         unknown = sorted(set(block) - set(cls._MF_KEYS))
         if unknown:
             raise ConfigError(
@@ -395,7 +564,15 @@ class PTQConfig(_Strict):
             )
         method = block.get("quant_method")
         if method not in cls._MF_METHODS:
-            raise ConfigError(f"invalid quant_method {method!r}; allowed: {list(cls._MF_METHODS)}")
+            raise ConfigError(
+                f"invalid quant_method {_short_repr(method)}; allowed: {list(cls._MF_METHODS)}"
+            )
+        not_convert = block.get("modules_to_not_convert")
+        if not_convert is not None and not isinstance(not_convert, (list, str)):
+            raise ConfigError(
+                f"modules_to_not_convert must be a list of module names, got {type(not_convert).__name__} "
+                f"{_short_repr(not_convert)}"
+            )
         activation = _none_if_spelled_none(block.get("activation_dtype"))
         outliers = _none_if_spelled_none(block.get("outliers_suppression"))
         if method == "rtn" and (activation is not None or outliers is not None):
@@ -408,7 +585,7 @@ class PTQConfig(_Strict):
             outliers = "smooth" if outliers is None else outliers
         args_in = block.get("algorithm_args") or {}
         if not isinstance(args_in, dict):
-            raise ConfigError(f"algorithm_args must be a mapping, got {args_in!r}")
+            raise ConfigError(f"algorithm_args must be a mapping, got {_short_repr(args_in)}")
         ptq_keys = tuple(BlockPTQArgs.model_fields) if method == "ptq" else ()
         allowed = (*cls._MF_SMOOTH_ARGS, *cls._MF_WEIGHT_ARGS, *ptq_keys)
         bad_args = sorted(set(args_in) - set(allowed))

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(message: object, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` as one line of at most `limit` characters: line breaks become spaces, the rest is cut."""
+    text = " ".join(str(message).splitlines())  # every line break Python knows, \u2028 included
+    if len(text) > limit:
+        cut = f"... ({len(text):,} chars in all)"
+        text = text[: limit - len(cut)] + cut
+    return text
+
 
 class QuantmintError(Exception):
     """Base class: the CLI turns these into a one-line reason and a non-zero exit."""
 
 
 class ConfigError(QuantmintError, ValueError):
-    """A configuration key, value or combination is not valid."""
+    """A configuration key, value or combination is not valid. Its message is one line, at most
+    `MAX_MESSAGE_CHARS` long, whatever the input that caused it."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(message))
 
 
 class PluginError(QuantmintError):
