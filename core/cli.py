@@ -1,8 +1,9 @@
 """The `quantmint` command line: quantize, eval, inspect, report, serve, export, example-model,
 synth-model.
 
-Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input ends
-with a one-line reason on stderr and exit status 1 (2 for a malformed command line).
+Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input (a bad
+command line, config, model directory or data file) and a failing filesystem (permissions, disk full,
+read-only) end with a one-line reason on stderr, `quantmint COMMAND: error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -354,6 +355,26 @@ def _usage_error(message: str) -> _UsageError:
     return _UsageError(message)
 
 
+def _int_at_least(minimum: int, maximum: int | None = None) -> Any:
+    """An argparse `type`: a whole number in [minimum, maximum], else a usage error naming the bounds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quantmint.config import PRESETS
     from quantmint.example_models import EXAMPLE_MODELS
@@ -386,9 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
         "an empty smooth_alpha_grid)",
     )
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
-    q.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
-    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sample, at most (default 512)")
-    q.add_argument("--calib-seed", type=int, default=0, help="seed of the sample draw (default 0)")
+    q.add_argument("--calib-samples", type=_POSITIVE, default=128, help="calibration samples (default 128)")
+    q.add_argument(
+        "--calib-seq-len", type=_int_at_least(2), default=512, help="tokens per sample, at most (default 512)"
+    )
+    q.add_argument(
+        "--calib-seed",
+        type=_int_at_least(0, 2**63 - 1),
+        default=0,
+        help="seed of the sample draw (default 0)",
+    )
     q.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
     q.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     q.add_argument(
@@ -404,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--workers",
-        type=int,
+        type=_int_at_least(1, 1024),
         default=1,
         help="with --stream and a config that needs no calibration: processes writing shards at once",
     )
@@ -413,13 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a float or quantized model (JSON)")
     e.add_argument("model", help="quantmint checkpoint or float model directory")
     e.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 test.txt")
-    e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
-    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    e.add_argument(
+        "--max-tokens", type=_int_at_least(2), default=32768, help="score the first N tokens (default 32768)"
+    )
+    e.add_argument(
+        "--seq-len", type=_int_at_least(2), default=512, help="window length in tokens (default 512)"
+    )
+    e.add_argument("--batch-size", type=_POSITIVE, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--squad", help="SQuAD v1.1 JSON: F1/EM of greedy answers (causal LMs)")
-    e.add_argument("--squad-n", type=int, default=500, help="first N questions (default 500)")
+    e.add_argument("--squad-n", type=_POSITIVE, default=500, help="first N questions (default 500)")
     e.add_argument("--boolq", help="BoolQ JSONL: yes/no accuracy by log-likelihood (causal LMs)")
-    e.add_argument("--boolq-n", type=int, help="first N questions (default all)")
+    e.add_argument("--boolq-n", type=_POSITIVE, help="first N questions (default all)")
     e.add_argument("--lee", help="Lee corpus directory: embedding similarity vs human ratings (encoders)")
     e.add_argument("--docs", help="one document per line: compare sentence embeddings with --reference")
     e.add_argument("--reference", help="float model directory to compare embeddings against")
@@ -437,21 +469,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("quantized", nargs="+", help="quantmint checkpoint directories")
     r.add_argument("-o", "--output", required=True, help="directory for report.md, report.json, report.png")
     r.add_argument("--text", help="perplexity text, e.g. wikitext-2 test.txt")
-    r.add_argument("--max-tokens", type=int, default=32768, help="perplexity tokens (default 32768)")
+    r.add_argument(
+        "--max-tokens", type=_int_at_least(2), default=32768, help="perplexity tokens (default 32768)"
+    )
     r.add_argument("--squad", help="SQuAD v1.1 dev JSON for F1/EM")
-    r.add_argument("--squad-n", type=int, default=500, help="first N SQuAD questions (default 500)")
+    r.add_argument("--squad-n", type=_POSITIVE, default=500, help="first N SQuAD questions (default 500)")
     r.add_argument("--boolq", help="BoolQ JSONL for accuracy")
-    r.add_argument("--boolq-n", type=int, help="first N BoolQ questions (default all)")
+    r.add_argument("--boolq-n", type=_POSITIVE, help="first N BoolQ questions (default all)")
     r.add_argument("--lee", help="Lee corpus directory (lee.cor, similarities0-1.txt) for encoders")
-    r.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
-    r.add_argument("--kv-tokens", type=int, default=512, help="tokens generated to measure KV-cache bytes")
+    r.add_argument("--decode-tokens", type=_POSITIVE, default=64, help="greedy tokens timed for decode speed")
+    r.add_argument(
+        "--kv-tokens", type=_POSITIVE, default=512, help="tokens generated to measure KV-cache bytes"
+    )
     r.set_defaults(func=cmd_report)
 
     s = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
     s.add_argument("model", help="quantmint checkpoint (or any model directory vLLM loads)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
+    s.add_argument("--port", type=_int_at_least(1, 65535), default=8000, help="port (default 8000)")
+    s.add_argument("--max-model-len", type=_POSITIVE, help="longest prompt + completion in tokens")
     s.add_argument("--dtype", default="auto", help="activation dtype: auto, bfloat16, float32 (default auto)")
     s.add_argument(
         "--kv-cache",
@@ -487,18 +523,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_message(exc: OSError) -> str:
+    """An OSError in words: what failed, on which path (`[Errno 28] ...` reads as `No space left ...`)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason
+
+
 def main(argv: list[str] | None = None) -> int:
-    from quantmint.errors import QuantmintError
+    """Run one command. Exit status 0 on success; 2 with one line on stderr for any input or filesystem
+    error (`QuantmintError`, a usage error, an `OSError`); argparse's own errors also exit with 2."""
+    from quantmint.errors import QuantmintError, one_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except _UsageError as exc:
-        parser.exit(2, f"quantmint {args.command}: error: {exc}\n")
+    except _UsageError as exc:  # SystemExit(2), as argparse's own errors
+        parser.exit(2, one_line(f"quantmint {args.command}: error: {exc}") + "\n")
     except QuantmintError as exc:
-        print(f"quantmint {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        print(one_line(f"quantmint {args.command}: error: {exc}"), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(one_line(f"quantmint {args.command}: error: {_os_error_message(exc)}"), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantmint.errors import MAX_MESSAGE_CHARS, ConfigError
+from quantmint.errors import ConfigError
 
 __all__ = [
     "PRESETS",
@@ -167,9 +167,11 @@ class _ConfigDumper(yaml.SafeDumper):
 def _yaml_data(text: str) -> Any:
     """The plain data of a YAML config text, or one ConfigError line saying what is wrong and where."""
     if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config is {len(text):,} characters long; a config is at most {MAX_CONFIG_BYTES:,}")
+        raise ConfigError(
+            f"config is {len(text):,} characters long; a config is at most {MAX_CONFIG_BYTES:,}"
+        )
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_ConfigLoader)
     except ConfigError:
         raise
     except yaml.YAMLError as exc:
@@ -401,12 +403,16 @@ class PTQConfig(_Strict):
     def _regexes_compile(cls, value: list[str]) -> list[str]:
         for entry in value:
             if len(entry) > 1000:
-                raise ValueError(f"ignore entry {_short_repr(entry)} is {len(entry):,} characters; at most 1000")
+                raise ValueError(
+                    f"ignore entry {_short_repr(entry)} is {len(entry):,} characters; at most 1000"
+                )
             if entry.startswith("re:"):
                 try:
                     re.compile(entry[3:])
                 except (re.error, OverflowError, RecursionError) as exc:
-                    raise ValueError(f"ignore entry {_short_repr(entry)} is not a valid regex: {exc}") from None
+                    raise ValueError(
+                        f"ignore entry {_short_repr(entry)} is not a valid regex: {exc}"
+                    ) from None
         return value
 
     @model_validator(mode="after")
@@ -555,7 +561,9 @@ class PTQConfig(_Strict):
         `BlockPTQArgs` knobs in `algorithm_args`.
         """
         if not isinstance(block, dict):
-            raise ConfigError(f"MindFormers quantization_config must be a mapping, got {type(block).__name__}")
+            raise ConfigError(
+                f"MindFormers quantization_config must be a mapping, got {type(block).__name__}"
+            )
         _check_plain(block, "MindFormers quantization_config")
         unknown = sorted(set(block) - set(cls._MF_KEYS))
         if unknown:
@@ -564,9 +572,7 @@ class PTQConfig(_Strict):
             )
         method = block.get("quant_method")
         if method not in cls._MF_METHODS:
-            raise ConfigError(
-                f"invalid quant_method {_short_repr(method)}; allowed: {list(cls._MF_METHODS)}"
-            )
+            raise ConfigError(f"invalid quant_method {_short_repr(method)}; allowed: {list(cls._MF_METHODS)}")
         not_convert = block.get("modules_to_not_convert")
         if not_convert is not None and not isinstance(not_convert, (list, str)):
             raise ConfigError(

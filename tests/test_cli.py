@@ -203,7 +203,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path: Path, tiny_model_dir, 
         capture_output=True,
         text=True,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert fragment in last and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()

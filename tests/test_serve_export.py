@@ -49,7 +49,7 @@ def test_serving_c8_needs_an_explicit_float_cache(tmp_path: Path) -> None:
 
 def test_cli_serve_of_a_directory_that_is_no_model_says_so(tmp_path: Path, capsys) -> None:
     pytest.importorskip("vllm", reason="quantmint serve checks for vLLM first")
-    assert main(["serve", str(tmp_path)]) == 1
+    assert main(["serve", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
 
 
@@ -62,13 +62,13 @@ def test_cli_export_writes_compressed_tensors_config(tmp_path: Path, capsys) -> 
     assert config["ignore"] == ["lm_head"]
     assert sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors")) == ["model.safetensors"]
     assert not (tmp_path / "ct" / "quantmint_manifest.json").exists()
-    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 1  # exists: needs --overwrite
+    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 2  # exists: needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_cli_export_refuses_w8a16_with_the_reason(tmp_path: Path, capsys) -> None:
     src = _checkpoint(tmp_path, "llama", "w8a16")
-    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 1
+    assert main(["export", str(src), "-o", str(tmp_path / "ct")]) == 2
     assert "w8a16 layers" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
 
