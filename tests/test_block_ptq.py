@@ -121,18 +121,22 @@ def test_checkpoint_round_trip_and_log(tmp_path: Path, input_ids: torch.Tensor) 
     assert [e["block"] for e in log] == [0, 1]
 
 
-def test_work_dir_of_another_config_is_refused(tmp_path: Path) -> None:
+def test_work_dir_of_another_config_restarts_with_a_notice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished work dir of another config is not resumed: the run starts afresh and says so (the
+    CLI's default work dir follows -o, so a new config quantized to the same output lands there)."""
     work = tmp_path / "work"
     quantize(
         build_tiny("llama"), _config("w4a16-ptq", n_outer_loops=10), calibration=_calibration(), work_dir=work
     )
-    with pytest.raises(ConfigError, match="another model, config or calibration"):
-        quantize(
-            build_tiny("llama"),
-            _config("w4a16-ptq", n_outer_loops=11),
-            calibration=_calibration(),
-            work_dir=work,
-        )
+    capsys.readouterr()
+    config = _config("w4a16-ptq", n_outer_loops=11)
+    again = quantize(build_tiny("llama"), config, calibration=_calibration(), work_dir=work)
+    assert "another model, config or calibration set" in capsys.readouterr().err
+    assert quant_state(again).calibration["block_ptq"]["resumed_at_block"] is None
+    fresh = quantize(build_tiny("llama"), config, calibration=_calibration()).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in again.state_dict().items())
 
 
 def test_finished_work_dir_reloads_without_tuning(tmp_path: Path) -> None:
