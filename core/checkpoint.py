@@ -190,9 +190,15 @@ def save_quantized(
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
     max_bytes = parse_size(max_shard_size)
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, inputs=[_source_dir(model)]) as tmp:
         write_checkpoint(model, tmp, tokenizer, max_bytes)
     return out
+
+
+def _source_dir(model: nn.Module) -> str | None:
+    """The directory `model` was loaded from, if it is one: a checkpoint is never written over it."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name and Path(name).is_dir() else None
 
 
 def write_checkpoint(

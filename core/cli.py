@@ -59,6 +59,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
+    from quantmint.outdir import prepare_output
+
+    prepare_output(out, [args.model], args.overwrite)  # before minutes of work: the -o rules
     start = time.perf_counter()
     stream = args.stream or _too_big_for_memory(Path(args.model))
     model = None if stream else load_float_model(args.model)
@@ -277,8 +280,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from quantmint.outdir import prepare_output
     from quantmint.report import ReportOptions, build_report, to_markdown, write_report
 
+    prepare_output(args.output, [args.float_model, *args.quantized], overwrite=True)
     options = ReportOptions(
         text=args.text,
         max_tokens=args.max_tokens,

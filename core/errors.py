@@ -44,3 +44,8 @@ class CheckpointError(QuantmintError):
 
 class NotSupportedError(QuantmintError, NotImplementedError):
     """The configuration asks for something this version cannot do yet."""
+
+
+class OutputError(QuantmintError):
+    """An output directory may not be written or replaced (it is an input, a file, a directory
+    quantmint did not write, another run's), or its filesystem refused the write (full, read-only)."""

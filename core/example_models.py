@@ -80,7 +80,7 @@ def _smollm2_dir() -> Path:
     model.hf_quantizer = None
     model.config.name_or_path = "SmolLM2-135M-Instruct (dequantized from Q4_1 GGUF)"
     # overwrite: a concurrent conversion that finished first wrote the same files.
-    with staged_directory(out, overwrite=True) as tmp:
+    with staged_directory(out, overwrite=True, owned=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

@@ -27,6 +27,7 @@ from torch import nn
 from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
 from quantmint.errors import CheckpointError, QuantmintError
 from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.outdir import prepare_output
 
 __all__ = ["EXPORT_FORMATS", "export_checkpoint"]
 
@@ -131,11 +132,12 @@ def export_checkpoint(
     _refuse(src, block)
     if out.exists() and not overwrite:
         raise QuantmintError(f"output directory {out} already exists; pass overwrite=True (--overwrite)")
+    prepare_output(out, [src], overwrite)
     manifest = _read_manifest(src)
     _read_shards(src, manifest, verify=True)  # sha256 and tensor checks: never export a damaged checkpoint
     config = read_config_json(src, CheckpointError)
     config["quantization_config"] = compressed_tensors_config(block, _linear_names(src, config))
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, inputs=[src]) as tmp:
         for item in src.iterdir():
             if item.name in (MANIFEST_NAME, "config.json") or item.name.startswith("."):
                 continue

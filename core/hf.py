@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from quantmint.errors import QuantmintError
+from quantmint.outdir import staged_directory
 
 __all__ = ["model_class", "read_config_json", "staged_directory"]
 
@@ -42,29 +39,3 @@ def model_class(
             f"{transformers.__version__} does not provide"
         )
     return cls
-
-
-@contextmanager
-def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty sibling directory to write into; rename it to `out` only if the block succeeds.
-
-    On any failure the staging directory is removed, so `out` is never half-written. With
-    `overwrite`, an existing `out` is replaced only once the new directory is complete.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out} appeared while it was being written")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

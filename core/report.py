@@ -327,7 +327,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     from quantmint.hf import staged_directory
 
     out = Path(out_dir)
-    with staged_directory(out, overwrite=True) as tmp:
+    # A report directory (or an empty one) is replaced; the models compared are never written over.
+    inputs = [row.get("model") for row in report.get("rows", [])]
+    with staged_directory(out, overwrite=True, inputs=inputs) as tmp:
         (tmp / "report.md").write_text(to_markdown(report))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plotted = _plot(report, tmp / "report.png")

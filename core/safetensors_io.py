@@ -199,8 +199,14 @@ class _OutputFile:
                 os.ftruncate(self.fd, self.size)
         finally:
             os.close(self.fd)
-            if self._stage is not None:
-                self._stage.close()
+            stage, self._stage = self._stage, None
+            if stage is not None:
+                try:
+                    stage.close()
+                except BufferError:
+                    # A write that failed (a full disk) left views of the buffer in its traceback: the
+                    # memory goes with them. Raising here would hide that error (ENOSPC) behind this one.
+                    pass
 
 
 class ShardWriter:

@@ -48,6 +48,7 @@ from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.family import BlockLayout
 from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.outdir import output_errors, prepare_output, staging_prefix
 from quantmint.rotation import carry_rotation
 from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
 
@@ -510,6 +511,7 @@ def quantize_checkpoint(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
+    prepare_output(out, [path], overwrite)
     max_bytes = checkpoint.parse_size(max_shard_size)
     calibrated = PTQ(config, family=family).needs_calibration
     if calibrated and not calibration:
@@ -518,10 +520,11 @@ def quantize_checkpoint(
             "calibration=quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
         )
     with contextlib.ExitStack() as stack:
+        stack.enter_context(output_errors(out))  # a full disk while writing blocks: one line
         stack.enter_context(_gc_frozen())
         if calibrated:
             out.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.blocks-", dir=out.parent))
+            scratch = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "blocks"), dir=out.parent))
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
             assert calibration is not None
             model = _calibrate_out_of_core(
@@ -530,7 +533,7 @@ def quantize_checkpoint(
             write_shards = None
         else:
             model, write_shards = _stream_rtn(path, config, family, workers)
-        with staged_directory(out, overwrite=overwrite) as tmp:
+        with staged_directory(out, overwrite=overwrite, inputs=[path]) as tmp:
             checkpoint.write_checkpoint(model, tmp, tokenizer, max_bytes, write_shards)
     state = quant_state(model)
     return {

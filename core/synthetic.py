@@ -22,6 +22,7 @@ import torch
 from quantmint.checkpoint import parse_size, write_shard
 from quantmint.errors import ConfigError
 from quantmint.hf import staged_directory
+from quantmint.outdir import SYNTHETIC_KEY, prepare_output
 from quantmint.safetensors_io import INDEX_NAME, TensorSpec, plan_shards, shard_names
 
 __all__ = ["make_synthetic_llama", "synthetic_llama_config"]
@@ -109,6 +110,7 @@ def make_synthetic_llama(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    prepare_output(out, [tokenizer_dir], overwrite)
     vocab = 32000
     if tokenizer_dir is not None:
         from quantmint.models import load_tokenizer
@@ -132,7 +134,7 @@ def make_synthetic_llama(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index[name])
         return (torch.randn(spec.shape, generator=gen) * 0.02).to(spec.dtype)
 
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, inputs=[tokenizer_dir]) as tmp:
         import json
 
         for name, shard in planned:
@@ -143,7 +145,8 @@ def make_synthetic_llama(
             (tmp / INDEX_NAME).write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        # The marker lets `--overwrite` replace this directory later (quantmint.outdir).
+        (tmp / "config.json").write_text(json.dumps({**cfg, SYNTHETIC_KEY: True}, indent=2) + "\n")
         if tokenizer_dir is not None:
             for file in _TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / file).is_file():
