@@ -20,7 +20,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "QUANT_METHOD",
+    "UncoveredFilesWarning",
     "load_quantized",
     "save_quantized",
+    "verify_checkpoint",
 ]
 
 QUANT_METHOD = "quantmint"
@@ -250,16 +253,23 @@ def write_checkpoint(
         copy_tokenizer_files(Path(tokenizer), tmp)
     elif tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    state = quant_state(model)
+    if state is not None and state.calibration:
+        (tmp / CALIBRATION_NAME).write_text(json.dumps(state.calibration, indent=1) + "\n")
+    # Written last: it covers every other file (`files`: config.json, the index, tokenizer, ...).
+    files = {
+        item.name: {"sha256": _sha256(item), "bytes": item.stat().st_size}
+        for item in sorted(tmp.iterdir())
+        if item.is_file() and item.name not in shard_info and item.name != MANIFEST_NAME
+    }
     manifest = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "shards": shard_info,
+        "files": files,
         "aliases": aliases,
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    state = quant_state(model)
-    if state is not None and state.calibration:
-        (tmp / CALIBRATION_NAME).write_text(json.dumps(state.calibration, indent=1) + "\n")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -270,58 +280,273 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 # --- loading --------------------------------------------------------------------------------------
-def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json's `quantization_config` block of a quantmint checkpoint, checked for version."""
-    path = Path(path)
-    config = read_config_json(path, CheckpointError)
-    block = config.get("quantization_config")
+class UncoveredFilesWarning(UserWarning):
+    """The checkpoint's manifest predates `files`: its config.json is not covered by a sha256."""
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _one_line(text: object, limit: int = 500) -> str:
+    """An embedded exception's text as one line (library messages may span several)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def validate_quantization_block(block: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
+    """`block` (config.json's `quantization_config`) if it is a quantmint block of this format version
+    with well-typed fields, else a one-line `CheckpointError` naming the field."""
     if not isinstance(block, dict) or block.get("quant_method") != QUANT_METHOD:
         method = block.get("quant_method") if isinstance(block, dict) else None
         raise CheckpointError(
-            f"{path} is not a quantmint checkpoint (quantization_config.quant_method={method!r}); "
+            f"{where} is not a quantmint checkpoint (quantization_config.quant_method={method!r}); "
             "quantize the float model with `quantmint quantize` first"
         )
-    if block.get("format_version") != FORMAT_VERSION:
+    version = block.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(
-            f"{path} has checkpoint format version {block.get('format_version')!r}; this quantmint reads "
+            f"{where} has checkpoint format version {version!r}; this quantmint reads "
             f"version {FORMAT_VERSION}: upgrade quantmint or re-quantize"
+        )
+    modules = block.get("modules")
+    problems = []
+    if not isinstance(modules, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in modules.items()
+    ):
+        problems.append("`modules` must map module names to scheme names")
+    if not isinstance(block.get("config"), dict):
+        problems.append("`config` must be a mapping")
+    for key in ("kv_cache_modules", "rotated_modules"):
+        if key in block and not _string_list(block[key]):
+            problems.append(f"`{key}` must be a list of module names")
+    for key in ("scheme", "family"):
+        if block.get(key) is not None and not isinstance(block[key], str):
+            problems.append(f"`{key}` must be a string")
+    if problems:
+        raise CheckpointError(
+            f"{where}: quantization_config is malformed ({'; '.join(problems)}); the checkpoint was "
+            "edited or is corrupt: re-quantize or copy it again"
         )
     return block
 
 
+def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.json's `quantization_config` block of a quantmint checkpoint, checked for version and
+    field types."""
+    path = Path(path)
+    config = read_config_json(path, CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}/config.json is not a JSON object: the checkpoint is corrupt")
+    return validate_quantization_block(config.get("quantization_config"), path)
+
+
+def _plain_name(name: Any, what: str, path: Path) -> str:
+    """A manifest's file name, refused unless it names a file directly inside the checkpoint."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+        or os.path.isabs(name)
+        or os.path.basename(name) != name
+    ):
+        raise CheckpointError(
+            f"{path / MANIFEST_NAME} lists {what} {name!r}, which is not a plain file name inside the "
+            "checkpoint directory: the manifest was edited; copy the checkpoint again"
+        )
+    return name
+
+
+def _file_entries(raw: Any, key: str, path: Path) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or (key == "shards" and not raw):
+        raise CheckpointError(
+            f"{path / MANIFEST_NAME}: `{key}` must be a non-empty mapping of file names to sha256 and "
+            "bytes; the manifest is corrupt or was edited"
+        )
+    entries = {}
+    for name, info in raw.items():
+        _plain_name(name, "file" if key == "files" else "shard", path)
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("sha256"), str)
+            or not _SHA256_HEX.fullmatch(info["sha256"])
+            or not isinstance(info.get("bytes"), int)
+            or isinstance(info["bytes"], bool)
+            or info["bytes"] < 0
+        ):
+            raise CheckpointError(
+                f"{path / MANIFEST_NAME}: the entry of {name!r} needs `sha256` (64 hex digits) and `bytes` "
+                "(a non-negative integer); the manifest is corrupt or was edited"
+            )
+        entries[name] = info
+    return entries
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest, checked for structure: `shards` and `files` map plain file names to
+    {sha256, bytes}; `files` is None in a manifest written before it existed."""
     manifest_file = path / MANIFEST_NAME
+    if manifest_file.is_symlink():
+        raise CheckpointError(f"{manifest_file} is a symbolic link; a checkpoint's manifest must be a file")
     if not manifest_file.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: the checkpoint is incomplete; re-quantize it")
     try:
-        return json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_file} is not valid JSON: {exc}") from None
+        raw = json.loads(manifest_file.read_text())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise CheckpointError(f"{manifest_file} is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{manifest_file} is not a JSON object: the manifest is corrupt")
+    if raw.get("quant_method") != QUANT_METHOD or raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_file} is not a quantmint format-{FORMAT_VERSION} manifest (quant_method="
+            f"{raw.get('quant_method')!r}, format_version={raw.get('format_version')!r})"
+        )
+    aliases = raw.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(f"{manifest_file}: `aliases` must map tensor names to tensor names")
+    shards = _file_entries(raw.get("shards"), "shards", path)
+    files = _file_entries(raw["files"], "files", path) if "files" in raw else None
+    if files is not None and "config.json" not in files:
+        raise CheckpointError(f"{manifest_file} does not cover config.json: the manifest was edited")
+    return {**raw, "shards": shards, "files": files, "aliases": aliases}
 
 
-def _read_shards(path: Path, manifest: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard, info in manifest["shards"].items():
-        file = path / shard
-        if not file.is_file():
-            raise CheckpointError(f"shard {file} listed in {MANIFEST_NAME} is missing")
-        size = file.stat().st_size
-        if size != info["bytes"]:
+def _check_file(path: Path, name: str, info: dict[str, Any], verify: bool, what: str) -> None:
+    file = path / name
+    if file.is_symlink():
+        raise CheckpointError(
+            f"{what} {file} listed in {MANIFEST_NAME} is a symbolic link; a checkpoint's files must be "
+            "regular files inside it: copy the checkpoint with its files, not links"
+        )
+    if not file.is_file():
+        raise CheckpointError(f"{what} {file} listed in {MANIFEST_NAME} is missing")
+    size = file.stat().st_size
+    if size != info["bytes"]:
+        raise CheckpointError(
+            f"{what} {file} has {size} bytes, the manifest says {info['bytes']}: the file is truncated "
+            "or was replaced; re-quantize or copy the checkpoint again"
+        )
+    if verify and _sha256(file) != info["sha256"]:
+        raise CheckpointError(
+            f"{what} {file} fails its sha256 check: the file is corrupt or was edited; copy it again"
+        )
+
+
+def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
+    """Sizes and sha256 of the shards (sha256 only with `verify`) and of the files the manifest covers
+    (always: they are small); no other safetensors shard or index may lie in the directory, since
+    vLLM would read it."""
+    files = manifest["files"]
+    if files is None:
+        warnings.warn(
+            f"{path}: its manifest was written by an earlier quantmint and does not cover config.json; "
+            "it is loaded without that check (save it again with this quantmint to cover it)",
+            UncoveredFilesWarning,
+            stacklevel=3,
+        )
+    else:
+        for name, info in files.items():
+            _check_file(path, name, info, True, "file")
+    for item in path.iterdir():
+        stray_shard = item.name.endswith(".safetensors") and item.name not in manifest["shards"]
+        stray_index = files is not None and item.name.endswith(".index.json") and item.name not in files
+        if stray_shard or stray_index:
             raise CheckpointError(
-                f"shard {file} has {size} bytes, the manifest says {info['bytes']}: the file is truncated "
-                "or was replaced; re-quantize or copy the checkpoint again"
+                f"{item} is not listed in {MANIFEST_NAME}, and a server would read it: remove it or copy "
+                "the checkpoint again"
             )
-        if verify and _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"shard {file} fails its sha256 check: the file is corrupt; copy it again")
+    for name, info in manifest["shards"].items():
+        _check_file(path, name, info, verify, "shard")
+
+
+def _check_values(name: str, tensor: torch.Tensor, file: Path) -> None:
+    """Refuse values quantmint never writes: non-finite floats, scales <= 0, int8 weight code -128
+    and 4-bit code -8 (its integer grids are symmetric: [-127, 127] and [-7, 7]; no zero points)."""
+    if tensor.numel() == 0:
+        return
+    if tensor.is_floating_point():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"tensor {name!r} in {file} holds NaN or inf values: the checkpoint is corrupt or was edited"
+            )
+        if name.endswith("_scale") and not bool((tensor > 0).all()):
+            raise CheckpointError(
+                f"scale tensor {name!r} in {file} holds zero or negative values; quantmint scales are "
+                "positive: the checkpoint is corrupt or was edited"
+            )
+    elif tensor.dtype == torch.int8 and name.endswith(".weight"):
+        if int(tensor.min()) < -127:
+            raise CheckpointError(
+                f"int8 weight {name!r} in {file} holds -128, outside the symmetric range [-127, 127] "
+                "quantmint writes: the checkpoint is corrupt or was edited"
+            )
+    elif tensor.dtype == torch.int32 and name.endswith(".weight_packed"):
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        if bool((((tensor.unsqueeze(-1) >> shifts) & 0xF) == 0).any()):
+            raise CheckpointError(
+                f"4-bit weight {name!r} in {file} holds the code -8, outside the symmetric range [-7, 7] "
+                "quantmint writes: the checkpoint is corrupt or was edited"
+            )
+
+
+def _iter_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the shards, one at a time, with its values checked (`_check_values`)."""
+    seen: set[str] = set()
+    for shard in manifest["shards"]:
+        file = path / shard
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if key in tensors:
+                    if key in seen:
                         raise CheckpointError(f"tensor {key!r} appears in more than one shard ({file})")
-                    tensors[key] = f.get_tensor(key)
-        except SafetensorError as exc:
-            raise CheckpointError(f"shard {file} is not a readable safetensors file: {exc}") from None
-    return tensors
+                    seen.add(key)
+                    tensor = f.get_tensor(key)
+                    _check_values(key, tensor, file)
+                    yield key, tensor
+        except (CheckpointError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # SafetensorError, and the Rust panics of malformed headers
+            raise CheckpointError(
+                f"shard {file} is not a readable safetensors file: {_one_line(exc)}"
+            ) from None
+
+
+def _read_shards(path: Path, manifest: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint whose manifest `_read_manifest` read: files checked first."""
+    _check_files(path, manifest, verify)
+    return dict(_iter_tensors(path, manifest))
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str], verify: bool = True, read_tensors: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a quantmint checkpoint without building its model; returns (quantization_config, manifest).
+
+    Checked, each refused with a one-line `CheckpointError`: the manifest's structure and file names
+    (plain names inside the directory, no symbolic links); config.json and the other files it covers
+    (sha256); each shard's size and, with `verify`, sha256; no unlisted shard or index; config.json's
+    `quantization_config` fields; with `read_tensors`, every tensor's header and values (finite floats,
+    positive scales, int8 codes in [-127, 127], 4-bit codes in [-7, 7]). `load_quantized` and
+    `quantmint serve` both go through here.
+    """
+    path = Path(path)
+    manifest_file = path / MANIFEST_NAME
+    manifest = None
+    if manifest_file.exists() or manifest_file.is_symlink():
+        manifest = _read_manifest(path)
+        _check_files(path, manifest, verify)  # config.json's sha256 before reading it
+    block = read_quantization_config(path)
+    if manifest is None:
+        manifest = _read_manifest(path)  # says that there is none
+    if read_tensors:
+        for _ in _iter_tensors(path, manifest):
+            pass
+    return block, manifest
 
 
 def _check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
@@ -348,6 +573,17 @@ def _check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Te
             raise CheckpointError(
                 f"tensor {name!r} in {path} has dtype {got.dtype}, the model expects {want.dtype}"
             )
+        if name.endswith(".weight_shape") and not torch.equal(got, want):
+            raise CheckpointError(
+                f"tensor {name!r} in {path} says {got.tolist()}, the model's layer is {want.tolist()}: "
+                "the checkpoint is corrupt or was edited"
+            )
+
+
+def _build_error(path: Path, what: str, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path}/config.json {what}: {_one_line(exc)}; the checkpoint was edited or is corrupt"
+    )
 
 
 def load_quantized(
@@ -358,53 +594,83 @@ def load_quantized(
     Args:
         path: a directory written by `save_quantized`.
         verify: check every shard's sha256 against the manifest (reads each file once more).
+            config.json and the other small files the manifest covers are always checked.
         device: where to put the model.
     Returns:
         The model in eval mode, with real int8 layers and its `QuantState`.
+    Raises:
+        CheckpointError: with one line naming the file or tensor, for anything `verify_checkpoint`
+            refuses and for a config.json that does not describe the shards' model.
     """
     import transformers
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    block = read_quantization_config(path)
-    manifest = _read_manifest(path)
+    block, manifest = verify_checkpoint(path, verify, read_tensors=False)
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises several types for a bad config
-        raise CheckpointError(f"{path}/config.json cannot be read by transformers: {exc}") from None
+        raise CheckpointError(f"{path}/config.json cannot be read by transformers: {_one_line(exc)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model_cls = model_class(getattr(config, "architectures", None), path, CheckpointError)
+    architectures = getattr(config, "architectures", None)
+    if not _string_list(architectures):
+        raise CheckpointError(f"{path}/config.json: `architectures` must be a list of class names")
+    model_cls = model_class(architectures, path, CheckpointError)
     try:
-        ptq_config = PTQConfig.from_dict(block.get("config", {}))
+        ptq_config = PTQConfig.from_dict(block["config"])
     except QuantmintError as exc:
-        raise CheckpointError(f"{path}/config.json has an invalid quantization_config: {exc}") from None
-    dtype = getattr(torch, str(config.to_dict().get("dtype") or "float32"))
+        raise CheckpointError(
+            f"{path}/config.json has an invalid quantization_config: {_one_line(exc)}"
+        ) from None
+    dtype = getattr(torch, str(config.to_dict().get("dtype") or "float32"), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{path}/config.json: `dtype` {config.to_dict().get('dtype')!r} is not a float dtype")
     # Deploy mode: the skeleton's float weights are allocated lazily and never touched, so memory holds
     # only what is loaded from the checkpoint.
-    with no_init_weights():
-        model = model_cls._from_config(config, dtype=dtype)
-    ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.get("family"))
-    saved_modules = block.get("modules", {})
-    ptq.apply(model, schemes=saved_modules if isinstance(saved_modules, dict) else None)
-    if quant_state(model).kv_modules != block.get("kv_cache_modules", []):
+    try:
+        with no_init_weights():
+            model = model_cls._from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise _build_error(path, f"does not describe a model {model_cls.__name__} can build", exc) from None
+    saved_modules = block["modules"]
+    try:
+        ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.get("family"))
+        ptq.apply(model, schemes=saved_modules)
+    except QuantmintError as exc:
+        raise CheckpointError(f"{path}: {_one_line(exc)}") from None
+    except Exception as exc:
+        raise _build_error(path, "does not describe the quantized model", exc) from None
+    state = quant_state(model)
+    if state.kv_modules != block.get("kv_cache_modules", []):
         raise CheckpointError(
             f"{path}: the kv-cache modules listed in config.json do not match the model's attention modules; "
             "the checkpoint was edited or is corrupt"
         )
-    if quant_state(model).modules != saved_modules:
-        built = set(quant_state(model).modules)
+    if state.modules != saved_modules:
+        built = set(state.modules)
         raise CheckpointError(
             f"{path}: the quantized modules listed in config.json do not match what its config selects in "
             f"{model_cls.__name__} (only in checkpoint: {sorted(set(saved_modules) - built)[:3]}, only "
             f"selected: {sorted(built - set(saved_modules))[:3]}); the checkpoint was edited or is corrupt"
         )
-    loaded = _read_shards(path, manifest, verify)
-    aliases = manifest.get("aliases", {})
-    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
-    _check_tensors(loaded, expected, path)
+    if "rotated_modules" in block and sorted(state.rotated) != sorted(block["rotated_modules"]):
+        raise CheckpointError(
+            f"{path}: the rotated modules listed in config.json ({len(block['rotated_modules'])}) do not "
+            f"match what its config (algorithm_args.hadamard) rotates ({len(state.rotated)}); the "
+            "checkpoint was edited or is corrupt"
+        )
+    loaded = dict(_iter_tensors(path, manifest))
+    aliases = manifest["aliases"]
+    state_dict = model.state_dict()
     for alias, source in aliases.items():
+        if alias not in state_dict or source not in loaded or alias in loaded:
+            raise CheckpointError(
+                f"{path}/{MANIFEST_NAME}: alias {alias!r} -> {source!r} does not name a tied tensor of the "
+                "model and a tensor of the shards; the manifest was edited"
+            )
         loaded[alias] = loaded[source]
+    _check_tensors(loaded, state_dict, path)
     model.load_state_dict(loaded, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()

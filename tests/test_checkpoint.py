@@ -192,8 +192,14 @@ def test_edited_module_list_is_refused(saved: Path) -> None:
     config = json.loads((saved / "config.json").read_text())
     config["quantization_config"]["modules"].pop("model.layers.0.mlp.down_proj")
     (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json has .* bytes, the manifest says"):
+        load_quantized(saved)  # the manifest covers config.json
+    manifest = json.loads((saved / MANIFEST_NAME).read_text())
+    file = saved / "config.json"
+    manifest["files"]["config.json"] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+    (saved / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="do not match"):
-        load_quantized(saved)
+        load_quantized(saved)  # and with the manifest fixed up, the module list does not match the model
 
 
 def test_not_a_quantmint_checkpoint(tmp_path: Path) -> None:
