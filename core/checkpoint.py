@@ -334,13 +334,28 @@ def validate_quantization_block(block: Any, where: str | os.PathLike[str]) -> di
     return block
 
 
+def read_config_dict(path: Path, error: type[QuantmintError] = CheckpointError) -> dict[str, Any]:
+    """`read_config_json`, with anything but a JSON object (a list, a string, undecodable bytes, absurd
+    nesting or integers) refused as `error` in one line."""
+    try:
+        config = read_config_json(path, error)
+    except QuantmintError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, huge integers, deep nesting
+        raise error(f"{path}/config.json is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise error(
+            f"{path}/config.json holds a JSON {type(config).__name__}, not an object: it is not a model "
+            "config (the file was edited or is corrupt)"
+        )
+    return config
+
+
 def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json's `quantization_config` block of a quantmint checkpoint, checked for version and
     field types."""
     path = Path(path)
-    config = read_config_json(path, CheckpointError)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}/config.json is not a JSON object: the checkpoint is corrupt")
+    config = read_config_dict(path, CheckpointError)
     return validate_quantization_block(config.get("quantization_config"), path)
 
 
