@@ -72,8 +72,8 @@ def _smollm2_dir() -> Path:
             )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
     # The weights are now plain float32: this is no longer a GGUF-quantized model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -41,7 +41,7 @@ def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
     import transformers
 
     cls = model_class(config.get("architectures"), path, CheckpointError)
-    hf_config = transformers.AutoConfig.from_pretrained(path)
+    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     with torch.device("meta"):

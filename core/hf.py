@@ -9,20 +9,52 @@ from typing import Any
 from quantmint.errors import QuantmintError
 from quantmint.outdir import staged_directory
 
-__all__ = ["model_class", "read_config_json", "staged_directory"]
+__all__ = ["model_class", "read_config_json", "refuse_custom_code", "staged_directory"]
+
+# Files through which transformers would import Python shipped in a model directory (`auto_map`, with
+# trust_remote_code). quantmint passes trust_remote_code=False everywhere and refuses such a directory.
+_CUSTOM_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def read_config_json(path: Path, error: type[QuantmintError] = QuantmintError) -> dict[str, Any]:
-    """The parsed config.json of a model directory, or `error` saying what is missing or broken."""
+    """The parsed config.json of a model directory, or `error` saying what is missing or broken.
+
+    A directory that ships custom code (an `auto_map`) is refused here, before anything loads it."""
     if not path.is_dir():
         raise error(f"model directory {path} does not exist")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise error(f"{path} has no config.json: pass a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise error(f"{config_file} is not valid JSON: {exc}") from None
+    refuse_custom_code(path, error, config=config)
+    return config
+
+
+def refuse_custom_code(
+    path: str | Path, error: type[QuantmintError] = QuantmintError, config: Any = None
+) -> None:
+    """Refuse a model directory whose config.json or tokenizer_config.json has an `auto_map`: that
+    names Python files in the directory for transformers to import, and quantmint never runs code from
+    a model directory (every transformers call also passes trust_remote_code=False)."""
+    path = Path(path)
+    for name in _CUSTOM_CODE_FILES:
+        data = config if name == "config.json" and config is not None else _json_or_none(path / name)
+        if isinstance(data, dict) and "auto_map" in data:
+            raise error(
+                f"{path}/{name} has an auto_map: this model directory contains custom code, which "
+                "quantmint never runs; use a model whose architecture and tokenizer transformers provides"
+            )
+
+
+def _json_or_none(file: Path) -> Any:
+    """The parsed JSON in `file`, or None when it is absent or unreadable (its loader reports that)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def model_class(
@@ -31,11 +63,12 @@ def model_class(
     """The transformers class named first in a config's `architectures`, else `error` naming it."""
     import transformers
 
-    name = architectures[0] if architectures else None
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise error(
-            f"{where}/config.json names architecture {name or 'none'}, which transformers "
-            f"{transformers.__version__} does not provide"
+            f"{where}/config.json names architecture {str(name)[:100] if name else 'none'}, which is not a "
+            f"model class transformers {transformers.__version__} provides (quantmint never runs a model "
+            "directory's own code)"
         )
     return cls

@@ -139,7 +139,10 @@ def load_model(path: str | Path) -> nn.Module:
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
+    from quantmint.hf import refuse_custom_code
+
+    refuse_custom_code(path)  # an auto_map names Python in the directory: never imported
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise QuantmintError(f"no usable tokenizer in {path}: {exc}") from None

@@ -105,7 +105,7 @@ def empty_model(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointFile
     files = CheckpointFiles(path)
     model_cls = model_class(raw.get("architectures"), path)
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises several types for a bad config
         raise QuantmintError(f"{path}/config.json cannot be read by transformers: {exc}") from None
     dtype = _checkpoint_dtype(raw, files)

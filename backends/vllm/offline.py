@@ -37,6 +37,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": job.get("max_model_len", 256),
         "enforce_eager": True,
         "seed": 0,
+        "trust_remote_code": False,  # never run Python shipped in a model directory
     }
     if job.get("runner") == "pooling":
         kwargs["runner"] = "pooling"

@@ -68,8 +68,14 @@ def serve_command(
         env.setdefault(key, value)
     if kv_cache == "float":
         env[KV_CACHE_ENV] = "float"
+    trusting = [a for a in extra or [] if a.split("=", 1)[0] == "--trust-remote-code"]
+    if trusting:
+        raise QuantmintError(
+            f"{trusting[0]}: quantmint never runs code from a model directory; drop the option"
+        )
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path)]
     cmd += ["--host", host, "--port", str(port), "--dtype", dtype]
+    cmd.append("--no-trust-remote-code")  # vLLM's default, pinned: no Python from the model directory
     if max_model_len is not None:
         cmd += ["--max-model-len", str(max_model_len)]
     if eager:
