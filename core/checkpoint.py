@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
@@ -625,7 +625,9 @@ def load_quantized(
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises several types for a bad config
-        raise CheckpointError(f"{path}/config.json cannot be read by transformers: {_one_line(exc)}") from None
+        raise CheckpointError(
+            f"{path}/config.json cannot be read by transformers: {_one_line(exc)}"
+        ) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     architectures = getattr(config, "architectures", None)
@@ -640,7 +642,9 @@ def load_quantized(
         ) from None
     dtype = getattr(torch, str(config.to_dict().get("dtype") or "float32"), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CheckpointError(f"{path}/config.json: `dtype` {config.to_dict().get('dtype')!r} is not a float dtype")
+        raise CheckpointError(
+            f"{path}/config.json: `dtype` {config.to_dict().get('dtype')!r} is not a float dtype"
+        )
     # Deploy mode: the skeleton's float weights are allocated lazily and never touched, so memory holds
     # only what is loaded from the checkpoint.
     try:

@@ -46,7 +46,9 @@ def _refuse_quantized_tensors(path: Path, config: dict[str, Any]) -> None:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     dtype = f.get_slice(key).get_dtype()
-                    if key.endswith(_QUANTIZED_SUFFIXES) or (key.endswith(".weight") and dtype in ("I8", "U8")):
+                    if key.endswith(_QUANTIZED_SUFFIXES) or (
+                        key.endswith(".weight") and dtype in ("I8", "U8")
+                    ):
                         raise QuantmintError(
                             f"{file} holds quantized tensor {key!r} ({dtype}) but its {hint}"
                         )
@@ -115,7 +117,10 @@ def load_float_model(path: str | Path) -> nn.Module:
     if info.get("mismatched_keys"):
         problems.append(
             "mis-shaped "
-            + _names(f"{key} (file {tuple(got)}, model {tuple(want)})" for key, got, want in info["mismatched_keys"])
+            + _names(
+                f"{key} (file {tuple(got)}, model {tuple(want)})"
+                for key, got, want in info["mismatched_keys"]
+            )
         )
     stray = _unexpected_that_matter(model, info.get("unexpected_keys") or [])
     if stray:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmint.backends.vllm import KV_CACHE_ENV
+from quantmint.checkpoint import MANIFEST_NAME, QUANT_METHOD, read_config_dict, verify_checkpoint
 from quantmint.errors import QuantmintError
-from quantmint.hf import read_config_json
 
 __all__ = ["CPU_ENV_DEFAULTS", "serve_command"]
 
@@ -28,7 +28,8 @@ _POOLING_SUFFIXES = ("Model", "ForMaskedLM")
 
 
 def _is_pooling(config: dict[str, Any]) -> bool:
-    arch = (config.get("architectures") or [""])[0]
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     return config.get("model_type") in ("bert", "roberta") and arch.endswith(_POOLING_SUFFIXES)
 
 
@@ -42,6 +43,7 @@ def serve_command(
     eager: bool = True,
     extra: list[str] | None = None,
     environ: dict[str, str] | None = None,
+    verify: bool = True,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that serve `model` with vLLM's OpenAI-compatible server.
 
@@ -51,10 +53,18 @@ def serve_command(
         eager: skip CUDA-graph / torch.compile warm-up (a start in about 20 s on CPU instead of minutes).
         extra: more vLLM server arguments, passed through unchanged.
         environ: the environment to extend (default: os.environ); the CPU defaults fill unset keys only.
+        verify: check a quantmint checkpoint's shards against their sha256 (`verify_checkpoint`; its
+            structure, config.json and tensor values are checked either way).
     """
     path = Path(model)
-    config = read_config_json(path)
+    config = read_config_dict(path, QuantmintError)
     block = config.get("quantization_config") or {}
+    if not isinstance(block, dict):
+        raise QuantmintError(f"{path}/config.json: quantization_config must be a mapping, got {block!r:.80}")
+    if block.get("quant_method") == QUANT_METHOD or (path / MANIFEST_NAME).exists():
+        # What load_quantized checks, before vLLM reads anything: manifest, sha256 of every shard and
+        # of config.json, file names, tensor headers and values.
+        verify_checkpoint(path, verify=verify)
     if kv_cache not in ("auto", "float"):
         raise QuantmintError(f"--kv-cache must be auto or float, got {kv_cache!r}")
     if block.get("kv_cache_modules") and kv_cache != "float":
