@@ -18,6 +18,7 @@ from quantmint import (
     save_quantized,
 )
 from quantmint.checkpoint import MANIFEST_NAME, _sha256, parse_size
+from quantmint.errors import QuantmintError
 from tests.conftest import build_tiny, byte_tokenizer, model_output
 
 
@@ -78,6 +79,13 @@ def test_refuses_existing_dir_and_overwrites_only_when_asked(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="already exists"):
         save_quantized(_quantized(), target)
     assert (target / "keep.txt").exists()
+    # --overwrite replaces only a directory quantmint wrote (tests/reliability/test_overwrite_safety.py)
+    with pytest.raises(QuantmintError, match="remove it by hand"):
+        save_quantized(_quantized(), target, overwrite=True)
+    assert (target / "keep.txt").exists()
+    (target / "keep.txt").unlink()
+    save_quantized(_quantized(), target, overwrite=True)
+    (target / "keep.txt").write_text("x")  # beside quantmint's own files: replaced with them
     save_quantized(_quantized(), target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "config.json").exists()
     assert _siblings(target) == ["ckpt"]
