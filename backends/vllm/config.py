@@ -22,7 +22,8 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
-from quantmint.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from quantmint.checkpoint import FORMAT_VERSION, QUANT_METHOD, validate_quantization_block
+from quantmint.errors import CheckpointError
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 
@@ -116,6 +117,11 @@ class QuantmintConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QuantmintConfig:
         _check_vllm_version()
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"the checkpoint's quantization_config is a {type(config).__name__}, not a mapping: "
+                "config.json was edited or is corrupt"
+            )
         method = config.get("quant_method")
         if method != QUANT_METHOD:
             raise ValueError(f"not a quantmint quantization_config (quant_method={method!r})")
@@ -127,6 +133,13 @@ class QuantmintConfig(QuantizationConfig):
             )
         if not isinstance(config.get("modules"), dict):
             raise ValueError("quantmint quantization_config has no `modules` map: the checkpoint is damaged")
+        validate_quantization_block(config, "the checkpoint")  # field types, one-line CheckpointError
+        for key in ("activations", "weights"):
+            if not isinstance(config["config"].get(key, {}), dict):
+                raise CheckpointError(
+                    f"the checkpoint's quantization_config.config.{key} is not a mapping: config.json was "
+                    "edited or is corrupt"
+                )
         return cls(config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
