@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from quantmint.checkpoint import MANIFEST_NAME, read_quantization_config
+from quantmint.checkpoint import _read_manifest, read_quantization_config
 from quantmint.errors import CheckpointError
 
 __all__ = ["checkpoint_summary"]
@@ -25,8 +24,10 @@ def _tensor_headers(path: Path, shards: list[str]) -> dict[str, tuple[str, list[
                 for key in f.keys():  # noqa: SIM118
                     piece = f.get_slice(key)
                     headers[key] = (piece.get_dtype(), list(piece.get_shape()))
-        except (SafetensorError, FileNotFoundError) as exc:
-            raise CheckpointError(f"cannot read {path / shard}: {exc}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # SafetensorError, a missing file, the Rust panic of a bad header
+            raise CheckpointError(f"cannot read {path / shard}: {' '.join(str(exc).split())[:300]}") from None
     return headers
 
 
@@ -43,7 +44,12 @@ def _packed_weight_shape(path: Path, manifest: dict[str, Any], module: str, pack
     for shard in manifest["shards"]:
         with safe_open(str(path / shard), framework="pt") as f:
             if name in f.keys():  # noqa: SIM118
-                return [int(v) for v in f.get_tensor(name).tolist()]
+                shape = f.get_tensor(name).tolist()
+                if isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape):
+                    return shape
+                raise CheckpointError(
+                    f"tensor {name!r} in {path / shard} is not an [out, in] pair: {shape!r:.80}"
+                )
     return [packed[0], packed[1] * 8]
 
 
@@ -54,11 +60,8 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     weight (int8, or 4-bit packed in int32) as a bf16 weight of the same shape and its scales as nothing.
     """
     path = Path(path)
-    block = read_quantization_config(path)
-    manifest_file = path / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST_NAME}: the checkpoint is incomplete")
-    manifest = json.loads(manifest_file.read_text())
+    block = read_quantization_config(path)  # field types checked: one-line CheckpointErrors
+    manifest = _read_manifest(path)  # structure and plain shard names checked
     headers = _tensor_headers(path, list(manifest["shards"]))
     layers = []
     quantized_tensors: set[str] = set()
