@@ -615,7 +615,8 @@ class PTQConfig(_Strict):
                 cls._MF_SMOOTH_ARGS[k]: v for k, v in args_in.items() if k in cls._MF_SMOOTH_ARGS
             },
             block_ptq={k: v for k, v in args_in.items() if k in ptq_keys} if method == "ptq" else None,
-            ignore=["lm_head"] if ignore is None else list(ignore),
+            # A single string is one pattern (not a list of its characters).
+            ignore=["lm_head"] if ignore is None else [ignore] if isinstance(ignore, str) else list(ignore),
         )
 
     def to_mindformers(self) -> dict[str, Any]:
