@@ -76,7 +76,9 @@ def staging_prefix(out: Path, kind: str) -> str:
 
 def _staging_pattern(out: Path) -> re.Pattern[str]:
     kinds = "|".join(_STAGING_KINDS)
-    return re.compile(rf"\.{re.escape(out.name)}\.(?:{kinds})-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+    return re.compile(
+        rf"\.{re.escape(out.name)}\.(?:{kinds})-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[A-Za-z0-9_]+"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -170,9 +172,7 @@ def prepare_output(
                 "another output directory"
             )
         if _inside(real, source):
-            raise OutputError(
-                f"-o {out} is inside the input {given}: choose an output directory outside it"
-            )
+            raise OutputError(f"-o {out} is inside the input {given}: choose an output directory outside it")
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         if ancestor.is_symlink():  # a dangling link
@@ -180,6 +180,11 @@ def prepare_output(
         ancestor = ancestor.parent
     if ancestor.exists() and not ancestor.is_dir():
         raise OutputError(f"cannot create {out}: {ancestor} is a file, not a directory; choose another -o")
+    if ancestor.is_dir() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write {out}: {ancestor} is not writable (a read-only filesystem or no permission); "
+            "choose another -o"
+        )
     if out.is_symlink():
         raise OutputError(
             f"-o {out} is a symbolic link: pass the directory it points to or another output directory"

@@ -201,12 +201,10 @@ class _OutputFile:
             os.close(self.fd)
             stage, self._stage = self._stage, None
             if stage is not None:
-                try:
+                # A write that failed (a full disk) left views of the buffer in its traceback: the
+                # memory goes with them. Raising BufferError here would hide that error (ENOSPC).
+                with contextlib.suppress(BufferError):
                     stage.close()
-                except BufferError:
-                    # A write that failed (a full disk) left views of the buffer in its traceback: the
-                    # memory goes with them. Raising here would hide that error (ENOSPC) behind this one.
-                    pass
 
 
 class ShardWriter:

@@ -91,7 +91,6 @@ def test_overwrite_refuses_a_directory_quantmint_did_not_write(model: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "parent", "photos", "q"]
 
 
-
 def test_output_that_is_a_file_is_refused(model: Path, capsys) -> None:
     notes = model.parent / "notes.txt"
     _refused(capsys, _quantize(model, notes, "--overwrite"), "is a file")
@@ -169,7 +168,6 @@ def test_report_refuses_to_write_over_a_directory_it_did_not_write(tmp_path: Pat
     write_report({**report, "rows": []}, tmp_path / "r")
     write_report({**report, "rows": []}, tmp_path / "r")  # its own earlier report: replaced
     assert (tmp_path / "r" / "report.json").is_file()
-
 
 
 def test_synth_model_overwrite_replaces_its_own_output_only(tmp_path: Path, capsys) -> None:
