@@ -256,11 +256,14 @@ def write_checkpoint(
     state = quant_state(model)
     if state is not None and state.calibration:
         (tmp / CALIBRATION_NAME).write_text(json.dumps(state.calibration, indent=1) + "\n")
-    # Written last: it covers every other file (`files`: config.json, the index, tokenizer, ...).
+    # Written last: it covers every other file (`files`: config.json, the index, tokenizer, ...) but the
+    # calibration report, whose timings differ from run to run (the manifest stays deterministic).
     files = {
         item.name: {"sha256": _sha256(item), "bytes": item.stat().st_size}
         for item in sorted(tmp.iterdir())
-        if item.is_file() and item.name not in shard_info and item.name != MANIFEST_NAME
+        if item.is_file()
+        and item.name not in shard_info
+        and item.name not in (MANIFEST_NAME, CALIBRATION_NAME)
     }
     manifest = {
         "quant_method": QUANT_METHOD,

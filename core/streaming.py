@@ -353,7 +353,7 @@ class _RTNProducer:
         if quantized is None:
             self.quant.rotate_if_chosen(name, module, self.family)
         fake = self.quant._fake_linear(
-            module, self.family, None, None, convert_only=True, quantized=quantized
+            module, self.family, None, None, convert_only=True, quantized=quantized, name=name
         )
         cell = cell_class(fake.scheme).from_fake_quant(fake)
         module.to("meta")

@@ -29,7 +29,7 @@ from quantmint.calibration import BlockCall, CalibrationReport, run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import PTQConfig, get_preset
-from quantmint.errors import ConfigError, NotSupportedError
+from quantmint.errors import ConfigError, NotSupportedError, QuantmintError
 from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
 from quantmint.kv_cache import KVObserver, attention_module_name
 from quantmint.matching import matches_any
@@ -209,7 +209,7 @@ class PTQ:
         else:
             for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
                 self.rotate_if_chosen(name, module, layout.family)
-                model.set_submodule(name, self._fake_linear(module, layout.family, None, None))
+                model.set_submodule(name, self._fake_linear(module, layout.family, None, None, name=name))
                 state.modules[name] = self.scheme
         setattr(model, STATE_ATTR, state)
         return model
@@ -222,20 +222,33 @@ class PTQ:
         smoothing: torch.Tensor | None,
         convert_only: bool = False,
         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+        name: str | None = None,
     ) -> FakeQuantLinear:
         """The fake-quantized twin of one float linear (weights RTN, activations per config);
-        `convert_only` and `quantized` as in `RoundToNearest.fake_quantize`."""
+        `convert_only` and `quantized` as in `RoundToNearest.fake_quantize`. A weight holding NaN or
+        inf (whose scale would be NaN or inf) is refused, naming the linear (`name`)."""
         scheme = self._scheme_for(observer)
         rtn = RoundToNearest(self.config.weights)
         fake = rtn.fake_quantize(
             module, family.adapter, scheme, convert_only=convert_only, quantized=quantized
         )
+        where = name or type(module).__name__
+        if not bool(torch.isfinite(fake.weight_scale).all()):
+            raise QuantmintError(
+                f"the float weight of {where} holds NaN or inf values (its int8 scale would be NaN or inf): "
+                "the float model is corrupt (or was made so by smoothing); check it with torch.isfinite"
+            )
         if scheme.endswith("a8"):
             fake.quantize_input = True
             if not self.config.activations.dynamic:
                 assert observer is not None
                 amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
                 fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
+                if not bool(torch.isfinite(fake.input_scale).all()):
+                    raise QuantmintError(
+                        f"the calibration inputs of {where} hold NaN or inf values (its static input scale "
+                        "would be NaN or inf): the float model or the calibration data is corrupt"
+                    )
         return carry_rotation(module, fake)
 
     def _scheme_for(self, observer: InputObserver | None) -> str:
@@ -255,10 +268,18 @@ class PTQ:
     ) -> dict[str, torch.Tensor]:
         """Smooth, then fake-quantize the targets of one block in place; returns the scales folded into
         `prev` outputs (see `SmoothQuant.smooth_block`)."""
+        if smooth:  # smoothing would spread a NaN or inf to the linears sharing its input: name its source
+            for name, module in block.linears.items():
+                weight = family.adapter.weight(module)
+                if name in targets and not bool(torch.isfinite(weight).all()):
+                    raise QuantmintError(
+                        f"the float weight of {name} holds NaN or inf values (its int8 scale would be NaN "
+                        "or inf): the float model is corrupt; check it with torch.isfinite"
+                    )
         inputs, outputs = smooth.smooth_block(block, family, observers) if smooth else ({}, {})
         for name, module in block.linears.items():
             if name in targets:
-                fake = self._fake_linear(module, family, observers.get(name), inputs.get(name))
+                fake = self._fake_linear(module, family, observers.get(name), inputs.get(name), name=name)
                 block.module.set_submodule(name[len(block.name) + 1 :], fake)
         return outputs
 
