@@ -7,6 +7,7 @@ test runs vLLM in its own process (tests/vllm_runner.py), ~20 s per model start 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -287,6 +288,33 @@ def test_probe_of_the_real_kernel_runs_whatever_the_default_dtype() -> None:
     assert results[0] == results[1]
 
 
+def test_vllm_w8a8_kernel_matches_the_runtime_on_the_same_inputs() -> None:
+    """The W8A8 kernel the plugin picks on this CPU (vLLM's when its probe is exact, else quantmint's
+    int32 matmul) gives the torch runtime's output on identical inputs, to float32 rounding: both
+    accumulate exactly, so any larger end-to-end drift comes from the float ops around the linears."""
+    from quantmint.backends.torch.int8_linear import int8_linear
+    from quantmint.backends.vllm import linear
+
+    torch.manual_seed(0)
+    frozen = functools.partial(torch.nn.Parameter, requires_grad=False)
+    for out_features, in_features, static in ((512, 256, False), (256, 512, False), (256, 256, True)):
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+        weight_scale = torch.rand(out_features, 1) / 500 + 1e-4
+        x = torch.randn(7, in_features) * 3
+        input_scale = (x.abs().amax() / 127).reshape(1) if static else None
+        layer = torch.nn.Module()
+        layer.logical_widths = [out_features]
+        layer.quantmint_dtype = torch.float32
+        layer.register_parameter("weight", frozen(weight.clone()))
+        layer.register_parameter("weight_scale", frozen(weight_scale.clone()))
+        layer.register_parameter("input_scale", None if input_scale is None else frozen(input_scale.clone()))
+        method = linear.W8A8LinearMethod(static_input=static)
+        method.process_weights_after_loading(layer)
+        got = method.apply(layer, x)
+        want = int8_linear(x, weight, weight_scale, input_scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- end to end on tiny models
 
 
@@ -309,13 +337,22 @@ def test_generation_agrees_with_the_torch_runtime(
     assert [g[0] for g in got] == [w[0] for w in want]
     assert agreement(got, want) >= 0.75, (got, want)
     if preset.startswith("w8a8"):
-        # served log-probabilities vs quantmint's exact int32 path: a kernel that saturated int16 pair sums
-        # (x86 without VNNI) would be off by percents here
+        # Served log-probabilities vs quantmint's exact int32 path. Both int8 matmuls are exact (see
+        # test_vllm_w8a8_kernel_matches_the_runtime_on_the_same_inputs), but vLLM's norm, rotary and
+        # attention kernels are not torch's: their outputs differ by an ulp, and W8A8's per-token int8
+        # rounding turns an ulp at a rounding midpoint into a whole code. On this tiny llama, one-ulp
+        # noise on the linears' inputs (20 seeds) moves most log-probabilities by < 3e-6 and a few, after
+        # such a flip, by up to 0.039 (on a Xeon without AMX, vLLM's drift was exactly that: 0.038 and
+        # 0.015 at two positions). A kernel that saturates int16 pair sums (x86 without VNNI, emulated)
+        # moves them by 0.14 in the median and 0.54 at most: the median and the bound below keep it out.
+        served_all, exact_all = [], []
         for ids, served in zip(PROMPTS, out["results"][1]["value"], strict=True):
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-            exact = logits[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-            assert torch.allclose(torch.tensor(served), exact, atol=2e-3), (served, exact.tolist())
+            exact_all.append(logits[torch.arange(len(ids) - 1), torch.tensor(ids[1:])])
+            served_all.append(torch.tensor(served))
+        drift = (torch.cat(served_all) - torch.cat(exact_all)).abs()
+        assert drift.median() <= 2e-3 and drift.max() <= 0.1, drift.tolist()
 
 
 @pytest.mark.slow
