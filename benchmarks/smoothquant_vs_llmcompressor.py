@@ -36,8 +36,9 @@ default). Runs: quantmint preset ``w8a8`` (alpha searched per block in {0.5, 0.6
 at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5; ``--alpha05``
 adds llm-compressor at 0.5 too.
 
-Setup, once: llm-compressor lives in its own virtual environment (``--venv``, default ``/work/venvs/llmc``)
-that reuses the system torch 2.13.0+cpu; pip is held to that torch by a constraints file, and the venv gets
+Setup, once: llm-compressor lives in its own virtual environment (``--venv``, default
+``venvs/llmc`` beside the checkout, or ``$QUANTMINT_LLMC_VENV``; below, the checkout is /work/main) that
+reuses the system torch 2.13.0+cpu; pip is held to that torch by a constraints file, and the venv gets
 its own transformers (5.17), compressed-tensors and datasets. ``--setup`` runs exactly::
 
     python3 -m venv --system-site-packages /work/venvs/llmc
@@ -81,7 +82,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-DEFAULT_VENV = Path("/work/venvs/llmc")
+# Beside the checkout (as shared/ is), or where QUANTMINT_LLMC_VENV says: no machine-specific path.
+DEFAULT_VENV = Path(os.environ.get("QUANTMINT_LLMC_VENV") or ROOT.parent / "venvs" / "llmc")
 LLMC_VERSION = "0.14.0.1"
 TORCH_PIN = "2.13.0"
 QUANTMINT_PRESET = "w8a8"

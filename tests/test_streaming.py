@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import byte_tokenizer, model_output
+from conftest import build_tiny, byte_tokenizer, model_output
 
 from quantmint import native, quant_math, streaming
 from quantmint.algorithms.ptq import quantize
@@ -338,9 +338,18 @@ def test_streamed_tensors_never_alias_the_reused_read_buffer(
     assert any(k.endswith(".bias") for _, tensors in outputs for k in tensors), "a bias was streamed"
 
 
-def test_streaming_rtn_rounds_plain_linear_weights_as_they_are_read(tiny_model_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["native", "no-compiler"])
+def test_streaming_rtn_rounds_plain_linear_weights_as_they_are_read(
+    tiny_model_dir, monkeypatch, compiled: bool
+) -> None:
     # Llama's nn.Linear weights go straight from the file to the kernel (same bytes: the test above);
-    # GPT2's Conv1D weights are stored transposed, so they are read first and rounded after.
+    # GPT2's Conv1D weights are stored transposed, so they are read first and rounded after. Without the
+    # native kernel (no C compiler: QUANTMINT_NATIVE=0 stands in for one) every weight takes the read-then-
+    # round fallback, and the integers and scales are the same.
+    if compiled and native.library("rtn") is None:
+        pytest.skip("no C compiler here: the native rtn kernel cannot be built")
+    if not compiled:
+        monkeypatch.setenv("QUANTMINT_NATIVE", "0")
     calls = {"rounded": 0, "declined": 0}
     from_file = streaming.quant_math.quantize_weight_from_file
 
@@ -350,14 +359,23 @@ def test_streaming_rtn_rounds_plain_linear_weights_as_they_are_read(tiny_model_d
         return result
 
     monkeypatch.setattr(streaming.quant_math, "quantize_weight_from_file", counting)
-    for family, expected in (("llama", True), ("gpt2", False)):
+    for family, direct in (("llama", True), ("gpt2", False)):
         calls.update(rounded=0, declined=0)
         producer = streaming._RTNProducer(tiny_model_dir(family), get_preset("w8a16"), None)
+        model = build_tiny(family)  # the float weights of tiny_model_dir(family)
+        adapter = producer.family.adapter
         for name in producer.linears:
-            producer._quantize(name)
-        if expected and native.library("rtn") is not None:
+            tensors = producer._quantize(name)
+            q, scale = quant_math.quantize_weight(
+                adapter.weight(model.get_submodule(name)).detach(), "channel"
+            )
+            assert torch.equal(tensors[f"{name}.weight"].reshape(q.shape), q), name
+            assert torch.equal(tensors[f"{name}.weight_scale"].reshape(scale.shape), scale), name
+        if direct and compiled:
             assert calls == {"rounded": len(producer.linears), "declined": 0}
-        elif not expected:
+        elif direct:  # read from the file by the fallback, not by the absent kernel
+            assert calls == {"rounded": 0, "declined": len(producer.linears)}
+        else:
             assert calls["rounded"] == 0
 
 
