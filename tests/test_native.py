@@ -129,6 +129,49 @@ def test_the_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch) -> N
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
+@needs_compiler
+def test_a_kernel_built_for_one_cpu_is_not_reused_on_another(tmp_path, monkeypatch) -> None:
+    # -march=native: a library built on an AMX or AVX-512 machine would fault (SIGILL) on another CPU
+    # sharing the cache directory, so the CPU's feature flags are part of the cache key.
+    monkeypatch.setenv("QUANTMINT_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    assert compiler is not None
+    if os.path.exists("/proc/cpuinfo"):
+        assert native._cpu_signature().startswith(("flags", "Features"))
+    here = native._build("rtn", native._SOURCES / "rtn.c", compiler)
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags\t\t: fpu sse sse2 avx avx2")
+    other = native._build("rtn", native._SOURCES / "rtn.c", compiler)
+    assert other != here and sorted(p.name for p in tmp_path.iterdir()) == sorted([here.name, other.name])
+
+
+def _cpu_has_amx_bf16() -> bool:
+    try:
+        flags = native._cpu_signature().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+@pytest.mark.skipif(_cpu_has_amx_bf16(), reason="this CPU has AMX-BF16: the AMX tests above cover it")
+def test_amx_kernel_is_off_where_the_cpu_has_no_amx() -> None:
+    # csrc/woq.c built with -march=native on a CPU without AMX compiles no tile instruction and says so;
+    # W8A16 then runs torch's kernels, bf16 included.
+    from quantmint.backends.torch import int8_weight_only as woq
+
+    lib = native.library("woq")
+    if lib is not None:
+        assert lib.qm_woq_available() == 0
+    assert woq._woq_function() is None
+    weight = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    assert not woq.amx_woq_supported(weight, torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    scale = torch.rand(64).bfloat16()
+    want = x.float() @ (weight.float() * scale.float()[:, None]).t()  # |want| ~ 300: bf16 rounds ~1
+    torch.testing.assert_close(
+        woq.int8_weight_only_linear(x, weight, scale).float(), want, rtol=1e-2, atol=1.0
+    )
+
+
 # --- rounding as the weight is read (streaming RTN) ----------------------------------------------------
 def _stored(tmp_path, weight: torch.Tensor, lead: int = 24, tail: int = 8):
     """`weight`'s bytes in a file between `lead` and `tail` bytes of other data: (path, offset)."""
