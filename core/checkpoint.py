@@ -381,8 +381,8 @@ def _plain_name(name: Any, what: str, path: Path) -> str:
 def _file_entries(raw: Any, key: str, path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or (key == "shards" and not raw):
         raise CheckpointError(
-            f"{path / MANIFEST_NAME}: `{key}` must be a non-empty mapping of file names to sha256 and "
-            "bytes; the manifest is corrupt or was edited"
+            f"{path / MANIFEST_NAME}: `{key}` must be a{' non-empty' if key == 'shards' else ''} mapping of "
+            "file names to sha256 and bytes; the manifest is corrupt or was edited"
         )
     entries = {}
     for name, info in raw.items():
