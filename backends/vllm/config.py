@@ -36,6 +36,11 @@ _VLLM_PREFIX_FIXES = ((re.compile(r"\.attention\.output\.qkv_proj$"), ".attentio
 _TRANSPOSED_ON_LOAD = {"gpt2": ("c_attn", "c_proj", "c_fc")}
 
 
+class QuantmintConfigError(CheckpointError, ValueError):
+    """A checkpoint's quantization_config vLLM cannot use: a `CheckpointError` (one line), and the
+    ValueError vLLM expects from a quantization config."""
+
+
 def _check_vllm_version() -> None:
     import vllm
 
@@ -118,25 +123,30 @@ class QuantmintConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> QuantmintConfig:
         _check_vllm_version()
         if not isinstance(config, dict):
-            raise CheckpointError(
+            raise QuantmintConfigError(
                 f"the checkpoint's quantization_config is a {type(config).__name__}, not a mapping: "
                 "config.json was edited or is corrupt"
             )
         method = config.get("quant_method")
         if method != QUANT_METHOD:
-            raise ValueError(f"not a quantmint quantization_config (quant_method={method!r})")
+            raise QuantmintConfigError(f"not a quantmint quantization_config (quant_method={method!r})")
         version = config.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise QuantmintConfigError(
                 f"quantmint checkpoint format_version {version!r} is not {FORMAT_VERSION}, the version this "
                 "vLLM backend reads: install the quantmint release that wrote it, or re-quantize"
             )
         if not isinstance(config.get("modules"), dict):
-            raise ValueError("quantmint quantization_config has no `modules` map: the checkpoint is damaged")
-        validate_quantization_block(config, "the checkpoint")  # field types, one-line CheckpointError
+            raise QuantmintConfigError(
+                "quantmint quantization_config has no `modules` map: the checkpoint is damaged"
+            )
+        try:
+            validate_quantization_block(config, "the checkpoint")  # field types
+        except CheckpointError as exc:
+            raise QuantmintConfigError(str(exc)) from None
         for key in ("activations", "weights"):
             if not isinstance(config["config"].get(key, {}), dict):
-                raise CheckpointError(
+                raise QuantmintConfigError(
                     f"the checkpoint's quantization_config.config.{key} is not a mapping: config.json was "
                     "edited or is corrupt"
                 )
