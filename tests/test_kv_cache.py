@@ -94,12 +94,14 @@ def test_c8_checkpoint_round_trip(calibration, tmp_path: Path) -> None:
     ids = torch.randint(0, VOCAB, (1, 20))
     a = _logits_with_cache(model, ids, Int8KVCache.for_model(model))
     b = _logits_with_cache(loaded, ids, Int8KVCache.for_model(loaded))
-    # Two decode paths: `model` runs fake-quant float matmuls (F.linear, whose sgemm kernel and summation
-    # order depend on the CPU: AVX2, AVX-512, AMX, AMD), `loaded` exact int32 matmuls. They agree to an
-    # ulp or two (0 on a Xeon without AMX; an ulp on an AMD EPYC), but an ulp at a rounding midpoint of
-    # the per-token int8 activations or of the int8 cache moves one code: one-ulp noise on the linears'
-    # inputs (30 seeds) left the logits within 2e-7 but once moved one by 1.6e-3. So: nearly every logit
-    # equal, none far off (a lost or wrong scale moves them by far more; the scales are compared above).
+    # Both models run the same int8 cells and cache, but on other buffers: `loaded`'s tensors come from
+    # safetensors 56 bytes into a cache line, `model`'s are 64-byte aligned. Vectorized float kernels
+    # (BLAS, norms, softmax) may peel unaligned heads off and sum in another order: equal on a Xeon
+    # without AMX (AVX-512 or AVX2), an ulp apart on an AMD EPYC (the likely cause). An ulp at a rounding
+    # midpoint of the per-token int8 activations or of the int8 cache moves one code: one-ulp noise on
+    # the linears' inputs (30 seeds) left the logits within 2e-7 but once moved one by 1.6e-3. So:
+    # nearly every logit equal, none far off (a lost or wrong scale moves them by far more; the scales
+    # are compared exactly above).
     drift = (a - b).abs()
     assert drift.median() <= 1e-5 and drift.max() <= 1e-2, drift.max()
 
