@@ -104,11 +104,15 @@ def _split_aliases(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> dict[str, Any]:
-    """Write one shard, fetching each tensor only when its turn comes; returns its manifest entry."""
+    """Write one shard, fetching each tensor only when its turn comes; returns its manifest entry.
+    A scale that loading would refuse (NaN, inf, <= 0) is refused here, before anything is renamed."""
     writer = ShardWriter(path, specs, SHARD_METADATA)
     try:
         for spec in specs:
-            writer.write(spec.name, fetch(spec.name))
+            tensor = fetch(spec.name)
+            if spec.name.endswith("_scale"):
+                _check_values(spec.name, tensor, path, "the model being saved holds it; it would not load")
+            writer.write(spec.name, tensor)
     except BaseException:
         writer.abort()
         raise
@@ -482,33 +486,33 @@ def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
         _check_file(path, name, info, verify, "shard")
 
 
-def _check_values(name: str, tensor: torch.Tensor, file: Path) -> None:
+def _check_values(
+    name: str, tensor: torch.Tensor, file: Path, why: str = "the checkpoint is corrupt or was edited"
+) -> None:
     """Refuse values quantmint never writes: non-finite floats, scales <= 0, int8 weight code -128
     and 4-bit code -8 (its integer grids are symmetric: [-127, 127] and [-7, 7]; no zero points)."""
     if tensor.numel() == 0:
         return
     if tensor.is_floating_point():
         if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f"tensor {name!r} in {file} holds NaN or inf values: the checkpoint is corrupt or was edited"
-            )
+            raise CheckpointError(f"tensor {name!r} in {file} holds NaN or inf values: {why}")
         if name.endswith("_scale") and not bool((tensor > 0).all()):
             raise CheckpointError(
                 f"scale tensor {name!r} in {file} holds zero or negative values; quantmint scales are "
-                "positive: the checkpoint is corrupt or was edited"
+                f"positive: {why}"
             )
     elif tensor.dtype == torch.int8 and name.endswith(".weight"):
         if int(tensor.min()) < -127:
             raise CheckpointError(
                 f"int8 weight {name!r} in {file} holds -128, outside the symmetric range [-127, 127] "
-                "quantmint writes: the checkpoint is corrupt or was edited"
+                f"quantmint writes: {why}"
             )
     elif tensor.dtype == torch.int32 and name.endswith(".weight_packed"):
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         if bool((((tensor.unsqueeze(-1) >> shifts) & 0xF) == 0).any()):
             raise CheckpointError(
                 f"4-bit weight {name!r} in {file} holds the code -8, outside the symmetric range [-7, 7] "
-                "quantmint writes: the checkpoint is corrupt or was edited"
+                f"quantmint writes: {why}"
             )
 
 

@@ -222,6 +222,15 @@ def test_nan_or_inf_float_weights_are_refused_when_quantizing(value: float, pres
     _one_line(info)
 
 
+def test_a_nan_scale_is_refused_when_saving_and_nothing_is_written(tmp_path: Path) -> None:
+    model = quantize(build_tiny("llama"), "w8a16")
+    model.model.layers[0].mlp.down_proj.weight_scale[2] = float("nan")
+    with pytest.raises(CheckpointError, match="down_proj.weight_scale.*would not load") as info:
+        save_quantized(model, tmp_path / "out")
+    _one_line(info)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_serve_refuses_a_shard_failing_its_sha256(saved: Path) -> None:
     from quantmint.backends.vllm.serve import serve_command
 
