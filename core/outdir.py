@@ -39,6 +39,7 @@ from pathlib import Path
 from quantmint.errors import OutputError
 
 __all__ = [
+    "OUTPUT_ERRNOS",
     "is_quantmint_output",
     "output_errors",
     "prepare_output",
@@ -59,6 +60,7 @@ _OUTPUT_ERRNOS = {
     errno.EACCES: "you may not write there: choose another -o",
     errno.EPERM: "you may not write there: choose another -o",
 }
+OUTPUT_ERRNOS = frozenset(_OUTPUT_ERRNOS)
 
 
 def _host() -> str:

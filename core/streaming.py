@@ -48,7 +48,7 @@ from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.family import BlockLayout
 from quantmint.hf import model_class, read_config_json, staged_directory
-from quantmint.outdir import output_errors, prepare_output, staging_prefix
+from quantmint.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
 from quantmint.rotation import carry_rotation
 from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
 
@@ -377,6 +377,10 @@ class _RTNProducer:
         return tensor.detach()  # a persistent buffer the checkpoint does not hold: as built
 
 
+# A worker that the output filesystem failed (OUTPUT_ERRNOS) exits with this plus the errno.
+_OSERROR_EXIT = 64
+
+
 def _worker_main(job_file: str) -> None:
     """One worker process of streaming RTN (`python -m quantmint.streaming JOB.json`): writes the
     shards the job names and their manifest entries into JOB.json's `result`."""
@@ -419,6 +423,10 @@ def _run_workers(
             continue
         written.update(json.loads(job_file.read_text())["result"])
         job_file.unlink()
+    for status in failed:
+        if status - _OSERROR_EXIT in OUTPUT_ERRNOS:
+            code = status - _OSERROR_EXIT
+            raise OSError(code, os.strerror(code))  # the staging directory's: one line from there
     if failed:
         raise QuantmintError(
             f"{len(failed)} of {len(procs)} streaming workers failed (exit status {failed}); see above"
@@ -547,4 +555,9 @@ def quantize_checkpoint(
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    try:
+        _worker_main(sys.argv[1])
+    except OSError as exc:  # a full or read-only disk: the parent reports it, in one line
+        if exc.errno not in OUTPUT_ERRNOS or exc.errno >= 256 - _OSERROR_EXIT:
+            raise
+        sys.exit(_OSERROR_EXIT + exc.errno)

@@ -227,13 +227,19 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True)
 
 
-def test_a_really_full_filesystem_is_one_line(tmp_path: Path, tiny_model_dir, capsys) -> None:
-    """The same on a 64 KiB tmpfs, where the kernel can mount one (root, a permissive sandbox)."""
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--stream", "--workers", "2", "--max-shard-size", "20KB"]],
+    ids=["in-memory", "stream-workers"],
+)
+def test_a_really_full_filesystem_is_one_line(tmp_path: Path, tiny_model_dir, capsys, extra) -> None:
+    """The same on a 64 KiB tmpfs, where the kernel can mount one (root, a permissive sandbox); with
+    streaming workers, the disk fills in a worker process."""
     small = tmp_path / "small"
     if not _try_mount(small, "size=64k"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        code = main(["quantize", str(tiny_model_dir("llama")), "-o", str(small / "q")])
+        code = main(["quantize", str(tiny_model_dir("llama")), "-o", str(small / "q"), *extra])
         err = capsys.readouterr().err
         assert code != 0
         line = _error_line(err)
