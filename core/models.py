@@ -54,22 +54,28 @@ def _refuse_quantized_tensors(path: Path, config: dict[str, Any]) -> None:
                         )
         except QuantmintError:
             raise
-        except Exception as exc:  # SafetensorError: let from_pretrained's message or ours below say it
+        except Exception as exc:  # SafetensorError, the Rust panic of a malformed header
             raise QuantmintError(
                 f"{file} is not a readable safetensors file: {' '.join(str(exc).split())[:300]}"
             ) from None
 
 
 def _unexpected_that_matter(model: nn.Module, unexpected: Any) -> list[str]:
-    """Unexpected checkpoint tensors that fall inside a module the model has (more layers than the config
-    says, a renamed weight): those mean a different model. Tensors of modules the class lacks (a
-    pretraining head, a pooler) are what loading a base model from a fuller checkpoint leaves over."""
+    """Unexpected checkpoint tensors that would be weights of a module the model has (more layers than
+    the config says, a renamed weight): those mean a different model. Left over are tensors of modules
+    the class lacks (a pretraining head, a pooler) and stale buffers of older releases (GPT-2's
+    `attn.masked_bias`): what loading a base model, or an old checkpoint, leaves over."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     base = getattr(model, prefix, model) if prefix else model
     children = {name for name, _ in model.named_children()} | {name for name, _ in base.named_children()}
     if prefix:
         children.add(prefix)
-    return [key for key in unexpected if str(key).split(".", 1)[0] in children]
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_parameters()}
+    return [
+        key
+        for key in unexpected
+        if str(key).split(".", 1)[0] in children and str(key).rsplit(".", 1)[-1] in leaves
+    ]
 
 
 def load_float_model(path: str | Path) -> nn.Module:

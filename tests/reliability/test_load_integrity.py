@@ -117,6 +117,19 @@ def test_base_model_from_a_checkpoint_with_a_head_loads(tmp_path: Path) -> None:
     load_float_model(path)
 
 
+def test_stale_buffers_of_older_checkpoints_load(tmp_path: Path) -> None:
+    """GPT-2 checkpoints on the Hub hold `attn.masked_bias`, old Llama ones `rotary_emb.inv_freq`:
+    buffers, not weights, that the model no longer has."""
+    path = _float_dir(tmp_path, "gpt2")
+    _edit_tensors(path, lambda t: t.__setitem__("transformer.h.0.attn.masked_bias", torch.tensor(-1e4)))
+    load_float_model(path)
+    path = _float_dir(tmp_path, "llama", "llama")
+    _edit_tensors(
+        path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8))
+    )
+    load_float_model(path)
+
+
 def test_pickle_only_float_model_is_refused_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "pickle"
     model = build_tiny("llama")
