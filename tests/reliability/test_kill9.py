@@ -81,16 +81,35 @@ def _assert_absent_or_complete(out: Path) -> None:
         load_quantized(out)  # verifies every shard's sha256 against the manifest
 
 
+def _exchange_works(tmp_path: Path) -> bool:
+    """Whether this filesystem swaps two directories atomically (then --overwrite never leaves the
+    output absent, even for an instant)."""
+    from quantmint.outdir import _exchange
+
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return _exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
 def _kill_then_rerun(model: Path, tmp_path: Path, extra: list[str], plan: list[str], seed: int) -> None:
     rng = random.Random(seed)
     parent = tmp_path / "outputs"
     parent.mkdir()
     out = parent / "q"
     command = _command(model, out, extra)
+    atomic_replace = _exchange_works(tmp_path)
     for how in plan:
+        existed = out.exists()
         status = _run_and_kill(command, out, how, rng)
         assert status in (None, 0), f"a run that was not killed failed with status {status}"
         _assert_absent_or_complete(out)
+        if existed and atomic_replace:
+            assert out.exists(), "a killed --overwrite run removed the complete output it was replacing"
     result = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     load_quantized(out)
