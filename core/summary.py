@@ -19,6 +19,10 @@ _BF16 = 2
 def _tensor_headers(path: Path, shards: list[str]) -> dict[str, tuple[str, list[int]]]:
     headers = {}
     for shard in shards:
+        if (path / shard).is_symlink():
+            raise CheckpointError(
+                f"shard {path / shard} is a symbolic link; a checkpoint's files must be files"
+            )
         try:
             with safe_open(str(path / shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118
