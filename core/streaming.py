@@ -24,11 +24,13 @@ at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -381,10 +383,28 @@ class _RTNProducer:
 _OSERROR_EXIT = 64
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when its parent dies (a `kill -9` of `quantmint quantize`), instead of
+    writing on into a staging directory that no process will rename or remove.
+
+    Linux: the kernel sends SIGKILL on the parent's death (`prctl(PR_SET_PDEATHSIG)`); the parent
+    pid is compared afterwards in case it died before the call. Elsewhere the worker runs to its end.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _worker_main(job_file: str) -> None:
     """One worker process of streaming RTN (`python -m quantmint.streaming JOB.json`): writes the
     shards the job names and their manifest entries into JOB.json's `result`."""
     job = json.loads(Path(job_file).read_text())
+    _die_with_parent(job["parent"])
     torch.set_num_threads(job["threads"])
     producer = _RTNProducer(Path(job["model"]), PTQConfig.from_dict(job["config"]), job["family"])
     out = Path(job["out"])
@@ -410,6 +430,7 @@ def _run_workers(
             "family": family,
             "out": str(out),
             "threads": threads,
+            "parent": os.getpid(),
             "shards": [(name, [s.name for s in specs]) for name, specs in group],
         }
         job_file.write_text(json.dumps(job))

@@ -134,3 +134,49 @@ def test_kill9_block_ptq_leaves_no_broken_output_or_orphans(
     _kill_then_rerun(
         tiny_model_dir("llama"), tmp_path, [*extra, *stream], ["delay", "delay", "staging"], seed=3
     )
+
+
+_WORKER = """
+import sys, time
+from quantmint.streaming import _die_with_parent
+_die_with_parent(int(sys.argv[1]))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+_PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid())])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for a reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill9_of_the_parent_ends_streaming_workers() -> None:
+    """A streaming-RTN worker stops when `quantmint quantize --workers N` is killed, instead of writing
+    on into a staging directory that nobody will rename or remove."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _WORKER], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"  # the worker shares the parent's stdout
+        assert _alive(child), "the worker should still run while its parent does"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
