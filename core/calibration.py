@@ -73,11 +73,26 @@ def batch_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Te
     return batches
 
 
+def _check_token_ids(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Refuse token ids the model has no embedding for (an IndexError deep in the forward otherwise)."""
+    get = getattr(model, "get_input_embeddings", None)
+    size = getattr(get(), "num_embeddings", None) if callable(get) else None
+    if not isinstance(size, int) or not batches:
+        return
+    top = max(int(batch.max()) for batch in batches)
+    if top >= size or min(int(batch.min()) for batch in batches) < 0:
+        raise ConfigError(
+            f"calibration token id {top:,} is outside the model's vocabulary of {size:,} entries: the "
+            "samples were tokenized by another model's tokenizer; use this model's own"
+        )
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, layout: ModelLayout, batches: list[torch.Tensor]
 ) -> list[BlockCall]:
     """Run `model` on each batch up to its first block and record that block's call."""
+    _check_token_ids(model, batches)
     calls: list[BlockCall] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -56,6 +56,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
     if args.hadamard:
         config = _with_algorithm_args(config, "--hadamard", hadamard=True)
+    limits = _model_limits(Path(args.model))
+    if args.calib_seq_len is None:  # the default: 512 tokens, fewer for a model that takes fewer
+        args.calib_seq_len = min(512, limits["positions"] or 512)
+    elif args.calib and limits["positions"] is not None and args.calib_seq_len > limits["positions"]:
+        raise _usage_error(
+            f"--calib-seq-len {args.calib_seq_len} is longer than {args.model} takes: its config.json allows "
+            f"{limits['positions']} positions ({limits['positions_key']}); pass --calib-seq-len "
+            f"{limits['positions']} or less"
+        )
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -80,6 +89,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             n_samples=args.calib_samples,
             seq_len=args.calib_seq_len,
             seed=args.calib_seed,
+            vocab_size=limits["vocab"],
         )
     loaded = time.perf_counter()
     work_dir = None
@@ -121,6 +131,32 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     }
     report["calibration"] = quant_state(model).calibration
     _print_json(report)
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _model_limits(model_dir: Path) -> dict[str, Any]:
+    """The longest input (positions) and the vocabulary size config.json declares, None where it has none
+    (a missing or broken config.json is left for loading to report)."""
+    from quantmint.errors import QuantmintError
+    from quantmint.hf import read_config_json
+
+    try:
+        raw = read_config_json(model_dir)
+    except (QuantmintError, ValueError):
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    key = next((k for k in _POSITION_KEYS if _is_count(raw.get(k))), None)
+    return {
+        "positions": raw[key] if key else None,
+        "positions_key": key,
+        "vocab": raw["vocab_size"] if _is_count(raw.get("vocab_size")) else None,
+    }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _too_big_for_memory(model_dir: Path) -> bool:
@@ -414,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
     q.add_argument("--calib-samples", type=_POSITIVE, default=128, help="calibration samples (default 128)")
     q.add_argument(
-        "--calib-seq-len", type=_int_at_least(2), default=512, help="tokens per sample, at most (default 512)"
+        "--calib-seq-len",
+        type=_int_at_least(2),
+        help="tokens per sample, at most (default 512, or the model's max positions if fewer)",
     )
     q.add_argument(
         "--calib-seed",

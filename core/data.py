@@ -74,12 +74,14 @@ def calibration_samples(
     seq_len: int = 512,
     seed: int = 0,
     kind: DataKind = "auto",
+    vocab_size: int | None = None,
 ) -> list[torch.Tensor]:
     """`n_samples` calibration samples drawn from the local file `path` (formats: module docstring).
 
     Returns a list of `n_samples` 1-D int64 tensors of token ids, each of length in `[2, seq_len]`
     (`"text"` samples are exactly `seq_len` long). The draw depends only on the file, the tokenizer,
-    `n_samples`, `seq_len` and `seed`.
+    `n_samples`, `seq_len` and `seed`. With `vocab_size` (the model's), a token id the model has no
+    embedding for is refused: the tokenizer is not the model's.
     """
     path = Path(path)
     _check_positive("n_samples", n_samples, 1)
@@ -92,7 +94,8 @@ def calibration_samples(
         kind, parsed = _detect(path, raw)
     generator = torch.Generator().manual_seed(seed)
     if kind == "text":
-        return _text_samples(path, raw, tokenizer, n_samples, seq_len, generator)
+        samples = _text_samples(path, raw, tokenizer, n_samples, seq_len, generator)
+        return _check_vocab(path, samples, tokenizer, vocab_size)
     if kind == "squad":
         top = _load_json(path, raw) if parsed is None else parsed
         records = _squad_records(path, top)
@@ -104,7 +107,27 @@ def calibration_samples(
             for r in _boolq(path, raw)
         ]
         what = "records"
-    return _prompt_samples(path, prompts, what, tokenizer, n_samples, seq_len, generator)
+    samples = _prompt_samples(path, prompts, what, tokenizer, n_samples, seq_len, generator)
+    return _check_vocab(path, samples, tokenizer, vocab_size)
+
+
+def _check_vocab(
+    path: Path, samples: list[torch.Tensor], tokenizer: Any, vocab_size: int | None
+) -> list[torch.Tensor]:
+    """`samples`, unless a token id is beyond the model's vocabulary (an IndexError in the embedding)."""
+    if vocab_size is None or not samples:
+        return samples
+    top = max(int(sample.max()) for sample in samples)
+    if top >= vocab_size:
+        try:
+            size = f"{len(tokenizer):,} tokens"
+        except TypeError:
+            size = "unknown size"
+        raise QuantmintError(
+            f"{path} tokenizes to id {top:,}, but the model's vocabulary has {vocab_size:,} entries "
+            f"(the tokenizer has {size}): the tokenizer does not belong to this model; use the model's own"
+        )
+    return samples
 
 
 def detect_kind(path: str | Path) -> Literal["text", "squad", "boolq"]:
