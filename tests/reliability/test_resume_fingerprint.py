@@ -97,8 +97,27 @@ def test_streamed_resume_fingerprints_the_weights(
                 tmp_path / "a", tmp_path / "out", _config(), calibration=_calibration(), work_dir=work
             )
     capsys.readouterr()
-    quantize_checkpoint(tmp_path / "b", tmp_path / "out", _config(), calibration=_calibration(), work_dir=work)
+    quantize_checkpoint(
+        tmp_path / "b", tmp_path / "out", _config(), calibration=_calibration(), work_dir=work
+    )
     assert "starting from block 0" in capsys.readouterr().err
     quantize_checkpoint(tmp_path / "b", tmp_path / "fresh", _config(), calibration=_calibration())
     out, fresh = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("out", "fresh"))
     _assert_identical(fresh, out)
+
+
+def test_in_memory_and_streamed_runs_share_one_fingerprint(tmp_path: Path, monkeypatch) -> None:
+    # Out of core the blocks are still on `meta` when the fingerprint is taken: their weights are read
+    # from the checkpoint, so the two paths hash the same bytes (and one can resume the other's run).
+    from quantmint.models import load_float_model
+
+    build_tiny("llama", seed=0).save_pretrained(tmp_path / "a")
+    byte_tokenizer().save_pretrained(tmp_path / "a")
+    seen: list[str] = []
+    fingerprint = block_ptq._fingerprint
+    monkeypatch.setattr(block_ptq, "_fingerprint", lambda *a: seen.append(fingerprint(*a)) or seen[-1])
+    quantize(load_float_model(tmp_path / "a"), _config(), calibration=_calibration(), work_dir=tmp_path / "w")
+    quantize_checkpoint(
+        tmp_path / "a", tmp_path / "out", _config(), calibration=_calibration(), work_dir=tmp_path / "v"
+    )
+    assert len(seen) == 2 and seen[0] == seen[1]
