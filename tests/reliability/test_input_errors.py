@@ -70,7 +70,9 @@ def test_non_utf8_config_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_4300_digit_integer_is_refused(tmp_path: Path) -> None:
-    message = _refused("weight_dtype: int4\nweights: {strategy: group, group_size: " + "9" * 4300 + "}\n", tmp_path)
+    message = _refused(
+        "weight_dtype: int4\nweights: {strategy: group, group_size: " + "9" * 4300 + "}\n", tmp_path
+    )
     assert "4,300 digits" in message
 
 
