@@ -224,6 +224,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
+        _check_plain(data, type(self).__name__)  # too deep or too large for pydantic: one line instead
         try:
             super().__init__(**data)
         except ValidationError as exc:
