@@ -93,6 +93,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> dict[str, 
     checkpoint = root / "checkpoint"
     done = _quantmint("quantize", str(tiny_model_dir("llama")), "-o", str(checkpoint))
     assert done.returncode == 0, done.stderr
+    shutil.copytree(checkpoint, root / "clean-checkpoint")
+    out["clean"] = root / "clean-checkpoint"
     _write_code(checkpoint, marker)
     _custom_config(checkpoint)
     out["checkpoint"] = checkpoint
@@ -150,16 +152,11 @@ def test_model_dir_with_custom_code_is_refused_and_its_code_never_runs(
     assert not (tmp_path / "out").exists()
 
 
-def test_serve_refuses_trust_remote_code_and_pins_it_off(tmp_path: Path, dirs: dict[str, Path]) -> None:
+def test_serve_refuses_trust_remote_code_and_pins_it_off(dirs: dict[str, Path]) -> None:
     from quantmint.backends.vllm.serve import serve_command
     from quantmint.errors import QuantmintError
 
-    checkpoint = tmp_path / "clean"
-    shutil.copytree(dirs["checkpoint"], checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    config.pop("auto_map")
-    config["model_type"] = "llama"
-    (checkpoint / "config.json").write_text(json.dumps(config))
+    checkpoint = dirs["clean"]
     cmd, _ = serve_command(checkpoint, environ={})
     assert "--no-trust-remote-code" in cmd and "--trust-remote-code" not in cmd
     for extra in (["--trust-remote-code"], ["--trust-remote-code=true"]):
