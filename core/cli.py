@@ -230,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
+    _check_tokenizer_fits(model, tokenizer, args.model)
     result: dict[str, Any] = {
         "model": str(args.model),
         "quantized": is_quantmint_checkpoint(args.model),
@@ -269,9 +270,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.docs is not None:
         docs = read_documents(args.docs)
         reference = load_model(args.reference)
+        reference_tokenizer = load_tokenizer(args.reference)
+        _check_tokenizer_fits(reference, reference_tokenizer, args.reference)
         started = time.perf_counter()
         ours = sentence_embeddings(model, tokenizer, docs)
-        theirs = sentence_embeddings(reference, load_tokenizer(args.reference), docs)
+        theirs = sentence_embeddings(reference, reference_tokenizer, docs)
         result.update(
             {
                 "docs": str(args.docs),
@@ -282,6 +285,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     result["peak_rss_mb"] = _peak_rss_mb()
     _print_json(result)
+
+
+def _check_tokenizer_fits(model: Any, tokenizer: Any, where: str) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding has no row for (an IndexError
+    deep in the forward pass otherwise)."""
+    from quantmint.errors import QuantmintError
+
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise QuantmintError(
+            f"the tokenizer in {where} has {len(tokenizer):,} tokens but the model's embedding has "
+            f"{rows:,} rows: ids beyond it cannot be scored; use the model's own tokenizer"
+        )
 
 
 def _is_causal_lm(model: Any) -> bool:

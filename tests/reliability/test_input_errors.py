@@ -278,6 +278,14 @@ def test_calibration_tokenizer_ids_beyond_model_vocab_are_refused(
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_tokenizer_beyond_model_vocab_is_refused(
+    small_vocab_model_dir: Path, text_file: Path, capsys
+) -> None:
+    code, err = _cli(capsys, "eval", small_vocab_model_dir, "--text", text_file, "--max-tokens", "64")
+    line = _one_line(err)
+    assert code == 2 and "256 tokens" in line and "64 rows" in line, line
+
+
 def test_calibration_samples_beyond_vocab_are_refused_by_the_library(small_vocab_model_dir: Path) -> None:
     from quantmint.algorithms.ptq import quantize
     from quantmint.config import get_preset
