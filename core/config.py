@@ -662,7 +662,7 @@ class PTQConfig(_Strict):
 
 # The seeds' combination list: RTN W8A16, SmoothQuant W8A8, C8, W8A16+C8, SmoothQuant+C8.
 # SmoothQuant presets search alpha per block on this grid: on SmolLM2 it gave +0.49% perplexity with
-# 169 s of calibration (128 x 512 tokens), where a fixed 0.5 gave +0.86% in 71 s (README figures).
+# 169 s of calibration (128 x 512 tokens), where a fixed 0.5 gave +0.86% in 71 s (docs/benchmarks.md).
 _SMOOTH_SEARCH = AlgorithmArgs(smooth_alpha_grid=[0.5, 0.6, 0.7, 0.8])
 _INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
 PRESETS: dict[str, PTQConfig] = {
