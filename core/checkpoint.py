@@ -11,6 +11,8 @@ Lifecycle:
   mis-shaped, mistyped or corrupt tensor or shard is refused with a message that names it.
 
 Tensors are stored with compressed-tensors names (`weight` int8, `weight_scale`, ...). Never pickle.
+The `quantization_config` block and the manifest are typed in `quantmint.checkpoint_format`: written by
+their `to_json_dict` and read back only through their schemas (docs/checkpoint-format.md).
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ from safetensors import safe_open
 from torch import nn
 
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
-from quantmint.config import PTQConfig
+from quantmint.checkpoint_format import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    CheckpointManifest,
+    FileEntry,
+    QuantizationConfigBlock,
+    _one_line,
+    read_config_dict,  # noqa: F401 (re-exported: quantmint.models and the vLLM backend import it from here)
+)
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
-from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.hf import model_class, staged_directory
 from quantmint.safetensors_io import INDEX_NAME, ShardWriter, TensorSpec, plan_shards, shard_names
 
 __all__ = [
@@ -40,15 +51,14 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "QUANT_METHOD",
+    "CheckpointManifest",
+    "QuantizationConfigBlock",
     "UncoveredFilesWarning",
     "load_quantized",
     "save_quantized",
     "verify_checkpoint",
 ]
 
-QUANT_METHOD = "quantmint"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "quantmint_manifest.json"
 # What calibration measured (samples, seconds, peak RSS; block PTQ's per-block MSE log): for reports.
 CALIBRATION_NAME = "quantmint_calibration.json"
 SHARD_METADATA = {"format": "pt"}
@@ -123,20 +133,20 @@ def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torc
 ShardsWriter = Callable[[Path, list[tuple[str, list[TensorSpec]]]], dict[str, dict[str, Any]]]
 
 
-def quantization_config_block(model: nn.Module) -> dict[str, Any]:
+def quantization_config_block(model: nn.Module) -> QuantizationConfigBlock:
     """The `quantization_config` entry of config.json for a converted model."""
     state = quant_state(model)
     assert state is not None
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "scheme": state.config.scheme_name,
-        "family": state.family,
-        "config": state.config.with_updates(mode="deploy").to_dict(),
-        "modules": dict(state.modules),
-        "kv_cache_modules": list(state.kv_modules),
-        "rotated_modules": list(state.rotated),
-    }
+    return QuantizationConfigBlock(
+        quant_method=QUANT_METHOD,
+        format_version=FORMAT_VERSION,
+        scheme=state.config.scheme_name,
+        family=state.family,
+        config=state.config.with_updates(mode="deploy"),
+        modules=dict(state.modules),
+        kv_cache_modules=list(state.kv_modules),
+        rotated_modules=list(state.rotated),
+    )
 
 
 # The files a Hugging Face tokenizer is made of (those present are copied; see `save_quantized`).
@@ -246,7 +256,7 @@ def write_checkpoint(
     config = model.config
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
-    config_dict["quantization_config"] = quantization_config_block(model)
+    config_dict["quantization_config"] = quantization_config_block(model).to_json_dict()
     config_dict["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
     config_dict["architectures"] = [type(model).__name__]
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
@@ -269,14 +279,14 @@ def write_checkpoint(
         and item.name not in shard_info
         and item.name not in (MANIFEST_NAME, CALIBRATION_NAME)
     }
-    manifest = {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "shards": shard_info,
-        "files": files,
-        "aliases": aliases,
-    }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = CheckpointManifest(
+        quant_method=QUANT_METHOD,
+        format_version=FORMAT_VERSION,
+        shards=shard_info,
+        files=files,
+        aliases=aliases,
+    )
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json_dict(), indent=2) + "\n")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -291,124 +301,18 @@ class UncoveredFilesWarning(UserWarning):
     """The checkpoint's manifest predates `files`: its config.json is not covered by a sha256."""
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _one_line(text: object, limit: int = 500) -> str:
-    """An embedded exception's text as one line (library messages may span several)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _string_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def validate_quantization_block(block: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
-    """`block` (config.json's `quantization_config`) if it is a quantmint block of this format version
-    with well-typed fields, else a one-line `CheckpointError` naming the field."""
-    if not isinstance(block, dict) or block.get("quant_method") != QUANT_METHOD:
-        method = block.get("quant_method") if isinstance(block, dict) else None
-        raise CheckpointError(
-            f"{where} is not a quantmint checkpoint (quantization_config.quant_method={method!r}); "
-            "quantize the float model with `quantmint quantize` first"
-        )
-    version = block.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise CheckpointError(
-            f"{where} has checkpoint format version {version!r}; this quantmint reads "
-            f"version {FORMAT_VERSION}: upgrade quantmint or re-quantize"
-        )
-    modules = block.get("modules")
-    problems = []
-    if not isinstance(modules, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in modules.items()
-    ):
-        problems.append("`modules` must map module names to scheme names")
-    if not isinstance(block.get("config"), dict):
-        problems.append("`config` must be a mapping")
-    for key in ("kv_cache_modules", "rotated_modules"):
-        if key in block and not _string_list(block[key]):
-            problems.append(f"`{key}` must be a list of module names")
-    for key in ("scheme", "family"):
-        if block.get(key) is not None and not isinstance(block[key], str):
-            problems.append(f"`{key}` must be a string")
-    if problems:
-        raise CheckpointError(
-            f"{where}: quantization_config is malformed ({'; '.join(problems)}); the checkpoint was "
-            "edited or is corrupt: re-quantize or copy it again"
-        )
-    return block
+def read_quantization_config(path: str | os.PathLike[str]) -> QuantizationConfigBlock:
+    """config.json's `quantization_config` block of a quantmint checkpoint, parsed by its schema (one-line
+    `CheckpointError` naming the field otherwise)."""
+    return QuantizationConfigBlock.from_config_json(path)
 
 
-def read_config_dict(path: Path, error: type[QuantmintError] = CheckpointError) -> dict[str, Any]:
-    """`read_config_json`, with anything but a JSON object (a list, a string, undecodable bytes, absurd
-    nesting or integers) refused as `error` in one line."""
-    try:
-        config = read_config_json(path, error)
-    except QuantmintError:
-        raise
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, huge integers, deep nesting
-        raise error(f"{path}/config.json is not valid JSON: {_one_line(exc)}") from None
-    if not isinstance(config, dict):
-        raise error(
-            f"{path}/config.json holds a JSON {type(config).__name__}, not an object: it is not a model "
-            "config (the file was edited or is corrupt)"
-        )
-    return config
-
-
-def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json's `quantization_config` block of a quantmint checkpoint, checked for version and
-    field types."""
-    path = Path(path)
-    config = read_config_dict(path, CheckpointError)
-    return validate_quantization_block(config.get("quantization_config"), path)
-
-
-def _plain_name(name: Any, what: str, path: Path) -> str:
-    """A manifest's file name, refused unless it names a file directly inside the checkpoint."""
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or any(sep in name for sep in ("/", "\\", "\0"))
-        or os.path.isabs(name)
-        or os.path.basename(name) != name
-    ):
-        raise CheckpointError(
-            f"{path / MANIFEST_NAME} lists {what} {name!r}, which is not a plain file name inside the "
-            "checkpoint directory: the manifest was edited; copy the checkpoint again"
-        )
-    return name
-
-
-def _file_entries(raw: Any, key: str, path: Path) -> dict[str, dict[str, Any]]:
-    if not isinstance(raw, dict) or (key == "shards" and not raw):
-        raise CheckpointError(
-            f"{path / MANIFEST_NAME}: `{key}` must be a{' non-empty' if key == 'shards' else ''} mapping of "
-            "file names to sha256 and bytes; the manifest is corrupt or was edited"
-        )
-    entries = {}
-    for name, info in raw.items():
-        _plain_name(name, "file" if key == "files" else "shard", path)
-        if (
-            not isinstance(info, dict)
-            or not isinstance(info.get("sha256"), str)
-            or not _SHA256_HEX.fullmatch(info["sha256"])
-            or not isinstance(info.get("bytes"), int)
-            or isinstance(info["bytes"], bool)
-            or info["bytes"] < 0
-        ):
-            raise CheckpointError(
-                f"{path / MANIFEST_NAME}: the entry of {name!r} needs `sha256` (64 hex digits) and `bytes` "
-                "(a non-negative integer); the manifest is corrupt or was edited"
-            )
-        entries[name] = info
-    return entries
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The checkpoint's manifest, checked for structure: `shards` and `files` map plain file names to
+def _read_manifest(path: Path) -> CheckpointManifest:
+    """The checkpoint's manifest, parsed by its schema: `shards` and `files` map plain file names to
     {sha256, bytes}; `files` is None in a manifest written before it existed."""
     manifest_file = path / MANIFEST_NAME
     if manifest_file.is_symlink():
@@ -419,26 +323,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raw = json.loads(manifest_file.read_text())
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
         raise CheckpointError(f"{manifest_file} is not valid JSON: {_one_line(exc)}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{manifest_file} is not a JSON object: the manifest is corrupt")
-    if raw.get("quant_method") != QUANT_METHOD or raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{manifest_file} is not a quantmint format-{FORMAT_VERSION} manifest (quant_method="
-            f"{raw.get('quant_method')!r}, format_version={raw.get('format_version')!r})"
-        )
-    aliases = raw.get("aliases", {})
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        raise CheckpointError(f"{manifest_file}: `aliases` must map tensor names to tensor names")
-    shards = _file_entries(raw.get("shards"), "shards", path)
-    files = _file_entries(raw["files"], "files", path) if "files" in raw else None
-    if files is not None and "config.json" not in files:
-        raise CheckpointError(f"{manifest_file} does not cover config.json: the manifest was edited")
-    return {**raw, "shards": shards, "files": files, "aliases": aliases}
+    return CheckpointManifest.from_json(raw, manifest_file)
 
 
-def _check_file(path: Path, name: str, info: dict[str, Any], verify: bool, what: str) -> None:
+def _check_file(path: Path, name: str, info: FileEntry, verify: bool, what: str) -> None:
     file = path / name
     if file.is_symlink():
         raise CheckpointError(
@@ -448,22 +336,22 @@ def _check_file(path: Path, name: str, info: dict[str, Any], verify: bool, what:
     if not file.is_file():
         raise CheckpointError(f"{what} {file} listed in {MANIFEST_NAME} is missing")
     size = file.stat().st_size
-    if size != info["bytes"]:
+    if size != info.bytes:
         raise CheckpointError(
-            f"{what} {file} has {size} bytes, the manifest says {info['bytes']}: the file is truncated "
+            f"{what} {file} has {size} bytes, the manifest says {info.bytes}: the file is truncated "
             "or was replaced; re-quantize or copy the checkpoint again"
         )
-    if verify and _sha256(file) != info["sha256"]:
+    if verify and _sha256(file) != info.sha256:
         raise CheckpointError(
             f"{what} {file} fails its sha256 check: the file is corrupt or was edited; copy it again"
         )
 
 
-def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
+def _check_files(path: Path, manifest: CheckpointManifest, verify: bool) -> None:
     """Sizes and sha256 of the shards (sha256 only with `verify`) and of the files the manifest covers
     (always: they are small); no other safetensors shard or index may lie in the directory, since
     vLLM would read it."""
-    files = manifest["files"]
+    files = manifest.files
     if files is None:
         warnings.warn(
             f"{path}: its manifest was written by an earlier quantmint and does not cover config.json; "
@@ -475,14 +363,14 @@ def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
         for name, info in files.items():
             _check_file(path, name, info, True, "file")
     for item in path.iterdir():
-        stray_shard = item.name.endswith(".safetensors") and item.name not in manifest["shards"]
+        stray_shard = item.name.endswith(".safetensors") and item.name not in manifest.shards
         stray_index = files is not None and item.name.endswith(".index.json") and item.name not in files
         if stray_shard or stray_index:
             raise CheckpointError(
                 f"{item} is not listed in {MANIFEST_NAME}, and a server would read it: remove it or copy "
                 "the checkpoint again"
             )
-    for name, info in manifest["shards"].items():
+    for name, info in manifest.shards.items():
         _check_file(path, name, info, verify, "shard")
 
 
@@ -516,10 +404,10 @@ def _check_values(
             )
 
 
-def _iter_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(path: Path, manifest: CheckpointManifest) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the shards, one at a time, with its values checked (`_check_values`)."""
     seen: set[str] = set()
-    for shard in manifest["shards"]:
+    for shard in manifest.shards:
         file = path / shard
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -538,7 +426,7 @@ def _iter_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, t
             ) from None
 
 
-def _read_shards(path: Path, manifest: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+def _read_shards(path: Path, manifest: CheckpointManifest, verify: bool) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint whose manifest `_read_manifest` read: files checked first."""
     _check_files(path, manifest, verify)
     return dict(_iter_tensors(path, manifest))
@@ -546,14 +434,15 @@ def _read_shards(path: Path, manifest: dict[str, Any], verify: bool) -> dict[str
 
 def verify_checkpoint(
     path: str | os.PathLike[str], verify: bool = True, read_tensors: bool = True
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check a quantmint checkpoint without building its model; returns (quantization_config, manifest).
+) -> tuple[QuantizationConfigBlock, CheckpointManifest]:
+    """Check a quantmint checkpoint without building its model; returns its parsed quantization_config
+    and manifest (`quantmint.checkpoint_format`).
 
     Checked, each refused with a one-line `CheckpointError`: the manifest's structure and file names
     (plain names inside the directory, no symbolic links); config.json and the other files it covers
     (sha256); each shard's size and, with `verify`, sha256; no unlisted shard or index; config.json's
-    `quantization_config` fields; with `read_tensors`, every tensor's header and values (finite floats,
-    positive scales, int8 codes in [-127, 127], 4-bit codes in [-7, 7]). `load_quantized` and
+    `quantization_config` against its schema; with `read_tensors`, every tensor's header and values
+    (finite floats, positive scales, int8 codes in [-127, 127], 4-bit codes in [-7, 7]). `load_quantized` and
     `quantmint serve` both go through here.
     """
     path = Path(path)
@@ -641,12 +530,7 @@ def load_quantized(
     if not _string_list(architectures):
         raise CheckpointError(f"{path}/config.json: `architectures` must be a list of class names")
     model_cls = model_class(architectures, path, CheckpointError)
-    try:
-        ptq_config = PTQConfig.from_dict(block["config"])
-    except QuantmintError as exc:
-        raise CheckpointError(
-            f"{path}/config.json has an invalid quantization_config: {_one_line(exc)}"
-        ) from None
+    ptq_config = block.config  # parsed by PTQConfig.from_dict with the rest of the block
     dtype = getattr(torch, str(config.to_dict().get("dtype") or "float32"), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(
@@ -659,16 +543,16 @@ def load_quantized(
             model = model_cls._from_config(config, dtype=dtype)
     except Exception as exc:
         raise _build_error(path, f"does not describe a model {model_cls.__name__} can build", exc) from None
-    saved_modules = block["modules"]
+    saved_modules = dict(block.modules)
     try:
-        ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.get("family"))
+        ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.family)
         ptq.apply(model, schemes=saved_modules)
     except QuantmintError as exc:
         raise CheckpointError(f"{path}: {_one_line(exc)}") from None
     except Exception as exc:
         raise _build_error(path, "does not describe the quantized model", exc) from None
     state = quant_state(model)
-    if state.kv_modules != block.get("kv_cache_modules", []):
+    if list(state.kv_modules) != block.kv_cache_modules:
         raise CheckpointError(
             f"{path}: the kv-cache modules listed in config.json do not match the model's attention modules; "
             "the checkpoint was edited or is corrupt"
@@ -680,14 +564,14 @@ def load_quantized(
             f"{model_cls.__name__} (only in checkpoint: {sorted(set(saved_modules) - built)[:3]}, only "
             f"selected: {sorted(built - set(saved_modules))[:3]}); the checkpoint was edited or is corrupt"
         )
-    if "rotated_modules" in block and sorted(state.rotated) != sorted(block["rotated_modules"]):
+    if sorted(state.rotated) != sorted(block.rotated_modules):
         raise CheckpointError(
-            f"{path}: the rotated modules listed in config.json ({len(block['rotated_modules'])}) do not "
+            f"{path}: the rotated modules listed in config.json ({len(block.rotated_modules)}) do not "
             f"match what its config (algorithm_args.hadamard) rotates ({len(state.rotated)}); the "
             "checkpoint was edited or is corrupt"
         )
     loaded = dict(_iter_tensors(path, manifest))
-    aliases = manifest["aliases"]
+    aliases = manifest.aliases
     state_dict = model.state_dict()
     for alias, source in aliases.items():
         if alias not in state_dict or source not in loaded or alias in loaded:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
+from quantmint.checkpoint_format import QuantizationConfigBlock
 from quantmint.errors import CheckpointError, QuantmintError
 from quantmint.hf import model_class, read_config_json, staged_directory
 from quantmint.outdir import prepare_output
@@ -49,53 +50,52 @@ def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
     return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _refuse(path: Path, block: dict[str, Any]) -> None:
-    if block.get("kv_cache_modules"):
+def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
+    if block.kv_cache_modules:
         raise QuantmintError(
-            f"{path} has an int8 KV cache (C8, scheme {block.get('scheme')}): compressed-tensors can name "
+            f"{path} has an int8 KV cache (C8, scheme {block.scheme}): compressed-tensors can name "
             "one, but vLLM accepts only an fp8 kv_cache_scheme. Export a checkpoint quantized without C8, or "
             "serve this one with the quantmint plugin (quantmint serve)"
         )
-    if block.get("rotated_modules"):
+    if block.rotated_modules:
         raise QuantmintError(
-            f"{path} rotates the inputs of {len(block['rotated_modules'])} layers by a Hadamard matrix "
+            f"{path} rotates the inputs of {len(block.rotated_modules)} layers by a Hadamard matrix "
             "(algorithm_args.hadamard), which a compressed-tensors checkpoint cannot describe. Serve it with "
             "the quantmint plugin (quantmint serve), or quantize without hadamard to export"
         )
-    if block.get("family") == "gpt2":
+    if block.family == "gpt2":
         raise QuantmintError(
             f"{path} is a GPT2 checkpoint: its Conv1D layers are not Linear to compressed-tensors and vLLM "
             "transposes their weights on load. Serve it with the quantmint plugin (quantmint serve)"
         )
-    four_bit = sorted({s for s in block["modules"].values() if s.startswith("w4")})
+    four_bit = sorted({s for s in block.modules.values() if s.startswith("w4")})
     if four_bit:
         raise QuantmintError(
             f"{path} has {', '.join(four_bit)} layers: quantmint does not export 4-bit checkpoints yet "
             "(compressed-tensors' pack-quantized format would hold them, but quantmint's [-7, 7] values "
             "with ragged last groups are not checked against vLLM's kernels). Use the torch runtime"
         )
-    other = sorted({s for s in block["modules"].values() if s != "w8a8"})
+    other = sorted({s for s in block.modules.values() if s != "w8a8"})
     if other:
         raise QuantmintError(
             f"{path} has {', '.join(other)} layers: compressed-tensors describes int8 weight-only layers "
             "only in its packed int32 layout, which vLLM runs on GPU kernels alone. Export a w8a8 "
             "checkpoint, or serve this one with the quantmint plugin (quantmint serve)"
         )
-    if not block["modules"]:
+    if not block.modules:
         raise QuantmintError(f"{path} has no quantized layers to export")
 
 
-def compressed_tensors_config(block: dict[str, Any], linear_names: list[str]) -> dict[str, Any]:
+def compressed_tensors_config(block: QuantizationConfigBlock, linear_names: list[str]) -> dict[str, Any]:
     """The compressed-tensors `quantization_config` equivalent to a quantmint W8A8 block."""
-    activations = block.get("config", {}).get("activations", {})
-    dynamic = activations.get("dynamic", True) is not False
+    dynamic = block.config.activations.dynamic
     input_activations = {
         **_INT8,
         "strategy": "token" if dynamic else "tensor",
         "dynamic": dynamic,
         **({} if dynamic else {"observer": "minmax"}),
     }
-    quantized = set(block["modules"])
+    quantized = set(block.modules)
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -110,7 +110,7 @@ def compressed_tensors_config(block: dict[str, Any], linear_names: list[str]) ->
         },
         "ignore": [name for name in linear_names if name not in quantized],
         "kv_cache_scheme": None,
-        "producer": {"name": "quantmint", "scheme": block.get("scheme"), "family": block.get("family")},
+        "producer": {"name": "quantmint", "scheme": block.scheme, "family": block.family},
     }
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from quantmint.checkpoint import MANIFEST_NAME, QUANT_METHOD, load_quantized, read_config_dict
+from quantmint.checkpoint import MANIFEST_NAME, load_quantized, read_config_dict
+from quantmint.checkpoint_format import claims_quantmint
 from quantmint.errors import QuantmintError
 from quantmint.hf import model_class
 
@@ -15,8 +16,8 @@ __all__ = ["is_quantmint_checkpoint", "load_float_model", "load_model", "load_to
 
 
 def is_quantmint_checkpoint(path: str | Path) -> bool:
-    block = read_config_dict(Path(path), QuantmintError).get("quantization_config")
-    return isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD
+    """Whether `path`'s config.json says quantmint wrote it (`load_quantized` then checks all of it)."""
+    return claims_quantmint(read_config_dict(Path(path), QuantmintError).get("quantization_config"))
 
 
 # Weight files `from_pretrained` would unpickle (quantmint reads safetensors only).

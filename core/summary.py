@@ -8,6 +8,7 @@ from typing import Any
 from safetensors import safe_open
 
 from quantmint.checkpoint import _read_manifest, read_quantization_config
+from quantmint.checkpoint_format import CheckpointManifest
 from quantmint.errors import CheckpointError
 
 __all__ = ["checkpoint_summary"]
@@ -42,10 +43,12 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     return n * _DTYPE_BYTES.get(dtype, 4)
 
 
-def _packed_weight_shape(path: Path, manifest: dict[str, Any], module: str, packed: list[int]) -> list[int]:
+def _packed_weight_shape(
+    path: Path, manifest: CheckpointManifest, module: str, packed: list[int]
+) -> list[int]:
     """[out, in] of a packed 4-bit weight, read from its `weight_shape` tensor."""
     name = f"{module}.weight_shape"
-    for shard in manifest["shards"]:
+    for shard in manifest.shards:
         with safe_open(str(path / shard), framework="pt") as f:
             if name in f.keys():  # noqa: SIM118
                 shape = f.get_tensor(name).tolist()
@@ -64,12 +67,12 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     weight (int8, or 4-bit packed in int32) as a bf16 weight of the same shape and its scales as nothing.
     """
     path = Path(path)
-    block = read_quantization_config(path)  # field types checked: one-line CheckpointErrors
-    manifest = _read_manifest(path)  # structure and plain shard names checked
-    headers = _tensor_headers(path, list(manifest["shards"]))
+    block = read_quantization_config(path)  # parsed by its schema: one-line CheckpointErrors
+    manifest = _read_manifest(path)  # likewise: structure and plain shard names checked
+    headers = _tensor_headers(path, list(manifest.shards))
     layers = []
     quantized_tensors: set[str] = set()
-    for module, scheme in block["modules"].items():
+    for module, scheme in block.modules.items():
         names = [n for n in headers if n.startswith(module + ".")]
         quantized_tensors.update(names)
         after = sum(_nbytes(*headers[n]) for n in names)
@@ -101,8 +104,8 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     files_bytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return {
         "path": str(path),
-        "scheme": block.get("scheme"),
-        "family": block.get("family"),
+        "scheme": block.scheme,
+        "family": block.family,
         "quantized_layers": len(layers),
         "quantized_linear_bytes": linear_after,
         "quantized_linear_bytes_bf16": linear_before,
@@ -111,6 +114,6 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "tensor_bytes": linear_after + other_bytes,
         "tensor_bytes_bf16": linear_before + other_bf16,
         "checkpoint_files_bytes": files_bytes,
-        "tied_aliases": manifest.get("aliases", {}),
+        "tied_aliases": dict(manifest.aliases),
         "layers": layers,
     }

@@ -168,7 +168,7 @@ def _block(**extra: Any) -> dict[str, Any]:
         "format_version": 1,
         "scheme": "w8a8",
         "family": "llama",
-        "config": {"activations": {"dynamic": True}},
+        "config": get_preset("w8a8").with_updates(mode="deploy").to_dict(),  # parsed by PTQConfig
         "modules": {
             f"model.layers.0.{name}": "w8a8"
             for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -230,7 +230,7 @@ def test_c8_is_refused_unless_a_float_cache_is_asked_for(monkeypatch: pytest.Mon
 def test_four_bit_checkpoints_are_refused_with_the_alternative() -> None:
     from quantmint.backends.vllm.config import QuantmintConfig
 
-    block = _block(scheme="w4a16", config={"weights": {"strategy": "group", "group_size": 128}})
+    block = _block(scheme="w4a16", config=get_preset("w4a16").with_updates(mode="deploy").to_dict())
     block["modules"] = dict.fromkeys(block["modules"], "w4a16")
     with pytest.raises(ValueError, match="schemes w4a16.*torch runtime"):
         QuantmintConfig.from_config(block)

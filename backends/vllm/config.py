@@ -22,7 +22,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
-from quantmint.checkpoint import FORMAT_VERSION, QUANT_METHOD, validate_quantization_block
+from quantmint.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
 from quantmint.errors import CheckpointError
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
@@ -67,21 +67,20 @@ def _suffix_match(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 class QuantmintConfig(QuantizationConfig):
     """A quantmint checkpoint as vLLM sees it: which layer is W8A8, W8A16 or float, and the KV cache."""
 
-    def __init__(self, block: dict[str, Any]) -> None:
+    def __init__(self, block: QuantizationConfigBlock) -> None:
         super().__init__()
-        self.family: str | None = block.get("family")
-        self.scheme: str = block.get("scheme", "?")
-        self.modules: dict[str, str] = dict(block.get("modules", {}))
-        self.kv_cache_modules: list[str] = list(block.get("kv_cache_modules", []))
-        self._rotated = [_components(name) for name in block.get("rotated_modules", [])]
-        activations = block.get("config", {}).get("activations", {})
-        self.static_input = activations.get("dynamic", True) is False
+        self.family: str = block.family
+        self.scheme: str = block.scheme
+        self.modules: dict[str, str] = dict(block.modules)
+        self.kv_cache_modules: list[str] = list(block.kv_cache_modules)
+        self._rotated = [_components(name) for name in block.rotated_modules]
+        self.static_input = not block.config.activations.dynamic
         self._index = [(_components(name), scheme) for name, scheme in self.modules.items()]
         unserved = sorted(set(self.modules.values()) - {"w8a8", "w8a16"})
-        weights = block.get("config", {}).get("weights", {})
-        if unserved or weights.get("strategy", "channel") not in ("channel", "tensor"):
+        strategy = block.config.weights.strategy
+        if unserved or strategy not in ("channel", "tensor"):
             raise ValueError(
-                f"this quantmint checkpoint ({self.scheme}, weights per {weights.get('strategy')}) has "
+                f"this quantmint checkpoint ({self.scheme}, weights per {strategy}) has "
                 f"{'schemes ' + ', '.join(unserved) if unserved else 'grouped weight scales'}, which "
                 "quantmint's vLLM backend does not serve yet (it serves int8 weights per channel: w8a8, "
                 "w8a16); run it with quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
@@ -122,35 +121,8 @@ class QuantmintConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QuantmintConfig:
         _check_vllm_version()
-        if not isinstance(config, dict):
-            raise QuantmintConfigError(
-                f"the checkpoint's quantization_config is a {type(config).__name__}, not a mapping: "
-                "config.json was edited or is corrupt"
-            )
-        method = config.get("quant_method")
-        if method != QUANT_METHOD:
-            raise QuantmintConfigError(f"not a quantmint quantization_config (quant_method={method!r})")
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise QuantmintConfigError(
-                f"quantmint checkpoint format_version {version!r} is not {FORMAT_VERSION}, the version this "
-                "vLLM backend reads: install the quantmint release that wrote it, or re-quantize"
-            )
-        if not isinstance(config.get("modules"), dict):
-            raise QuantmintConfigError(
-                "quantmint quantization_config has no `modules` map: the checkpoint is damaged"
-            )
-        try:
-            validate_quantization_block(config, "the checkpoint")  # field types
-        except CheckpointError as exc:
-            raise QuantmintConfigError(str(exc)) from None
-        for key in ("activations", "weights"):
-            if not isinstance(config["config"].get(key, {}), dict):
-                raise QuantmintConfigError(
-                    f"the checkpoint's quantization_config.config.{key} is not a mapping: config.json was "
-                    "edited or is corrupt"
-                )
-        return cls(config)
+        # The one parser of the format: identity, version, every field's type, the PTQConfig.
+        return cls(QuantizationConfigBlock.from_block(config, "the checkpoint", QuantmintConfigError))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmint.backends.vllm import KV_CACHE_ENV
-from quantmint.checkpoint import MANIFEST_NAME, QUANT_METHOD, read_config_dict, verify_checkpoint
+from quantmint.checkpoint import MANIFEST_NAME, read_config_dict, verify_checkpoint
+from quantmint.checkpoint_format import claims_quantmint
 from quantmint.errors import QuantmintError
 
 __all__ = ["CPU_ENV_DEFAULTS", "serve_command"]
@@ -58,18 +59,19 @@ def serve_command(
     """
     path = Path(model)
     config = read_config_dict(path, QuantmintError)
-    block = config.get("quantization_config") or {}
-    if not isinstance(block, dict):
-        raise QuantmintError(f"{path}/config.json: quantization_config must be a mapping, got {block!r:.80}")
-    if block.get("quant_method") == QUANT_METHOD or (path / MANIFEST_NAME).exists():
+    raw = config.get("quantization_config") or {}
+    if not isinstance(raw, dict):
+        raise QuantmintError(f"{path}/config.json: quantization_config must be a mapping, got {raw!r:.80}")
+    block = None  # another format's (a compressed-tensors export) or a float model: vLLM checks it
+    if claims_quantmint(raw) or (path / MANIFEST_NAME).exists():
         # What load_quantized checks, before vLLM reads anything: manifest, sha256 of every shard and
-        # of config.json, file names, tensor headers and values.
-        verify_checkpoint(path, verify=verify)
+        # of config.json, file names, the quantization_config's schema, tensor headers and values.
+        block, _ = verify_checkpoint(path, verify=verify)
     if kv_cache not in ("auto", "float"):
         raise QuantmintError(f"--kv-cache must be auto or float, got {kv_cache!r}")
-    if block.get("kv_cache_modules") and kv_cache != "float":
+    if block is not None and block.kv_cache_modules and kv_cache != "float":
         raise QuantmintError(
-            f"{path} has an int8 KV cache (C8, scheme {block.get('scheme')}), which vLLM cannot store; "
+            f"{path} has an int8 KV cache (C8, scheme {block.scheme}), which vLLM cannot store; "
             "pass --kv-cache float to serve it with a float KV cache (its int8 weights still used), or "
             "quantize without C8"
         )
