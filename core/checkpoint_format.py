@@ -243,9 +243,10 @@ def _block_message(exc: ValidationError, block: Any, where: str | os.PathLike[st
             "quantize the float model with `quantmint quantize` first"
         )
     if "format_version" in fields:
+        version = f"{block.get('format_version')!r:.40}"
         return one_line(
-            f"{where} has checkpoint format_version {block.get('format_version')!r}; this quantmint reads "
-            f"version {FORMAT_VERSION}: use the quantmint release that wrote it, or re-quantize"
+            f"{where}: checkpoint format_version {version} is not {FORMAT_VERSION}, the version this "
+            "quantmint reads: use the quantmint release that wrote it, or re-quantize"
         )
     problems = _problems(exc, QuantizationConfigBlock, _BLOCK_EXPECTED)
     return one_line(
