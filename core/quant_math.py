@@ -48,6 +48,7 @@ __all__ = [
     "qparams_from_absmax",
     "qparams_from_minmax",
     "quantize",
+    "quantize_activation",
     "quantize_symmetric",
     "quantize_weight",
     "quantize_weight_from_file",
@@ -210,6 +211,24 @@ def fake_quantize(x: torch.Tensor, granularity: Granularity, num_bits: int = 8) 
     """dequantize(quantize(x)): x rounded onto its int grid, same shape and dtype as x."""
     q, scale = quantize_symmetric(x, granularity, num_bits)
     return dequantize(q, scale, dtype=x.dtype)
+
+
+def quantize_activation(
+    x: torch.Tensor, input_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.int8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round activations x [..., in] onto the symmetric int8 grid [-127, 127]: per token when
+    `input_scale` is None (dynamic; scale = absmax of the row / 127, [..., 1]), else with the static
+    per-tensor scale (a 1-element float32 tensor, returned as [1, ..., 1]).
+
+    Returns (q as `dtype`, scale float32). The one activation rounding of quantmint: the int8 cells pass
+    int8, the fake-quant layers float32 (then `q * scale` is the activation they compute with).
+    """
+    xf = x if x.dtype == torch.float32 else x.float()
+    if input_scale is None:
+        scale = qparams_from_absmax(torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True))
+    else:
+        scale = input_scale.reshape((1,) * xf.dim())
+    return (xf / scale).round_().clamp_(-127, 127).to(dtype), scale
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -106,13 +106,7 @@ def quantize_activations(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round activation rows x2 [rows, in] to int8: per token (`input_scale` None; scales [rows, 1]) or
     with the static per-tensor scale ([1, 1]). Returns (x_q int8, scale float32)."""
-    xf = x2 if x2.dtype == torch.float32 else x2.float()
-    if input_scale is None:  # dynamic: one scale per token, [rows, 1]
-        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
-        x_scale = quant_math.qparams_from_absmax(amax)
-    else:
-        x_scale = input_scale.reshape(1, 1)
-    return (xf / x_scale).round_().clamp_(-127, 127).to(torch.int8), x_scale
+    return quant_math.quantize_activation(x2, input_scale)
 
 
 def int8_linear(

@@ -14,12 +14,8 @@ __all__ = ["FakeQuantLinear", "fake_quantize_activation"]
 def fake_quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
     """Round activations [..., in] onto the int8 grid: per token when `input_scale` is None (dynamic),
     else with the static per-tensor scale (a 1-element float32 tensor). Same shape and dtype as x."""
-    xf = x.float()
-    if input_scale is None:
-        scale = quant_math.qparams_from_absmax(xf.abs().amax(dim=-1, keepdim=True))
-    else:
-        scale = input_scale.reshape(())
-    return (torch.round(xf / scale).clamp_(-127, 127) * scale).to(x.dtype)
+    q, scale = quant_math.quantize_activation(x, input_scale, dtype=torch.float32)
+    return (q * scale).to(x.dtype)
 
 
 class FakeQuantLinear(nn.Module):
