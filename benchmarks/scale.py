@@ -127,6 +127,8 @@ class Cgroup:
 
 def run_child(argv: list[str], cgroup: Cgroup | None, stdout_json: bool = True) -> dict[str, Any]:
     """Run one child to completion: its JSON stdout plus wall seconds and peak RSS (MB, wait4)."""
+    from quantmint.memory import maxrss_mb
+
     if cgroup is not None:
         cgroup.reset()
     start = time.perf_counter()
@@ -143,7 +145,7 @@ def run_child(argv: list[str], cgroup: Cgroup | None, stdout_json: bool = True) 
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     result: dict[str, Any] = json.loads(stdout) if stdout_json and code == 0 and stdout.strip() else {}
-    result.update(exit_code=code, wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    result.update(exit_code=code, wall_s=round(wall, 2), peak_rss_mb=maxrss_mb(usage))
     if cgroup is not None:
         result["cgroup"] = cgroup.report()
     if code != 0:

@@ -423,6 +423,8 @@ def write_calibration(model: str, args: argparse.Namespace, path: Path) -> dict[
 
 def run_child(child: Child, out: Path, threads: int) -> dict[str, Any]:
     """Run one child to completion; its result JSON plus `peak_rss_mb` (wait4) and `wall_s`."""
+    from quantmint.memory import maxrss_mb
+
     env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log(f"child {child.name} ({child.python}), load average {loadavg()}")
     start = time.perf_counter()
@@ -433,7 +435,7 @@ def run_child(child: Child, out: Path, threads: int) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit(f"child {child.name} failed with exit code {proc.returncode} (its output is above)")
     result = json.loads(out.read_text(encoding="utf-8"))
-    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = maxrss_mb(usage)
     result["wall_s"] = round(wall, 2)
     log(f"child {child.name} done in {wall:.1f}s: {json.dumps(result)[:300]}")
     return result
@@ -492,9 +494,9 @@ def _example_model() -> Path:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from quantmint.memory import peak_rss_mb
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return peak_rss_mb()
 
 
 def _load_ids(path: str) -> Any:

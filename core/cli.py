@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from quantmint.memory import peak_rss_mb
+
 __all__ = ["main"]
-
-
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _print_json(obj: Any) -> None:
@@ -197,7 +194,7 @@ def _quantize_report(
         "checkpoint_tensor_bytes": summary["tensor_bytes"],
         "checkpoint_tensor_bytes_bf16": summary["tensor_bytes_bf16"],
         "checkpoint_files_bytes": summary["checkpoint_files_bytes"],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if streamed is not None:
         seconds = round(time.perf_counter() - start, 2)
@@ -283,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 "embedding_seconds": round(time.perf_counter() - started, 2),
             }
         )
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     _print_json(result)
 
 

@@ -1,12 +1,14 @@
-"""How much memory this process may still use: the smaller of the machine's and its cgroup's."""
+"""Memory of this process: how much it may still use (the smaller of the machine's and its cgroup's room),
+and the one peak-RSS probe (`peak_rss_mb`, `maxrss_mb`) that the CLI, streaming and the benchmarks report."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from pathlib import Path
 
-__all__ = ["available_memory_bytes"]
+__all__ = ["available_memory_bytes", "maxrss_mb", "peak_rss_mb"]
 
 
 _NO_LIMIT = 1 << 60
@@ -49,3 +51,18 @@ def available_memory_bytes() -> int:
                 break
     room = _cgroup_room()
     return free if room is None else min(free, room)
+
+
+def maxrss_mb(*usages: resource.struct_rusage) -> float:
+    """The largest `ru_maxrss` of these rusage records (a `getrusage` or an `os.wait4` result) in MiB,
+    to 0.1 (Linux counts it in KiB)."""
+    return round(max(usage.ru_maxrss for usage in usages) / 1024, 1)
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process in MiB; with `children`, the larger of it and the largest
+    peak of its waited-for children (worker processes)."""
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
+    return maxrss_mb(*usages)

@@ -28,7 +28,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -50,6 +49,7 @@ from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.family import BlockLayout
 from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.memory import peak_rss_mb
 from quantmint.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
 from quantmint.rotation import carry_rotation
 from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
@@ -500,12 +500,6 @@ def _stream_rtn(
 
 
 # --- entry point ------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 1024, 1)
-
-
 def quantize_checkpoint(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -570,7 +564,7 @@ def quantize_checkpoint(
         "workers": 1 if calibrated else workers,
         "input_bytes": sum(f.stat().st_size for f in CheckpointFiles(path).files),
         "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(children=True),
         "calibration": state.calibration if state is not None else None,
     }
 
