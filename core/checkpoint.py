@@ -43,7 +43,7 @@ from quantmint.checkpoint_format import (
     read_config_dict,  # noqa: F401 (re-exported: quantmint.models and the vLLM backend import it from here)
 )
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
-from quantmint.hf import model_class, staged_directory
+from quantmint.hf import build_skeleton, model_class, staged_directory
 from quantmint.safetensors_io import INDEX_NAME, ShardWriter, TensorSpec, plan_shards, shard_names
 
 __all__ = [
@@ -514,7 +514,6 @@ def load_quantized(
             refuses and for a config.json that does not describe the shards' model.
     """
     import transformers
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     block, manifest = verify_checkpoint(path, verify, read_tensors=False)
@@ -539,8 +538,7 @@ def load_quantized(
     # Deploy mode: the skeleton's float weights are allocated lazily and never touched, so memory holds
     # only what is loaded from the checkpoint.
     try:
-        with no_init_weights():
-            model = model_cls._from_config(config, dtype=dtype)
+        model = build_skeleton(model_cls, config, dtype)
     except Exception as exc:
         raise _build_error(path, f"does not describe a model {model_cls.__name__} can build", exc) from None
     saved_modules = dict(block.modules)

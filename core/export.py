@@ -21,13 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
 from quantmint.checkpoint_format import QuantizationConfigBlock
 from quantmint.errors import CheckpointError, QuantmintError
-from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.hf import build_skeleton, model_class, read_config_json, staged_directory
 from quantmint.outdir import prepare_output
 
 __all__ = ["EXPORT_FORMATS", "export_checkpoint"]
@@ -38,15 +37,15 @@ _INT8 = {"num_bits": 8, "type": "int", "symmetric": True}
 
 
 def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
-    """Names of every `nn.Linear` of the checkpoint's architecture, from a skeleton on the meta device."""
+    """Names of every `nn.Linear` of the checkpoint's architecture, from a skeleton with its parameters on
+    the meta device."""
     import transformers
 
     cls = model_class(config.get("architectures"), path, CheckpointError)
     hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
-    with torch.device("meta"):
-        skeleton = cls(hf_config)
+    skeleton = build_skeleton(cls, hf_config, on_meta=True)
     return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantmint.errors import QuantmintError
 from quantmint.outdir import staged_directory
 
-__all__ = ["model_class", "read_config_json", "refuse_custom_code", "staged_directory"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["build_skeleton", "model_class", "read_config_json", "refuse_custom_code", "staged_directory"]
 
 # Files through which transformers would import Python shipped in a model directory (`auto_map`, with
 # trust_remote_code). quantmint passes trust_remote_code=False everywhere and refuses such a directory.
@@ -72,3 +78,53 @@ def model_class(
             "directory's own code)"
         )
     return cls
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block lands on `meta`; buffers (rotary frequencies,
+    position ids) stay real, since nothing in the checkpoint recreates them."""
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_skeleton(
+    model_cls: type,
+    config: Any,
+    dtype: torch.dtype | None = None,
+    *,
+    on_meta: bool = False,
+    tie_weights: bool = False,
+) -> nn.Module:
+    """The transformers model `model_cls` of `config` with its weight initialisation skipped: the one
+    way quantmint builds a model whose weights come from elsewhere.
+
+    Args:
+        model_cls: a transformers model class (`model_class`).
+        config: its `PretrainedConfig`.
+        dtype: the parameters' dtype (None: the config's).
+        on_meta: every parameter on `meta` (no weight memory at all; buffers such as rotary frequencies
+            stay real). Otherwise the parameters are allocated, uninitialised, for a checkpoint to fill.
+        tie_weights: tie the input and output embeddings as `from_pretrained` does (the skipped
+            initialisation skips that too).
+    """
+    from transformers.initialization import no_init_weights
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    with no_init_weights(), _parameters_on_meta() if on_meta else contextlib.nullcontext():
+        model = model_cls._from_config(config, **kwargs)
+        if tie_weights:
+            model.tie_weights()
+    return model

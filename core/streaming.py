@@ -48,7 +48,7 @@ from quantmint.checkpoint import write_shard
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
 from quantmint.family import BlockLayout
-from quantmint.hf import model_class, read_config_json, staged_directory
+from quantmint.hf import build_skeleton, model_class, read_config_json, staged_directory
 from quantmint.memory import peak_rss_mb
 from quantmint.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
 from quantmint.rotation import carry_rotation
@@ -58,24 +58,6 @@ __all__ = ["BlockLoader", "BlockStore", "TensorSource", "empty_model", "quantize
 
 
 # --- the skeleton -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block lands on `meta`; buffers (rotary frequencies,
-    position ids) stay real, since nothing in the checkpoint recreates them."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def _checkpoint_dtype(config: dict[str, Any], files: CheckpointFiles) -> torch.dtype:
     """The dtype `from_pretrained(dtype="auto")` would load: config.json's, else the first float tensor's."""
     name = config.get("dtype") or config.get("torch_dtype")
@@ -95,7 +77,6 @@ def empty_model(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointFile
     with no weight in memory.
     """
     import transformers
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     raw = read_config_json(path)
@@ -111,9 +92,7 @@ def empty_model(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointFile
     except Exception as exc:  # transformers raises several types for a bad config
         raise QuantmintError(f"{path}/config.json cannot be read by transformers: {exc}") from None
     dtype = _checkpoint_dtype(raw, files)
-    with no_init_weights(), _parameters_on_meta():
-        model = model_cls._from_config(config, dtype=dtype)
-        model.tie_weights()  # as from_pretrained does; skipped with the weight init
+    model = build_skeleton(model_cls, config, dtype, on_meta=True, tie_weights=True)
     config.name_or_path = str(path)
     if getattr(model, "can_generate", lambda: False)() and (path / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
