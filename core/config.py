@@ -22,7 +22,12 @@ from quantmint.errors import ConfigError
 __all__ = [
     "PRESETS",
     "AlgorithmArgs",
+    "AlgorithmConfig",
     "BlockPTQArgs",
+    "HadamardConfig",
+    "KVCacheConfig",
+    "RoundToNearestConfig",
+    "SmoothQuantConfig",
     "PTQConfig",
     "QuantArgs",
     "get_preset",
@@ -273,6 +278,20 @@ class QuantArgs(_Strict):
         return self
 
 
+class AlgorithmConfig(_Strict):
+    """One step of a quantization recipe: plain data naming its algorithm (`name`, the key under which
+    an `Algorithm` is registered, see `quantmint.algorithms.base`).
+
+    `check(recipe)` refuses a step that does not fit the rest of the recipe (raise ValueError with the
+    fix); it runs when a `PTQConfig` is built and again when `PTQ` runs a recipe.
+    """
+
+    name: ClassVar[str] = ""
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        """Raise ValueError when this step cannot run with the rest of `recipe`."""
+
+
 class AlgorithmArgs(_Strict):
     """Knobs of the algorithm modules (the seeds' `algorithm_args`)."""
 
@@ -297,7 +316,7 @@ class AlgorithmArgs(_Strict):
         return value
 
 
-class BlockPTQArgs(_Strict):
+class BlockPTQArgs(AlgorithmConfig):
     """Block-sequential PTQ (quant_method `ptq`): tune each block against its float output.
 
     The knobs of FMS Model Optimizer's PTQ, under names that say what they are:
@@ -342,11 +361,66 @@ class BlockPTQArgs(_Strict):
     cache: Literal["auto", "memory", "disk"] = "auto"
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
+    name: ClassVar[str] = "block_ptq"
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not any(isinstance(s, RoundToNearestConfig) for s in recipe):
+            raise ValueError("block_ptq tunes quantized weights: set weight_dtype, or drop block_ptq")
+
     @model_validator(mode="after")
     def _check(self) -> BlockPTQArgs:
         if self.beta_end > self.beta_start:
             raise ValueError("beta is annealed downwards: beta_end must not exceed beta_start")
         return self
+
+
+def _quantizes_activations(recipe: list[AlgorithmConfig]) -> bool:
+    return any(isinstance(s, RoundToNearestConfig) and s.activations is not None for s in recipe)
+
+
+class HadamardConfig(AlgorithmConfig):
+    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.rotation`)."""
+
+    name: ClassVar[str] = "hadamard"
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not _quantizes_activations(recipe):
+            raise ValueError(
+                "algorithm_args.hadamard rotates activations before they are quantized: set "
+                "activation_dtype: int8, or hadamard: false"
+            )
+
+
+class SmoothQuantConfig(AlgorithmConfig):
+    """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per block."""
+
+    name: ClassVar[str] = "smooth_quant"
+    alpha: float = 0.5
+    alpha_grid: list[float] = Field(default_factory=list)
+    search_batches: int = 4
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not _quantizes_activations(recipe):
+            raise ValueError(
+                "outliers_suppression 'smooth' only helps when activations are quantized: "
+                "set activation_dtype: int8 or outliers_suppression: none"
+            )
+
+
+class RoundToNearestConfig(AlgorithmConfig):
+    """Weights rounded to nearest (and int8 activations, static or dynamic, when `activations` is set)."""
+
+    name: ClassVar[str] = "rtn"
+    weights: QuantArgs
+    activations: QuantArgs | None = None
+    w8a16_outlier_ratio: float | None = None
+
+
+class KVCacheConfig(AlgorithmConfig):
+    """Static int8 K/V cache scales, measured on calibration data."""
+
+    name: ClassVar[str] = "kv_cache"
+    kvcache: QuantArgs
 
 
 _WEIGHTS_DEFAULT = QuantArgs(strategy="channel")
@@ -424,11 +498,6 @@ class PTQConfig(_Strict):
             )
         if self.activation_dtype and not self.weight_dtype:
             raise ValueError("int8 activations need int8 weights (W8A8): set weight_dtype: int8")
-        if self.outliers_suppression == "smooth" and not self.activation_dtype:
-            raise ValueError(
-                "outliers_suppression 'smooth' only helps when activations are quantized: "
-                "set activation_dtype: int8 or outliers_suppression: none"
-            )
         if self.weights.dynamic or self.weights.strategy not in ("channel", "tensor", "group"):
             raise ValueError(
                 "weights are quantized ahead of time per 'channel', 'group' or 'tensor', not dynamic"
@@ -447,20 +516,45 @@ class PTQConfig(_Strict):
             raise ValueError(
                 "grouped weight scales are for 4-bit weights: set weight_dtype: int4, or strategy: channel"
             )
-        if self.block_ptq is not None and not self.weight_dtype:
-            raise ValueError("block_ptq tunes quantized weights: set weight_dtype, or drop block_ptq")
-        if self.algorithm_args.hadamard and not self.activation_dtype:
-            raise ValueError(
-                "algorithm_args.hadamard rotates activations before they are quantized: set "
-                "activation_dtype: int8, or hadamard: false"
-            )
         if not self.weights.symmetric:
             raise ValueError("int8 weights are stored symmetric (no zero point): set weights.symmetric: true")
         if self.activations.strategy not in ("token", "tensor"):
             raise ValueError("activations are quantized per 'token' (dynamic) or per 'tensor'")
         if self.kvcache.dynamic or self.kvcache.strategy == "token":
             raise ValueError("the kv cache uses static scales per 'channel', 'head' or 'tensor'")
+        recipe = self.recipe()
+        for step in recipe:
+            step.check(recipe)
         return self
+
+    def recipe(self) -> list[AlgorithmConfig]:
+        """This config as a quantization recipe: the ordered algorithm steps that `PTQ` runs (rotate,
+        smooth, round, tune by block PTQ, calibrate the kv cache)."""
+        args = self.algorithm_args
+        steps: list[AlgorithmConfig] = []
+        if args.hadamard:
+            steps.append(HadamardConfig())
+        if self.outliers_suppression == "smooth":
+            steps.append(
+                SmoothQuantConfig(
+                    alpha=args.smooth_alpha,
+                    alpha_grid=list(args.smooth_alpha_grid),
+                    search_batches=args.smooth_search_batches,
+                )
+            )
+        if self.weight_dtype:
+            steps.append(
+                RoundToNearestConfig(
+                    weights=self.weights,
+                    activations=self.activations if self.activation_dtype else None,
+                    w8a16_outlier_ratio=args.w8a16_outlier_ratio,
+                )
+            )
+        if self.block_ptq is not None:
+            steps.append(self.block_ptq)
+        if self.kvcache_dtype:
+            steps.append(KVCacheConfig(kvcache=self.kvcache))
+        return steps
 
     # --- presets and serialisation ---------------------------------------------------------------
     @property

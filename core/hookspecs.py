@@ -22,3 +22,8 @@ def register_model_families(register: Callable[[Any], None]) -> None:
 @hookspec
 def register_cells(register: Callable[[Any], None]) -> None:
     """Register `QuantizedLinear` classes (real int8 layers) of a runtime, one per scheme."""
+
+
+@hookspec
+def register_algorithms(register: Callable[[Any], None]) -> None:
+    """Register `Algorithm` objects (see `quantmint.algorithms.base`), one per recipe step type."""

@@ -22,6 +22,7 @@ from quantmint.family import ModelFamily
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PLUGINS_ENV",
+    "algorithms",
     "cell_classes",
     "find_family",
     "get_plugin_manager",
@@ -36,6 +37,7 @@ PLUGIN_GUIDE = "README.md, section 'Writing a model-family plugin'"
 _pm: pluggy.PluginManager | None = None
 _families: dict[str, ModelFamily] | None = None
 _cells: dict[str, type] | None = None
+_algorithms: dict[str, Any] | None = None
 
 
 def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -46,7 +48,13 @@ def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         if load_entry_points:
             _load_entry_points(pm)
-        pm.check_pending()
+        try:
+            pm.check_pending()  # a hook implementation whose name no hookspec has: a misspelt hook
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"{exc}: is its name misspelt? quantmint's hooks are "
+                f"{', '.join(sorted(n for n in dir(hookspecs) if n.startswith('register_')))}"
+            ) from None
         _pm = pm
     return _pm
 
@@ -72,9 +80,10 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 def refresh() -> None:
     """Forget the collected registries so that they are rebuilt from the current plugins."""
-    global _families, _cells
+    global _families, _cells, _algorithms
     _families = None
     _cells = None
+    _algorithms = None
 
 
 def _collect(hook_name: str, key: Any, validate: Any) -> dict[str, Any]:
@@ -141,6 +150,15 @@ def cell_classes() -> dict[str, type]:
     if _cells is None:
         _cells = _collect("register_cells", lambda c: c.scheme, validate)
     return _cells
+
+
+def algorithms(validate: Any) -> dict[str, Any]:
+    """Every registered algorithm, by its config type's name (see `quantmint.algorithms.base`, which
+    passes `validate`)."""
+    global _algorithms
+    if _algorithms is None:
+        _algorithms = _collect("register_algorithms", lambda a: a.config_type.name, validate)
+    return _algorithms
 
 
 def find_family(model: nn.Module, name: str | None = None) -> ModelFamily:

@@ -23,12 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantmint import quant_math, registry
+from quantmint.algorithms.base import Algorithm, BlockContext, check_recipe
 from quantmint.algorithms.rtn import RoundToNearest
 from quantmint.algorithms.smooth_quant import SmoothQuant
 from quantmint.calibration import BlockCall, CalibrationReport, run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
-from quantmint.config import PTQConfig, get_preset
+from quantmint.config import AlgorithmConfig, PTQConfig, get_preset
 from quantmint.errors import ConfigError, NotSupportedError, QuantmintError
 from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
 from quantmint.kv_cache import KVObserver, attention_module_name
@@ -76,25 +77,34 @@ def as_config(config: PTQConfig | str | dict[str, Any]) -> PTQConfig:
 class PTQ:
     """Post-training quantization of one model, configured by a `PTQConfig`."""
 
-    def __init__(self, config: PTQConfig | str | dict[str, Any], family: str | None = None) -> None:
+    def __init__(
+        self,
+        config: PTQConfig | str | dict[str, Any],
+        family: str | None = None,
+        recipe: list[AlgorithmConfig] | None = None,
+    ) -> None:
+        """`recipe` replaces `config.recipe()` (the ordered algorithm steps), e.g. to add a step of a
+        plugin's algorithm; `config` still gives the dtypes, ignore list and mode."""
         self.config = as_config(config)
         self.family_name = family
+        self.recipe = self.config.recipe() if recipe is None else list(recipe)
+        self._algorithms: list[tuple[AlgorithmConfig, Algorithm]] | None = None
         # Out-of-core calibration reads and frees each block through this (`BlockSteps.loader`).
         self.block_loader: Any = None
         self._rotated: set[str] = set()  # set by apply (see `rotated`)
 
     @property
+    def algorithms(self) -> list[tuple[AlgorithmConfig, Algorithm]]:
+        """Each step of the recipe with its registered algorithm, validated against the recipe."""
+        if self._algorithms is None:
+            self._algorithms = check_recipe(self.recipe)
+        return self._algorithms
+
+    @property
     def needs_calibration(self) -> bool:
-        """Smoothing, static activation ranges and kv-cache scales are measured on calibration data."""
-        act_static = bool(self.config.activation_dtype) and not self.config.activations.dynamic
-        outlier_guard = bool(self.config.activation_dtype) and self.config.algorithm_args.w8a16_outlier_ratio
-        return (
-            self.config.outliers_suppression == "smooth"
-            or self.config.block_ptq is not None
-            or act_static
-            or bool(outlier_guard)
-            or bool(self.config.kvcache_dtype)
-        )
+        """Whether a step of the recipe measures anything on calibration data (smoothing, static
+        activation ranges, kv-cache scales, block PTQ)."""
+        return any(alg.needs_calibration(step, self.recipe) for step, alg in self.algorithms)
 
     def kv_attention_modules(self, layout: ModelLayout) -> dict[str, BlockLayout]:
         """Full names of the attention modules that get kv-cache scales (C8), with their blocks."""
@@ -325,11 +335,11 @@ class PTQ:
         `block_ptq`, then tune each block (see `quantmint.algorithms.block_ptq`)."""
         steps = BlockSteps(self, model, layout, targets, state)
         steps.loader = self.block_loader
-        if self.config.block_ptq is not None:
-            from quantmint.algorithms.block_ptq import BlockPTQ
-
-            tuner = BlockPTQ(self.config.block_ptq, steps, work_dir)
-            return steps.result(tuner.run(samples))
+        steps.work_dir = work_dir
+        for step, algorithm in self.algorithms:  # a step that drives calibration itself (block PTQ)
+            driven = algorithm.run(step, steps, samples)
+            if driven is not None:
+                return steps.result(driven)
         report = run_sequential(
             model, layout, samples, steps.attach, steps.finish, batch_size=batch_size, done=steps.done
         )
@@ -414,6 +424,7 @@ class BlockSteps:
     """
 
     loader: Any = None
+    work_dir: str | os.PathLike[str] | None = None  # block PTQ's resume directory (see `PTQ.apply`)
 
     def __init__(
         self,
@@ -454,27 +465,17 @@ class BlockSteps:
             handle.remove()
         if kv_observer is not None:
             kv_observer.remove()
-        args = self.ptq.config.algorithm_args
-        smooth = None
-        if self.ptq.config.outliers_suppression == "smooth":
-            alpha = args.smooth_alpha
-            if args.smooth_alpha_grid:
-                alpha, _ = self.ptq._search_alpha(
-                    block, self.family, observers, self.targets, calls, outputs, self.head_dim
-                )
-            self.alphas.append(alpha)
-            smooth = SmoothQuant(alpha, head_dim=self.head_dim)
-        prev_scales = self.ptq._transform_block(block, self.family, observers, self.targets, smooth)
+        ctx = BlockContext(self, block, observers, calls, outputs, kv_observer=kv_observer)
+        for step, algorithm in self.ptq.algorithms:
+            algorithm.before_round(step, ctx)
+        ctx.prev_scales = self.ptq._transform_block(
+            block, self.family, observers, self.targets, ctx.smoothing
+        )
         for name in block.linears:
             if name in self.targets:
                 self.state.modules[name] = self.model.get_submodule(name).scheme
-        if kv_observer is not None:
-            v_divisor = prev_scales.get(f"{block.name}.{self.family.kv.value}")
-            k_scale, v_scale = kv_observer.scales(self.ptq.config.kvcache.strategy, self.head_dim, v_divisor)
-            attn = self.model.get_submodule(self.kv_modules[block.name])
-            attn.register_buffer("k_scale", k_scale)
-            attn.register_buffer("v_scale", v_scale)
-            self.state.kv_modules.append(self.kv_modules[block.name])
+        for step, algorithm in self.ptq.algorithms:
+            algorithm.after_round(step, ctx)
         return False
 
     def done(self, block: BlockLayout) -> None:
@@ -513,6 +514,7 @@ def quantize(
     family: str | None = None,
     calibration: list[torch.Tensor] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    recipe: list[AlgorithmConfig] | None = None,
 ) -> nn.Module:
     """Quantize a float model in place and return it with real int8 layers (apply, then convert).
 
@@ -523,8 +525,9 @@ def quantize(
         calibration: token samples for configs that calibrate (SmoothQuant, static activations,
             block PTQ).
         work_dir: block PTQ's resume directory (see `PTQ.apply`).
+        recipe: the algorithm steps to run instead of `config.recipe()` (see `PTQ`).
     """
-    ptq = PTQ(as_config(config).with_updates(mode="quantize"), family=family)
+    ptq = PTQ(as_config(config).with_updates(mode="quantize"), family=family, recipe=recipe)
     ptq.apply(model, calibration=calibration, work_dir=work_dir)
     return ptq.convert(model)
 

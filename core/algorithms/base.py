@@ -1,0 +1,161 @@
+"""The algorithm interface: what one step of a quantization recipe does, and the registry of them.
+
+A recipe is an ordered list of `AlgorithmConfig`s (plain data, see `quantmint.config`); `PTQConfig.recipe()`
+turns a config or preset into one. Each config type is run by the `Algorithm` registered for it through
+the `register_algorithms` hook, built-ins included (entry point `builtin_algorithms`), so a package
+outside quantmint adds an algorithm with one module and two lines of `pyproject.toml`.
+
+Calibration runs block by block (`quantmint.calibration`); for each block, after its inputs were
+observed on every calibration batch, the pipeline calls on every step of the recipe, in order:
+
+1. `before_round(config, ctx)`: change the float block or choose how it is rounded (SmoothQuant picks
+   its smoothing; a clipping step edits weights);
+2. the weights of the block are rounded (RTN) with what step 1 chose;
+3. `after_round(config, ctx)`: record what was measured (the kv cache stores its scales).
+
+An algorithm that drives calibration itself (block PTQ tunes each block against its float output)
+returns a report from `run`; otherwise `run` returns None and the sequential engine runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from quantmint.config import AlgorithmConfig
+from quantmint.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantmint.algorithms.ptq import BlockSteps
+    from quantmint.calibration import BlockCall, CalibrationReport
+    from quantmint.family import BlockLayout
+    from quantmint.observers import InputObserver
+
+__all__ = [
+    "Algorithm",
+    "AlgorithmBase",
+    "BlockContext",
+    "algorithm_for",
+    "algorithms",
+    "check_recipe",
+]
+
+
+@dataclass
+class BlockContext:
+    """One calibrated block, as the recipe's steps see it between observing and rounding."""
+
+    steps: BlockSteps
+    block: BlockLayout
+    observers: dict[str, InputObserver]
+    calls: list[BlockCall]
+    outputs: list[torch.Tensor]  # the float block's output for each call
+    smoothing: Any = None  # set by a `before_round` step: a `SmoothQuant` the rounding applies
+    kv_observer: Any = None  # the block's `KVObserver`, when the recipe calibrates the kv cache
+    prev_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # folded into `prev` outputs
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """Runs the recipe steps of one config type. Subclass `AlgorithmBase` for no-op defaults."""
+
+    config_type: ClassVar[type[AlgorithmConfig]]
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        """Whether this step measures anything on calibration data."""
+        ...
+
+    def validate(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> None:
+        """Raise ConfigError when `config` cannot run with the rest of `recipe`."""
+        ...
+
+    def run(
+        self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
+    ) -> CalibrationReport | None:
+        """Drive calibration over all blocks and return its report, or None for the sequential engine."""
+        ...
+
+    def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        """Per block, before its weights are rounded."""
+        ...
+
+    def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        """Per block, after its weights are rounded."""
+        ...
+
+
+class AlgorithmBase:
+    """No-op defaults of `Algorithm`: a subclass sets `config_type` and overrides what it takes part in."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        return False
+
+    def validate(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> None:
+        try:
+            config.check(recipe)
+        except ValueError as exc:
+            raise ConfigError(f"{config.name}: {exc}") from None
+
+    def run(
+        self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
+    ) -> CalibrationReport | None:
+        return None
+
+    def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        return None
+
+    def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        return None
+
+
+def _validate_algorithm(obj: Any, plugin: str) -> None:
+    config_type = getattr(obj, "config_type", None)
+    if not (isinstance(config_type, type) and issubclass(config_type, AlgorithmConfig)) or not isinstance(
+        obj, Algorithm
+    ):
+        raise PluginError(
+            f"plugin {plugin!r} registered {obj!r}, which is not a quantmint Algorithm (an object with "
+            "`config_type`, an AlgorithmConfig subclass, and the Algorithm methods: subclass AlgorithmBase)"
+        )
+    if not config_type.name:
+        raise PluginError(
+            f"plugin {plugin!r}: {config_type.__name__} has no `name`; set name: ClassVar[str] = '...'"
+        )
+
+
+def algorithms() -> dict[str, Algorithm]:
+    """Every registered algorithm, by its config type's `name` (`rtn`, `smooth_quant`, ...)."""
+    from quantmint import registry
+
+    return registry.algorithms(_validate_algorithm)
+
+
+def algorithm_for(config: AlgorithmConfig | str) -> Algorithm:
+    """The algorithm registered for a recipe step (or for a step name); ConfigError if there is none."""
+    from quantmint import registry
+
+    name = config if isinstance(config, str) else config.name
+    found = algorithms()
+    algorithm = found.get(name)
+    if algorithm is None:
+        raise ConfigError(
+            f"unknown algorithm {name!r}; registered algorithms: {', '.join(sorted(found)) or 'none'} "
+            f"(is its plugin installed, or excluded by {registry.PLUGINS_ENV}?)"
+        )
+    if not isinstance(config, str) and not isinstance(config, algorithm.config_type):
+        raise ConfigError(
+            f"algorithm {name!r} runs {algorithm.config_type.__name__} steps, not {type(config).__name__}"
+        )
+    return algorithm
+
+
+def check_recipe(recipe: list[AlgorithmConfig]) -> list[tuple[AlgorithmConfig, Algorithm]]:
+    """Each step of `recipe` with its algorithm, validated against the rest of the recipe."""
+    pairs = [(step, algorithm_for(step)) for step in recipe]
+    for step, algorithm in pairs:
+        algorithm.validate(step, recipe)
+    return pairs

@@ -1,0 +1,110 @@
+"""quantmint's own algorithms, registered through the same hook as a third party's (entry point
+`builtin_algorithms` in pyproject.toml)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from quantmint.algorithms.base import AlgorithmBase, BlockContext
+from quantmint.config import (
+    AlgorithmConfig,
+    BlockPTQArgs,
+    HadamardConfig,
+    KVCacheConfig,
+    RoundToNearestConfig,
+    SmoothQuantConfig,
+)
+from quantmint.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantmint.algorithms.ptq import BlockSteps
+    from quantmint.calibration import CalibrationReport
+
+__all__ = ["BlockPTQAlgorithm", "HadamardRotation", "KVCacheCalibration", "RTN", "SmoothQuantAlgorithm"]
+
+
+class HadamardRotation(AlgorithmBase):
+    """Rotates the inputs of the family's `hadamard_linears` (applied as their blocks are read, see
+    `PTQ.rotated`); measures nothing."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = HadamardConfig
+
+
+class SmoothQuantAlgorithm(AlgorithmBase):
+    """Chooses each block's smoothing (fixed alpha, or the best of a grid) before its weights are rounded."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = SmoothQuantConfig
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        return True
+
+    def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        from quantmint.algorithms.smooth_quant import SmoothQuant
+
+        assert isinstance(config, SmoothQuantConfig)
+        steps = ctx.steps
+        alpha = config.alpha
+        if config.alpha_grid:
+            alpha, _ = steps.ptq._search_alpha(
+                ctx.block, steps.family, ctx.observers, steps.targets, ctx.calls, ctx.outputs, steps.head_dim
+            )
+        steps.alphas.append(alpha)
+        ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
+
+
+class RTN(AlgorithmBase):
+    """Round to nearest: the rounding every block gets (and static int8 activation ranges)."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = RoundToNearestConfig
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        assert isinstance(config, RoundToNearestConfig)
+        act = config.activations
+        return act is not None and (not act.dynamic or bool(config.w8a16_outlier_ratio))
+
+
+class BlockPTQAlgorithm(AlgorithmBase):
+    """Block-sequential PTQ: drives calibration itself, tuning each block after RTN."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = BlockPTQArgs
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        return True
+
+    def run(
+        self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
+    ) -> CalibrationReport | None:
+        from quantmint.algorithms.block_ptq import BlockPTQ
+
+        assert isinstance(config, BlockPTQArgs)
+        return BlockPTQ(config, steps, steps.work_dir).run(samples)
+
+
+class KVCacheCalibration(AlgorithmBase):
+    """Stores each attention module's static k_scale / v_scale once its block is rounded."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = KVCacheConfig
+
+    def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
+        return True
+
+    def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        assert isinstance(config, KVCacheConfig)
+        steps, block = ctx.steps, ctx.block
+        kv_observer = ctx.kv_observer
+        if kv_observer is None:
+            return
+        v_divisor = ctx.prev_scales.get(f"{block.name}.{steps.family.kv.value}")
+        k_scale, v_scale = kv_observer.scales(config.kvcache.strategy, steps.head_dim, v_divisor)
+        attn = steps.model.get_submodule(steps.kv_modules[block.name])
+        attn.register_buffer("k_scale", k_scale)
+        attn.register_buffer("v_scale", v_scale)
+        steps.state.kv_modules.append(steps.kv_modules[block.name])
+
+
+@hookimpl
+def register_algorithms(register: Any) -> None:
+    for algorithm in (HadamardRotation, SmoothQuantAlgorithm, RTN, BlockPTQAlgorithm, KVCacheCalibration):
+        register(algorithm())

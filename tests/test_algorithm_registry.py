@@ -1,0 +1,164 @@
+"""Algorithms are registered extensions: a package outside quantmint adds one (examples/), and
+registration and recipe errors are one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import VOCAB, build_tiny, model_output
+
+from quantmint.algorithms.base import AlgorithmBase, algorithm_for, algorithms, check_recipe
+from quantmint.algorithms.builtin import RTN
+from quantmint.algorithms.ptq import PTQ, quant_state, quantize
+from quantmint.config import PRESETS, get_preset
+from quantmint.errors import ConfigError, PluginError
+from quantmint.hookspecs import hookimpl
+from quantmint.quant_math import sqnr_db
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-toy-algorithm"
+
+
+@pytest.fixture
+def toy() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import quantmint_toy_algorithm
+
+        yield quantmint_toy_algorithm
+    finally:
+        sys.path.remove(str(EXAMPLE))
+        sys.modules.pop("quantmint_toy_algorithm", None)
+
+
+def _samples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB, (16,), generator=g) for _ in range(4)]
+
+
+def test_builtins_are_registered_by_entry_point() -> None:
+    assert {"hadamard", "smooth_quant", "rtn", "block_ptq", "kv_cache"} <= set(algorithms())
+    for name, config in PRESETS.items():
+        assert [step for step, _ in check_recipe(config.recipe())] == config.recipe(), name
+
+
+@pytest.mark.parametrize(
+    ("preset", "calibrates"),
+    [("w8a16", False), ("w4a16", False), ("w8a8", True), ("c8", True), ("w8a16-ptq", True)],
+)
+def test_needs_calibration_comes_from_the_recipe(preset: str, calibrates: bool) -> None:
+    assert PTQ(preset).needs_calibration is calibrates
+
+
+def test_toy_algorithm_from_outside_runs_end_to_end(
+    toy: ModuleType, temporary_plugin: Callable[[object, str], None]
+) -> None:
+    temporary_plugin(toy, "percentile_clip")
+    config = get_preset("w8a16")
+    recipe = [toy.PercentileClipConfig(percentile=95.0), *config.recipe()]
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    reference = model_output(build_tiny("llama"), ids)
+
+    plain = quantize(build_tiny("llama"), config)
+    clipped = quantize(build_tiny("llama"), config, calibration=_samples(), recipe=recipe)
+
+    report = quant_state(clipped).calibration
+    assert [r["block"] for r in report["percentile_clip"]] == ["model.layers.0", "model.layers.1"]
+    assert all(r["clipped"] > 0 for r in report["percentile_clip"])
+    name = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(plain.get_submodule(name).weight_scale, clipped.get_submodule(name).weight_scale)
+    assert sqnr_db(reference, model_output(clipped, ids)) > 15.0  # clipped, yet still the same model
+
+
+def test_toy_algorithm_validates_against_the_recipe(
+    toy: ModuleType, temporary_plugin: Callable[[object, str], None]
+) -> None:
+    temporary_plugin(toy, "percentile_clip")
+    with pytest.raises(ConfigError, match="percentile_clip clips weights before they are rounded"):
+        PTQ("c8", recipe=[toy.PercentileClipConfig(), *get_preset("c8").recipe()]).algorithms  # noqa: B018
+
+
+def test_unknown_algorithm_is_one_config_error(toy: ModuleType) -> None:
+    with pytest.raises(ConfigError, match="unknown algorithm 'gptq'; registered algorithms: ") as exc:
+        algorithm_for("gptq")
+    assert "\n" not in str(exc.value)
+    # a step whose plugin is not registered (the toy module is imported, not registered)
+    with pytest.raises(ConfigError, match="unknown algorithm 'percentile_clip'"):
+        recipe = [toy.PercentileClipConfig(), *get_preset("w8a16").recipe()]
+        PTQ("w8a16", recipe=recipe).algorithms  # noqa: B018
+
+
+def test_duplicate_algorithm_is_one_plugin_error(temporary_plugin: Callable[[object, str], None]) -> None:
+    class Again:
+        @staticmethod
+        @hookimpl
+        def register_algorithms(register: Callable[[object], None]) -> None:
+            register(RTN())
+
+    temporary_plugin(Again, "rtn_again")
+    twice = "'rtn' is registered twice, by plugin 'builtin_algorithms' and by plugin 'rtn_again'"
+    with pytest.raises(PluginError, match=twice) as exc:
+        algorithms()
+    assert "\n" not in str(exc.value)
+
+
+def test_non_algorithm_is_refused(temporary_plugin: Callable[[object, str], None]) -> None:
+    class Nameless(AlgorithmBase):
+        pass
+
+    class Bad:
+        @staticmethod
+        @hookimpl
+        def register_algorithms(register: Callable[[object], None]) -> None:
+            register(Nameless())
+
+    temporary_plugin(Bad, "bad")
+    with pytest.raises(PluginError, match="plugin 'bad': AlgorithmConfig has no `name`"):
+        algorithms()
+
+
+def _fake_dist(root: Path, module: str, source: str) -> None:
+    """A package 'installed' without pip: its module and a dist-info whose entry point names it."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[quantmint]\n{module} = {module}\n")
+
+
+def _run(root: Path, code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QUANTMINT_PLUGINS", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_toy_algorithm_is_found_by_its_entry_point(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLE / "quantmint_toy_algorithm.py", tmp_path / "src.py")
+    _fake_dist(tmp_path, "quantmint_toy_algorithm", (tmp_path / "src.py").read_text())
+    result = _run(tmp_path, "from quantmint.algorithms.base import algorithms; print(sorted(algorithms()))")
+    assert result.returncode == 0, result.stderr
+    assert "'percentile_clip'" in result.stdout
+
+
+def test_misspelt_hook_is_one_plugin_error(tmp_path: Path) -> None:
+    source = (
+        "from quantmint.hookspecs import hookimpl\n@hookimpl\ndef register_algoritms(register):\n    pass\n"
+    )
+    _fake_dist(tmp_path, "misspelt_plugin", source)
+    code = (
+        "from quantmint import registry\n"
+        "from quantmint.errors import PluginError\n"
+        "try:\n    registry.get_plugin_manager()\n"
+        "except PluginError as exc:\n    print('PluginError:', exc)\n"
+    )
+    result = _run(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("PluginError:") and "register_algoritms" in result.stdout
+    assert result.stdout.count("\n") == 1
