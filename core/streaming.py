@@ -8,7 +8,7 @@ at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for
   `meta` device (no weights), the output tensors are planned from it, and each output shard is
   written as its tensors are produced: a quantized linear is read, rounded and converted on its own
   (a plain per-channel weight is rounded a chunk of rows at a time as it is read:
-  `quant_math.quantize_weight_from_file`); every other tensor is copied. Peak memory is the largest
+  `native_rtn.quantize_weight_from_file`); every other tensor is copied. Peak memory is the largest
   linear plus a constant. With `workers > 1` the output shards are written by that many processes
   at once.
 - **Out-of-core calibration** (SmoothQuant, static activations, C8, block PTQ): the skeleton's
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantmint import checkpoint, quant_math
+from quantmint import checkpoint, native_rtn
 from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
 from quantmint.checkpoint import write_shard
 from quantmint.config import PTQConfig
@@ -303,7 +303,7 @@ class _RTNProducer:
         self._memory = _ReusedMemory(max((m.weight.numel() for m in self.linears.values()), default=0))
 
     def _quantize_from_file(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The weight's (q, scale) rounded as it is read (`quant_math.quantize_weight_from_file`), where
+        """The weight's (q, scale) rounded as it is read (`native_rtn.quantize_weight_from_file`), where
         nothing happens to it between the file and the rounding: stored as the module holds it (no
         transpose, no cast) and not rotated. None elsewhere: then it is read, then rounded."""
         if name in self.quant._rotated or self.family.adapter.weight(module) is not module.weight:
@@ -319,7 +319,7 @@ class _RTNProducer:
         out = self._memory.take(spec.shape, torch.int8)
         fd = os.open(path, os.O_RDONLY)
         try:
-            return quant_math.quantize_weight_from_file(
+            return native_rtn.quantize_weight_from_file(
                 fd, offset, spec.dtype, spec.shape, weights.strategy, weights.num_bits, out=out
             )
         finally:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from quantmint import native
+from quantmint import native, native_rtn
 from quantmint import quant_math as qm
 
 needs_compiler = pytest.mark.skipif(
@@ -47,7 +47,7 @@ def awkward_weight(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> t
 @pytest.mark.parametrize("shape", [(1, 1), (3, 33), (64, 4097), (300, 4096)])
 def test_native_kernel_gives_the_torch_integers_and_scales(dtype, bits, shape) -> None:
     weight = awkward_weight(*shape, dtype)
-    native_result = qm._native_rtn_channel(weight, 2 ** (bits - 1) - 1)
+    native_result = native_rtn.rtn_channel(weight, 2 ** (bits - 1) - 1)
     assert native_result is not None, "the native kernel did not run"
     expected = torch_rtn(weight, bits)
     assert torch.equal(native_result[0], expected[0])
@@ -57,13 +57,13 @@ def test_native_kernel_gives_the_torch_integers_and_scales(dtype, bits, shape) -
 
 @needs_compiler
 def test_native_kernel_splits_large_weights_over_threads_with_the_same_result() -> None:
-    weight = awkward_weight(2 * qm._NATIVE_SPLIT_ELEMENTS // 512 + 5, 512, torch.bfloat16, seed=1)
+    weight = awkward_weight(2 * native_rtn._NATIVE_SPLIT_ELEMENTS // 512 + 5, 512, torch.bfloat16, seed=1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = qm._native_rtn_channel(weight, 127)
+        one = native_rtn.rtn_channel(weight, 127)
         torch.set_num_threads(3)
-        split = qm._native_rtn_channel(weight, 127)
+        split = native_rtn.rtn_channel(weight, 127)
     finally:
         torch.set_num_threads(threads)
     assert one is not None and split is not None
@@ -76,10 +76,10 @@ def test_native_kernel_reads_strided_rows() -> None:
     wide = awkward_weight(40, 96, torch.bfloat16)
     weight = wide[:, 10:60]
     assert weight.stride(0) == 96
-    result = qm._native_rtn_channel(weight, 127)
+    result = native_rtn.rtn_channel(weight, 127)
     assert result is not None
     assert torch.equal(result[0], torch_rtn(weight, 8)[0]) and torch.equal(result[1], torch_rtn(weight, 8)[1])
-    assert qm._native_rtn_channel(wide.t(), 127) is None  # columns not contiguous: torch's job
+    assert native_rtn.rtn_channel(wide.t(), 127) is None  # columns not contiguous: torch's job
 
 
 @needs_compiler
@@ -87,7 +87,7 @@ def test_native_kernel_reads_strided_rows() -> None:
 def test_rows_with_inf_or_nan_are_left_to_torch(bad) -> None:
     weight = awkward_weight(8, 64, torch.bfloat16)
     weight[5, 3] = bad
-    assert qm._native_rtn_channel(weight, 127) is None
+    assert native_rtn.rtn_channel(weight, 127) is None
     q, scale = qm.quantize_weight(weight, "channel")
     expected = torch_rtn(weight, 8)
     assert torch.equal(q[:5], expected[0][:5]) and torch.equal(scale[:5], expected[1][:5])
@@ -114,7 +114,7 @@ def test_without_a_working_compiler_quantization_falls_back_to_torch(tmp_path) -
 def test_quantmint_native_0_turns_the_kernels_off(monkeypatch) -> None:
     monkeypatch.setenv("QUANTMINT_NATIVE", "0")
     assert native.library("rtn") is None
-    assert qm._native_rtn_channel(torch.randn(4, 8), 127) is None
+    assert native_rtn.rtn_channel(torch.randn(4, 8), 127) is None
 
 
 @needs_compiler
@@ -185,7 +185,7 @@ def _from_file(path, offset, weight, bits=8, strategy="channel", **kwargs):
     fd = os.open(path, os.O_RDONLY)
     try:
         shape = tuple(weight.shape)
-        return qm.quantize_weight_from_file(fd, offset, weight.dtype, shape, strategy, bits, **kwargs)
+        return native_rtn.quantize_weight_from_file(fd, offset, weight.dtype, shape, strategy, bits, **kwargs)
     finally:
         os.close(fd)
 
@@ -197,7 +197,7 @@ def _from_file(path, offset, weight, bits=8, strategy="channel", **kwargs):
 @pytest.mark.parametrize("shape", [(1, 7), (300, 4096), (3, 200_000)])
 def test_rounding_from_a_file_gives_the_in_memory_integers_and_scales(tmp_path, dtype, bits, shape) -> None:
     weight = awkward_weight(*shape, dtype)
-    assert shape[0] * shape[1] * weight.element_size() > qm._FILE_CHUNK or shape[0] == 1
+    assert shape[0] * shape[1] * weight.element_size() > native_rtn._FILE_CHUNK or shape[0] == 1
     path, offset = _stored(tmp_path, weight)
     result = _from_file(path, offset, weight, bits)
     assert result is not None, "the native kernel did not run"
@@ -207,7 +207,7 @@ def test_rounding_from_a_file_gives_the_in_memory_integers_and_scales(tmp_path, 
 
 @needs_compiler
 def test_rounding_from_a_file_splits_over_threads_and_writes_into_out(tmp_path) -> None:
-    weight = awkward_weight(2 * qm._NATIVE_SPLIT_ELEMENTS // 512 + 5, 512, torch.bfloat16, seed=2)
+    weight = awkward_weight(2 * native_rtn._NATIVE_SPLIT_ELEMENTS // 512 + 5, 512, torch.bfloat16, seed=2)
     path, offset = _stored(tmp_path, weight)
     out = torch.full(weight.shape, 99, dtype=torch.int8)
     threads = torch.get_num_threads()

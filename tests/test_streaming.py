@@ -351,14 +351,14 @@ def test_streaming_rtn_rounds_plain_linear_weights_as_they_are_read(
     if not compiled:
         monkeypatch.setenv("QUANTMINT_NATIVE", "0")
     calls = {"rounded": 0, "declined": 0}
-    from_file = streaming.quant_math.quantize_weight_from_file
+    from_file = streaming.native_rtn.quantize_weight_from_file
 
     def counting(*args, **kwargs):
         result = from_file(*args, **kwargs)
         calls["rounded" if result is not None else "declined"] += 1
         return result
 
-    monkeypatch.setattr(streaming.quant_math, "quantize_weight_from_file", counting)
+    monkeypatch.setattr(streaming.native_rtn, "quantize_weight_from_file", counting)
     for family, direct in (("llama", True), ("gpt2", False)):
         calls.update(rounded=0, declined=0)
         producer = streaming._RTNProducer(tiny_model_dir(family), get_preset("w8a16"), None)
