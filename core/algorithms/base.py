@@ -6,7 +6,8 @@ the `register_algorithms` hook, built-ins included (entry point `builtin_algorit
 outside quantmint adds an algorithm with one module and two lines of `pyproject.toml`.
 
 Calibration runs block by block (`quantmint.calibration`); for each block, after its inputs were
-observed on every calibration batch, the pipeline calls on every step of the recipe, in order:
+observed on every calibration batch, the pipeline calls on every step of the recipe, in order
+(first, in every mode, `rotated_linears` says which linears get their input rotated as they are read):
 
 1. `before_round(config, ctx)`: change the float block or choose how it is rounded (SmoothQuant picks
    its smoothing; a clipping step edits weights);
@@ -27,10 +28,11 @@ from quantmint.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.calibration import BlockCall, CalibrationReport
-    from quantmint.family import BlockLayout
+    from quantmint.family import BlockLayout, ModelLayout
     from quantmint.observers import InputObserver
 
 __all__ = [
@@ -71,6 +73,12 @@ class Algorithm(Protocol):
         """Raise ConfigError when `config` cannot run with the rest of `recipe`."""
         ...
 
+    def rotated_linears(
+        self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
+    ) -> set[str]:
+        """Targets whose input this step rotates online, the rotation folded into their weights."""
+        ...
+
     def run(
         self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
     ) -> CalibrationReport | None:
@@ -99,6 +107,11 @@ class AlgorithmBase:
             config.check(recipe)
         except ValueError as exc:
             raise ConfigError(f"{config.name}: {exc}") from None
+
+    def rotated_linears(
+        self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
+    ) -> set[str]:
+        return set()
 
     def run(
         self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]

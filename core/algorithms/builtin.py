@@ -14,22 +14,47 @@ from quantmint.config import (
     RoundToNearestConfig,
     SmoothQuantConfig,
 )
+from quantmint.errors import NotSupportedError
 from quantmint.hookspecs import hookimpl
+from quantmint.rotation import supports_hadamard
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.calibration import CalibrationReport
+    from quantmint.family import ModelLayout
 
 __all__ = ["BlockPTQAlgorithm", "HadamardRotation", "KVCacheCalibration", "RTN", "SmoothQuantAlgorithm"]
 
 
 class HadamardRotation(AlgorithmBase):
-    """Rotates the inputs of the family's `hadamard_linears` (applied as their blocks are read, see
-    `PTQ.rotated`); measures nothing."""
+    """Rotates the inputs of the family's `hadamard_linears` in every block (applied as their blocks are
+    read, see `PTQ.rotate_if_chosen`); measures nothing."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = HadamardConfig
+
+    def rotated_linears(
+        self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
+    ) -> set[str]:
+        family = layout.family
+        if not family.hadamard_linears:
+            raise NotSupportedError(
+                f"model family {family.name!r} declares no hadamard_linears, so no input can be rotated: "
+                "set algorithm_args.hadamard: false"
+            )
+        names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
+        chosen = {name for name in names if name in targets}
+        for name in sorted(chosen):
+            width = family.adapter.weight(targets[name]).shape[1]
+            if not supports_hadamard(width):
+                raise NotSupportedError(
+                    f"{name} has {width} input features, an order for which quantmint builds no Hadamard "
+                    "matrix (2^k and 2^k * (q + 1) for a prime q = 3 mod 4, q + 1 <= 256): set "
+                    "algorithm_args.hadamard: false"
+                )
+        return chosen
 
 
 class SmoothQuantAlgorithm(AlgorithmBase):
@@ -48,7 +73,15 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         alpha = config.alpha
         if config.alpha_grid:
             alpha, _ = steps.ptq._search_alpha(
-                ctx.block, steps.family, ctx.observers, steps.targets, ctx.calls, ctx.outputs, steps.head_dim
+                ctx.block,
+                steps.family,
+                ctx.observers,
+                steps.targets,
+                ctx.calls,
+                ctx.outputs,
+                steps.head_dim,
+                config.alpha_grid,
+                config.search_batches,
             )
         steps.alphas.append(alpha)
         ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)

@@ -35,7 +35,7 @@ from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layo
 from quantmint.kv_cache import KVObserver, attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
-from quantmint.rotation import carry_rotation, mark_rotated, rotate_linear, supports_hadamard
+from quantmint.rotation import carry_rotation, mark_rotated, rotate_linear
 
 __all__ = ["PTQ", "BlockSteps", "QuantState", "quant_state", "quantize"]
 
@@ -134,26 +134,11 @@ class PTQ:
         return {name: m for name, m in layout.linears() if not matches_any(name, ignore)}
 
     def rotated(self, layout: ModelLayout, targets: dict[str, nn.Module]) -> set[str]:
-        """Targets whose input gets an online Hadamard rotation (`algorithm_args.hadamard`): the
-        family's `hadamard_linears` in every block."""
-        if not self.config.algorithm_args.hadamard:
-            return set()
-        family = layout.family
-        if not family.hadamard_linears:
-            raise NotSupportedError(
-                f"model family {family.name!r} declares no hadamard_linears, so no input can be rotated: "
-                "set algorithm_args.hadamard: false"
-            )
-        names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
-        chosen = {name for name in names if name in targets}
-        for name in sorted(chosen):
-            width = family.adapter.weight(targets[name]).shape[1]
-            if not supports_hadamard(width):
-                raise NotSupportedError(
-                    f"{name} has {width} input features, an order for which quantmint builds no Hadamard "
-                    "matrix (2^k and 2^k * (q + 1) for a prime q = 3 mod 4, q + 1 <= 256): set "
-                    "algorithm_args.hadamard: false"
-                )
+        """Targets whose input gets an online rotation from a step of the recipe (the Hadamard step:
+        the family's `hadamard_linears` in every block)."""
+        chosen: set[str] = set()
+        for step, algorithm in self.algorithms:
+            chosen |= algorithm.rotated_linears(step, layout, targets)
         return chosen
 
     def rotate_if_chosen(self, name: str, module: nn.Module, family: ModelFamily) -> None:
@@ -302,12 +287,14 @@ class PTQ:
         calls: list[BlockCall],
         outputs: list[torch.Tensor],
         head_dim: int | None,
+        grid: list[float],
+        search_batches: int,
     ) -> tuple[float, dict[float, float]]:
-        """The smoothing alpha of the grid whose quantized block output is closest (MSE) to the float one."""
-        args = self.config.algorithm_args
-        subset = range(min(len(calls), args.smooth_search_batches))
+        """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
+        on the first `search_batches` calls."""
+        subset = range(min(len(calls), search_batches))
         losses = {}
-        for alpha in args.smooth_alpha_grid:
+        for alpha in grid:
             trial = copy.deepcopy(block.module)
             trial_layout = BlockLayout(
                 index=block.index,
