@@ -9,6 +9,8 @@ Calibration runs block by block (`quantmint.calibration`); for each block, after
 observed on every calibration batch, the pipeline calls on every step of the recipe, in order
 (first, in every mode, `rotated_linears` says which linears get their input rotated as they are read):
 
+0. `before_block(config, ctx)`: before the block runs on the calibration batches, attach observers
+   (the kv cache observes K and V);
 1. `before_round(config, ctx)`: change the float block or choose how it is rounded (SmoothQuant picks
    its smoothing; a clipping step edits weights);
 2. the weights of the block are rounded (RTN) with what step 1 chose;
@@ -47,13 +49,15 @@ __all__ = [
 
 @dataclass
 class BlockContext:
-    """One calibrated block, as the recipe's steps see it between observing and rounding."""
+    """One calibrated block, as the recipe's steps see it from observing to rounding."""
 
     steps: BlockSteps
     block: BlockLayout
-    observers: dict[str, InputObserver]
-    calls: list[BlockCall]
-    outputs: list[torch.Tensor]  # the float block's output for each call
+    observers: dict[str, InputObserver]  # the input of every family linear of the block
+    # Removed (`.remove()`) once the block ran on every batch: `before_block` adds its own hooks here.
+    handles: list[Any] = field(default_factory=list)
+    calls: list[BlockCall] = field(default_factory=list)  # the block's inputs (set before `before_round`)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the float block's output for each call
     smoothing: Any = None  # set by a `before_round` step: a `SmoothQuant` the rounding applies
     kv_observer: Any = None  # the block's `KVObserver`, when the recipe calibrates the kv cache
     prev_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # folded into `prev` outputs
@@ -83,6 +87,10 @@ class Algorithm(Protocol):
         self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
     ) -> CalibrationReport | None:
         """Drive calibration over all blocks and return its report, or None for the sequential engine."""
+        ...
+
+    def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        """Per block, before it runs on the calibration batches: attach observers (to `ctx.handles`)."""
         ...
 
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
@@ -116,6 +124,9 @@ class AlgorithmBase:
     def run(
         self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
     ) -> CalibrationReport | None:
+        return None
+
+    def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         return None
 
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:

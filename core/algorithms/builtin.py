@@ -123,6 +123,14 @@ class KVCacheCalibration(AlgorithmBase):
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
 
+    def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        from quantmint.kv_cache import KVObserver
+
+        steps, block = ctx.steps, ctx.block
+        if block.name in steps.kv_modules:
+            ctx.kv_observer = KVObserver(block, steps.family.kv)
+            ctx.handles.append(ctx.kv_observer)
+
     def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         assert isinstance(config, KVCacheConfig)
         steps, block = ctx.steps, ctx.block

@@ -32,7 +32,7 @@ from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import AlgorithmConfig, PTQConfig, get_preset
 from quantmint.errors import ConfigError, NotSupportedError, QuantmintError
 from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
-from quantmint.kv_cache import KVObserver, attention_module_name
+from quantmint.kv_cache import attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
 from quantmint.rotation import carry_rotation, mark_rotated, rotate_linear
@@ -434,25 +434,26 @@ class BlockSteps:
         self.alphas: list[float] = []
         self.extra: dict[str, Any] = {}
 
-    def attach(self, block: BlockLayout) -> tuple[dict[str, InputObserver], list[Any], KVObserver | None]:
+    def attach(self, block: BlockLayout) -> BlockContext:
         if self.loader is not None:
             self.loader.load(block)
         for name, module in block.linears.items():
             self.ptq.rotate_if_chosen(name, module, self.family)
         # Observe every family linear of the block: smoothing needs them even when one is ignored.
         observers, handles = attach_input_observers(block.linears, self.percentile)
-        kv_observer = KVObserver(block, self.family.kv) if block.name in self.kv_modules else None
-        return observers, handles, kv_observer
+        ctx = BlockContext(self, block, observers, handles=list(handles))
+        for step, algorithm in self.ptq.algorithms:
+            algorithm.before_block(step, ctx)
+        return ctx
 
     def finish(
-        self, block: BlockLayout, attached: Any, calls: list[BlockCall], outputs: list[torch.Tensor]
+        self, block: BlockLayout, ctx: BlockContext, calls: list[BlockCall], outputs: list[torch.Tensor]
     ) -> bool:
-        observers, handles, kv_observer = attached
-        for handle in handles:
+        # Every hook goes before anything runs the block again (the alpha search runs copies of it).
+        for handle in ctx.handles:
             handle.remove()
-        if kv_observer is not None:
-            kv_observer.remove()
-        ctx = BlockContext(self, block, observers, calls, outputs, kv_observer=kv_observer)
+        ctx.calls, ctx.outputs = calls, outputs
+        observers = ctx.observers
         for step, algorithm in self.ptq.algorithms:
             algorithm.before_round(step, ctx)
         ctx.prev_scales = self.ptq._transform_block(
