@@ -13,9 +13,16 @@ from types import ModuleType
 
 import pytest
 import torch
+import yaml
 from conftest import VOCAB, build_tiny, model_output
 
-from quantmint.algorithms.base import AlgorithmBase, algorithm_for, algorithms, check_recipe
+from quantmint.algorithms.base import (
+    AlgorithmBase,
+    algorithm_for,
+    algorithms,
+    check_recipe,
+    recipe_from_data,
+)
 from quantmint.algorithms.builtin import RTN
 from quantmint.algorithms.ptq import PTQ, quant_state, quantize
 from quantmint.config import PRESETS, get_preset
@@ -93,6 +100,21 @@ def test_unknown_algorithm_is_one_config_error(toy: ModuleType) -> None:
     with pytest.raises(ConfigError, match="unknown algorithm 'percentile_clip'"):
         recipe = [toy.PercentileClipConfig(), *get_preset("w8a16").recipe()]
         PTQ("w8a16", recipe=recipe).algorithms  # noqa: B018
+
+
+def test_recipe_from_yaml_data(toy: ModuleType, temporary_plugin: Callable[[object, str], None]) -> None:
+    temporary_plugin(toy, "percentile_clip")
+    data = yaml.safe_load(
+        "- {name: percentile_clip, percentile: 97.5}\n- {name: rtn, weights: {strategy: channel}}\n"
+    )
+    recipe = recipe_from_data(data)
+    assert recipe == [toy.PercentileClipConfig(percentile=97.5), *get_preset("w8a16").recipe()]
+    with pytest.raises(ConfigError, match="unknown algorithm 'gptq'"):
+        recipe_from_data([{"name": "gptq"}])
+    with pytest.raises(ConfigError, match="unknown key 'percentil'"):
+        recipe_from_data([{"name": "percentile_clip", "percentil": 97.5}])
+    with pytest.raises(ConfigError, match="percentile_clip clips weights before they are rounded"):
+        recipe_from_data([{"name": "percentile_clip"}])
 
 
 def test_duplicate_algorithm_is_one_plugin_error(temporary_plugin: Callable[[object, str], None]) -> None:

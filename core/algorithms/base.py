@@ -44,6 +44,7 @@ __all__ = [
     "algorithm_for",
     "algorithms",
     "check_recipe",
+    "recipe_from_data",
 ]
 
 
@@ -183,3 +184,18 @@ def check_recipe(recipe: list[AlgorithmConfig]) -> list[tuple[AlgorithmConfig, A
     for step, algorithm in pairs:
         algorithm.validate(step, recipe)
     return pairs
+
+
+def recipe_from_data(data: Any) -> list[AlgorithmConfig]:
+    """A recipe from plain data (YAML): a list of mappings, each with the `name` of a registered
+    algorithm and its config's keys, e.g. `[{name: smooth_quant, alpha: 0.6}, {name: rtn, weights: {}}]`."""
+    if not isinstance(data, list):
+        raise ConfigError(f"a recipe is a list of steps, got {type(data).__name__}")
+    recipe = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"recipe step {i} must be a mapping with a 'name', got {item!r:.80}")
+        args = {k: v for k, v in item.items() if k != "name"}
+        recipe.append(algorithm_for(item["name"]).config_type.from_dict(args))
+    check_recipe(recipe)
+    return recipe
