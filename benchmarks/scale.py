@@ -34,7 +34,7 @@ Needs permission to create cgroups (root in this container).
 
 Run::
 
-    python benchmarks/scale.py rtn [--sizes 500MB,2GB,8GB] [--workers 1,2] [--dir /work/synth] [--mem-cap 4G]
+    python benchmarks/scale.py rtn [--sizes 500MB,2GB,8GB] [--workers 1,2] [--dir DIR] [--mem-cap 4G]
     python benchmarks/scale.py smoothquant --sizes 8GB --calib-samples 16 --mem-cap 4G
     python benchmarks/scale.py rtn --sizes 60MB --workers 1 --dir /tmp/x      # smoke test (seconds)
 
@@ -387,7 +387,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "--sizes", default=None, help="checkpoint sizes (default rtn 500MB,2GB,8GB; smoothquant 8GB)"
     )
     parser.add_argument("--workers", default="1,2", help="rtn: worker counts to run (default 1,2)")
-    parser.add_argument("--dir", default="/work/synth", help="where checkpoints are made and kept")
+    parser.add_argument(
+        "--dir",
+        default="synth-checkpoints",
+        help="where checkpoints are made and kept (default ./synth-checkpoints)",
+    )
     parser.add_argument("--mem-cap", help="run the children in a cgroup with this memory limit, e.g. 4G")
     parser.add_argument("--calib-samples", type=int, default=16, help="smoothquant: samples (default 16)")
     parser.add_argument("--calib-seq-len", type=int, default=512, help="smoothquant: tokens per sample")

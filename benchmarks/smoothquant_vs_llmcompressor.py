@@ -37,17 +37,17 @@ at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alph
 adds llm-compressor at 0.5 too.
 
 Setup, once: llm-compressor lives in its own virtual environment (``--venv``, default
-``venvs/llmc`` beside the checkout, or ``$QUANTMINT_LLMC_VENV``; below, the checkout is /work/main) that
+``venvs/llmc`` beside the checkout, or ``$QUANTMINT_LLMC_VENV``; below, VENV stands for it) that
 reuses the system torch 2.13.0+cpu; pip is held to that torch by a constraints file, and the venv gets
 its own transformers (5.17), compressed-tensors and datasets. ``--setup`` runs exactly::
 
-    python3 -m venv --system-site-packages /work/venvs/llmc
-    echo 'torch==2.13.0' > /work/venvs/llmc/constraints.txt
-    /work/venvs/llmc/bin/python -m pip install --dry-run --report R.json \\
-        -c /work/venvs/llmc/constraints.txt llmcompressor==0.14.0.1   # refused if it would install
+    python3 -m venv --system-site-packages VENV
+    echo 'torch==2.13.0' > VENV/constraints.txt
+    VENV/bin/python -m pip install --dry-run --report R.json \\
+        -c VENV/constraints.txt llmcompressor==0.14.0.1   # refused if it would install
                                                  # torch, triton or CUDA (nvidia-*) packages
-    /work/venvs/llmc/bin/python -m pip install -c /work/venvs/llmc/constraints.txt llmcompressor==0.14.0.1
-    /work/venvs/llmc/bin/python -c "import torch; print(torch.__version__)"   # must print 2.13.0+cpu
+    VENV/bin/python -m pip install -c VENV/constraints.txt llmcompressor==0.14.0.1
+    VENV/bin/python -c "import torch; print(torch.__version__)"   # must print 2.13.0+cpu
 
 Nothing is installed into the system python. Run (children get ``HF_HUB_OFFLINE=1``; no downloads)::
 
