@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny, byte_tokenizer
 
 from quantmint import cli
 from quantmint.algorithms.ptq import PTQ
 from quantmint.config import PRESETS
-
-from conftest import build_tiny, byte_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preset_sha256.json"
 RECORD = os.environ.get("QUANTMINT_RECORD_PRESET_BYTES") == "1"
@@ -50,14 +49,15 @@ _ISA_FLAGS = (
 
 
 def cpu_class() -> str:
-    """What the float rounding of a matmul depends on: vendor, ISA extensions, torch, threads."""
+    """What the float rounding of a matmul depends on: CPU model and caches, ISA extensions, torch, threads."""
     flags: set[str] = set()
     vendor = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "vendor_id":
-                vendor = value.strip()
+            if key.strip() in ("vendor_id", "model name", "cache size"):
+                # blocked GEMMs size their tiles by the caches: one CPU model, one summation order
+                vendor = f"{vendor} {value.strip()}" if key.strip() != "vendor_id" else value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
