@@ -49,7 +49,7 @@ _ISA_FLAGS = (
 
 
 def cpu_class() -> str:
-    """What the float rounding of a matmul depends on: CPU model and caches, ISA extensions, torch, threads."""
+    """What a matmul's float rounding depends on: CPU model and caches, ISA extensions, torch, threads."""
     flags: set[str] = set()
     vendor = platform.processor() or platform.machine()
     try:
