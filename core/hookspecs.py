@@ -20,8 +20,9 @@ def register_model_families(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def register_cells(register: Callable[[Any], None]) -> None:
-    """Register `QuantizedLinear` classes (real int8 layers) of a runtime, one per scheme."""
+def register_runtimes(register: Callable[[Any], None]) -> None:
+    """Register `Runtime` objects (see `quantmint.runtime`): the quantized-layer classes of a backend, the
+    schemes and devices it serves and its priority."""
 
 
 @hookspec

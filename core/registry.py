@@ -13,21 +13,26 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
+import torch
 from torch import nn
 
 from quantmint import hookspecs
-from quantmint.errors import PluginError, UnknownModelFamilyError
+from quantmint.errors import NotSupportedError, PluginError, UnknownModelFamilyError
 from quantmint.family import ModelFamily
+from quantmint.runtime import ANY_DEVICE, Runtime
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PLUGINS_ENV",
     "algorithms",
+    "cell_class",
     "cell_classes",
     "find_family",
     "get_plugin_manager",
+    "kv_cache_class",
     "model_families",
     "refresh",
+    "runtimes",
 ]
 
 ENTRY_POINT_GROUP = "quantmint"
@@ -36,7 +41,7 @@ PLUGIN_GUIDE = "README.md, section 'Writing a model-family plugin'"
 
 _pm: pluggy.PluginManager | None = None
 _families: dict[str, ModelFamily] | None = None
-_cells: dict[str, type] | None = None
+_runtimes: dict[str, Runtime] | None = None
 _algorithms: dict[str, Any] | None = None
 
 
@@ -80,9 +85,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 def refresh() -> None:
     """Forget the collected registries so that they are rebuilt from the current plugins."""
-    global _families, _cells, _algorithms
+    global _families, _runtimes, _algorithms
     _families = None
-    _cells = None
+    _runtimes = None
     _algorithms = None
 
 
@@ -138,18 +143,97 @@ def model_families() -> dict[str, ModelFamily]:
     return _families
 
 
-def cell_classes() -> dict[str, type]:
-    """Every registered quantized-layer class, by the scheme it implements (`w8a16`, ...)."""
+def _validate_runtime(obj: Any, plugin: str) -> None:
     from quantmint.cells.base import QuantizedLinear
 
-    def validate(obj: Any, plugin: str) -> None:
-        if not (isinstance(obj, type) and issubclass(obj, QuantizedLinear)):
-            raise PluginError(f"plugin {plugin!r} registered {obj!r}, which is not a QuantizedLinear class")
+    if not isinstance(obj, Runtime):
+        raise PluginError(f"plugin {plugin!r} registered {obj!r}, which is not a quantmint Runtime")
+    for cell in obj.cells:
+        if not (isinstance(cell, type) and issubclass(cell, QuantizedLinear)):
+            raise PluginError(
+                f"plugin {plugin!r}: runtime {obj.name!r} lists {cell!r}, which is not a QuantizedLinear "
+                "class"
+            )
+    twice = sorted({s for s in obj.schemes if obj.schemes.count(s) > 1})
+    if twice:
+        raise PluginError(
+            f"plugin {plugin!r}: runtime {obj.name!r} lists several cells for scheme(s) {twice}; keep one "
+            "of each"
+        )
+    if not obj.devices:
+        raise PluginError(f"plugin {plugin!r}: runtime {obj.name!r} serves no device; list some, or '*'")
 
-    global _cells
-    if _cells is None:
-        _cells = _collect("register_cells", lambda c: c.scheme, validate)
-    return _cells
+
+def runtimes() -> dict[str, Runtime]:
+    """Every registered runtime, by name."""
+    global _runtimes
+    if _runtimes is None:
+        _runtimes = _collect("register_runtimes", lambda r: r.name, _validate_runtime)
+    return _runtimes
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    """The device type cells are chosen for: `None` and `meta` (a skeleton) mean torch's default device."""
+    kind = torch.device(device).type if device is not None else "meta"
+    return torch.get_default_device().type if kind == "meta" else kind
+
+
+def _describe_runtimes() -> str:
+    found = runtimes().values()
+    return "; ".join(
+        f"{r.name}: {', '.join(sorted(r.schemes))} on {', '.join(r.devices)} (priority {r.priority})"
+        for r in found
+    )
+
+
+def _choose(serving: list[Runtime], what: str) -> Runtime:
+    best = max(r.priority for r in serving)
+    top = sorted(r.name for r in serving if r.priority == best)
+    if len(top) > 1:
+        raise PluginError(
+            f"runtimes {', '.join(map(repr, top))} both serve {what} at priority {best}; give one another "
+            f"priority or leave one out with {PLUGINS_ENV}"
+        )
+    return runtimes()[top[0]]
+
+
+def cell_class(scheme: str, device: str | torch.device | None = None) -> type:
+    """The `QuantizedLinear` class for `scheme` on `device` (a device type or `torch.device`; None: torch's
+    default), from the highest-priority runtime that serves both."""
+    kind = _device_type(device)
+    serving = [r for r in runtimes().values() if r.serves(scheme, kind)]
+    if not serving:
+        raise NotSupportedError(
+            f"no runtime serves scheme {scheme!r} on device {kind!r} (registered: "
+            f"{_describe_runtimes() or 'none'}); install one that does, or check {PLUGINS_ENV}"
+        )
+    return _choose(serving, f"scheme {scheme!r} on {kind!r}").cell(scheme)
+
+
+def cell_classes(device: str | torch.device | None = None) -> dict[str, type]:
+    """The class chosen for every scheme some runtime serves on `device` (see `cell_class`)."""
+    kind = _device_type(device)
+    schemes = sorted({s for r in runtimes().values() for s in r.schemes if r.serves(s, kind)})
+    return {scheme: cell_class(scheme, kind) for scheme in schemes}
+
+
+def kv_cache_class(device: str | torch.device | None = None) -> type:
+    """The int8 KV cache (a transformers `Cache` class with `for_model(model)`) of the highest-priority
+    runtime that has one for `device`."""
+    kind = _device_type(device)
+    serving = [
+        r
+        for r in runtimes().values()
+        if r.kv_cache is not None and (ANY_DEVICE in r.devices or kind in r.devices)
+    ]
+    if not serving:
+        raise NotSupportedError(
+            f"no runtime has an int8 KV cache for device {kind!r} (registered: "
+            f"{_describe_runtimes() or 'none'}); install one that does, or check {PLUGINS_ENV}"
+        )
+    kv_cache = _choose(serving, f"the int8 KV cache on {kind!r}").kv_cache
+    assert kv_cache is not None
+    return kv_cache
 
 
 def algorithms(validate: Any) -> dict[str, Any]:

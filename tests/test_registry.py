@@ -11,13 +11,16 @@ from torch import nn
 from quantmint import (
     ModelFamily,
     ModelMappingError,
+    NotSupportedError,
     PluginError,
     UnknownModelFamilyError,
     hookimpl,
     quantize,
     registry,
 )
+from quantmint.backends.torch import Int8Linear, Int8WeightOnlyLinear
 from quantmint.family import resolve_layout
+from quantmint.runtime import Runtime
 from tests.conftest import build_tiny
 
 
@@ -28,6 +31,51 @@ def test_builtin_families_come_from_entry_points() -> None:
     # registered under their entry-point names, exactly as a third-party package would be
     assert {"llama", "gpt2", "bert", "torch_runtime"} <= {name for name, _ in pm.list_name_plugin()}
     assert "w8a16" in registry.cell_classes()
+    assert set(registry.runtimes()["torch"].schemes) == {"w8a16", "w8a8", "w4a16", "w4a8"}
+
+
+def _runtime_plugin(runtime: Runtime) -> object:
+    class Plugin:
+        @hookimpl
+        def register_runtimes(self, register):
+            register(runtime)
+
+    return Plugin()
+
+
+class FastW8A16(Int8WeightOnlyLinear):
+    scheme = "w8a16"
+
+
+def test_cells_are_chosen_by_scheme_device_and_priority(temporary_plugin) -> None:
+    temporary_plugin(
+        _runtime_plugin(Runtime(name="fast-cpu", cells=(FastW8A16,), devices=("cpu",), priority=10)), "fast"
+    )
+    assert registry.cell_class("w8a16", "cpu") is FastW8A16
+    assert registry.cell_class("w8a16", torch.device("cpu")) is FastW8A16
+    # the torch runtime serves every device
+    assert registry.cell_class("w8a16", "cuda") is Int8WeightOnlyLinear
+    assert registry.cell_class("w8a8", "cpu") is Int8Linear  # the fast runtime does not serve it
+    quantized = quantize(build_tiny("llama"), "w8a16")
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, FastW8A16)
+
+
+def test_two_runtimes_of_one_priority_serving_a_scheme_are_named(temporary_plugin) -> None:
+    temporary_plugin(_runtime_plugin(Runtime(name="other", cells=(FastW8A16,))), "other")
+    with pytest.raises(PluginError, match="'other', 'torch' both serve scheme 'w8a16'.*QUANTMINT_PLUGINS"):
+        registry.cell_class("w8a16")
+    assert registry.cell_class("w8a8") is Int8Linear
+
+
+def test_a_scheme_no_runtime_serves_names_what_is_registered() -> None:
+    with pytest.raises(NotSupportedError, match=r"scheme 'w2a2' on device 'cpu' \(registered: torch: w4a16"):
+        registry.cell_class("w2a2", "cpu")
+
+
+def test_a_runtime_must_list_quantized_linear_classes(temporary_plugin) -> None:
+    temporary_plugin(_runtime_plugin(Runtime(name="bad", cells=(nn.Linear,))), "bad-runtime")
+    with pytest.raises(PluginError, match="'bad-runtime'.*not a QuantizedLinear class"):
+        registry.runtimes()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """The reference PyTorch runtime: real int8 layers (cells) that run anywhere torch runs.
 
-Registered through the `quantmint` entry-point group like any third-party runtime.
+Registered through the `quantmint` entry-point group like any third-party runtime: it declares every
+scheme it serves on every device, at priority 0, so that a runtime specialised for a device wins there by
+declaring a higher priority.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from quantmint.backends.torch.int4_linear import Int4Linear, Int4WeightOnlyLinea
 from quantmint.backends.torch.int8_linear import Int8Linear, int8_int8_matmul
 from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear, int8_weight_only_linear
 from quantmint.hookspecs import hookimpl
+from quantmint.runtime import ANY_DEVICE, Runtime
 
 __all__ = [
+    "TORCH_RUNTIME",
     "Int4Linear",
     "Int4WeightOnlyLinear",
     "Int8Linear",
@@ -23,9 +27,14 @@ __all__ = [
 ]
 
 
+TORCH_RUNTIME = Runtime(
+    name="torch",
+    cells=(Int8WeightOnlyLinear, Int8Linear, Int4WeightOnlyLinear, Int4Linear),
+    devices=(ANY_DEVICE,),
+    priority=0,
+)
+
+
 @hookimpl
-def register_cells(register: Callable[[type], None]) -> None:
-    register(Int8WeightOnlyLinear)
-    register(Int8Linear)
-    register(Int4WeightOnlyLinear)
-    register(Int4Linear)
+def register_runtimes(register: Callable[[Runtime], None]) -> None:
+    register(TORCH_RUNTIME)

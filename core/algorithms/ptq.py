@@ -486,14 +486,10 @@ class BlockSteps:
         return result
 
 
-def cell_class(scheme: str) -> type[QuantizedLinear]:
-    cells = registry.cell_classes()
-    if scheme not in cells:
-        raise NotSupportedError(
-            f"no int8 cell is registered for scheme {scheme!r} (registered: {sorted(cells) or 'none'}); "
-            f"is the 'torch_runtime' plugin excluded by {registry.PLUGINS_ENV}?"
-        )
-    return cells[scheme]
+def cell_class(scheme: str, device: str | torch.device | None = None) -> type[QuantizedLinear]:
+    """The quantized-layer class for `scheme` on `device` (None: torch's default device), from the runtime
+    that serves both (`registry.cell_class`: by capability and priority)."""
+    return registry.cell_class(scheme, device)
 
 
 def quantize(
