@@ -9,8 +9,9 @@ per-tensor static activations), every other linear layer in `ignore`.
 
 Refused, with the reason: C8 (vLLM accepts only an fp8 KV-cache scheme), W8A16 layers (compressed-tensors
 describes them only in its packed int32 layout, which vLLM runs on GPU kernels alone: serve the quantmint
-checkpoint through the plugin instead), and GPT2 (its Conv1D layers are not `Linear` to compressed-tensors,
-and vLLM transposes their weights on load).
+checkpoint through the plugin instead), and families whose declaration lists transposed linears
+(`ServingNeeds.transposed_linears`, GPT2's Conv1D: not `Linear` to compressed-tensors, and vLLM transposes
+their weights on load).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from quantmint import registry
 from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
 from quantmint.checkpoint_format import QuantizationConfigBlock
 from quantmint.errors import CheckpointError, QuantmintError
@@ -62,10 +64,20 @@ def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
             "(algorithm_args.hadamard), which a compressed-tensors checkpoint cannot describe. Serve it with "
             "the quantmint plugin (quantmint serve), or quantize without hadamard to export"
         )
-    if block.family == "gpt2":
+    families = registry.model_families()
+    if block.family not in families:
         raise QuantmintError(
-            f"{path} is a GPT2 checkpoint: its Conv1D layers are not Linear to compressed-tensors and vLLM "
-            "transposes their weights on load. Serve it with the quantmint plugin (quantmint serve)"
+            f"{path} is a checkpoint of model family {block.family!r}, which is not registered (registered: "
+            f"{', '.join(sorted(families)) or 'none'}): install its plugin (its declaration says how engines "
+            f"read its layers), or check {registry.PLUGINS_ENV}"
+        )
+    transposed = families[block.family].serving.transposed_linears
+    if transposed:
+        raise QuantmintError(
+            f"{path}: model family {block.family!r} declares that its linears {', '.join(transposed)} store "
+            "their weight [in, out] (Conv1D-style, ServingNeeds.transposed_linears): compressed-tensors "
+            "reads them as Linear and vLLM transposes them on load. Serve it with the quantmint plugin "
+            "(quantmint serve)"
         )
     four_bit = sorted({s for s in block.modules.values() if s.startswith("w4")})
     if four_bit:

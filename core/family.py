@@ -1,7 +1,9 @@
 """Model families: where a model's blocks, linears, smoothing pairs and K/V projections are.
 
 A family plugin declares its structure once, as data (`ModelFamily`); every algorithm reads the
-resolved `ModelLayout` instead of keeping its own per-model tables. Paths in a family are relative:
+resolved `ModelLayout` instead of keeping its own per-model tables, and every serving backend reads the
+family's `ServingNeeds` (weight layout, pooling architectures, engine-side layer names) instead of keeping
+tables of family names. Paths in a family are relative:
 `blocks` to the model's base model (`model.base_model`, so `LlamaModel` and `LlamaForCausalLM` share
 one declaration), and `linears`, `smooth_pairs` and `kv` to one block.
 """
@@ -18,10 +20,12 @@ from quantmint.errors import ModelMappingError
 
 __all__ = [
     "BlockLayout",
+    "EngineRename",
     "KVProjections",
     "LinearAdapter",
     "ModelFamily",
     "ModelLayout",
+    "ServingNeeds",
     "SmoothPair",
     "resolve_layout",
 ]
@@ -78,6 +82,42 @@ class KVProjections:
 
 
 @dataclass(frozen=True)
+class EngineRename:
+    """A serving engine names a layer otherwise than the checkpoint does: in the engine's layer name,
+    `pattern` (a regular expression) is replaced by `replacement` before the checkpoint is searched.
+
+    `engine` is the backend it applies to (`vllm`), as each engine has its own names (and bugs).
+    """
+
+    engine: str
+    pattern: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class ServingNeeds:
+    """What a serving engine needs to know about a family, beyond the checkpoint's tensors.
+
+    Attributes:
+        transposed_linears: linears (relative to a block, as in `ModelFamily.linears`) whose weight the
+            model's own format stores as [in, out] (transformers' `Conv1D`). quantmint's checkpoints store
+            every int8 weight as [out, in]; an engine that transposes these on load must not transpose
+            quantmint's, and a format that reads them as `Linear` cannot describe them.
+        pooling_architectures: architectures an engine serves as pooling (embedding) models rather than
+            as generators (`BertModel`).
+        engine_module_names: layer names an engine spells otherwise than the checkpoint (`EngineRename`).
+    """
+
+    transposed_linears: tuple[str, ...] = ()
+    pooling_architectures: tuple[str, ...] = ()
+    engine_module_names: tuple[EngineRename, ...] = ()
+
+    def renames(self, engine: str) -> tuple[EngineRename, ...]:
+        """The renames that apply to `engine`."""
+        return tuple(r for r in self.engine_module_names if r.engine == engine)
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """The structure of one family of transformer models, declared once as data.
 
@@ -92,6 +132,7 @@ class ModelFamily:
             online Hadamard rotation flattens for int8 activations (`algorithm_args.hadamard`).
         default_ignore: module patterns left in float unless the user asks otherwise.
         adapter: how to read this family's linear modules (see `LinearAdapter`).
+        serving: what serving engines need to know about it (see `ServingNeeds`).
     """
 
     name: str
@@ -103,6 +144,7 @@ class ModelFamily:
     hadamard_linears: tuple[str, ...] = ()
     default_ignore: tuple[str, ...] = ()
     adapter: LinearAdapter = field(default_factory=LinearAdapter)
+    serving: ServingNeeds = field(default_factory=ServingNeeds)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.architectures

@@ -123,6 +123,18 @@ def _validate_family(obj: Any, plugin: str) -> None:
             f"plugin {plugin!r}: family {obj.name!r} lists hadamard_linears {stray} that are not among its "
             "linears; declare them in `linears` too"
         )
+    stray = sorted(set(obj.serving.transposed_linears) - set(obj.linears))
+    if stray:
+        raise PluginError(
+            f"plugin {plugin!r}: family {obj.name!r} lists serving.transposed_linears {stray} that are not "
+            "among its linears; declare them in `linears` too"
+        )
+    stray = sorted(set(obj.serving.pooling_architectures) - set(obj.architectures))
+    if stray:
+        raise PluginError(
+            f"plugin {plugin!r}: family {obj.name!r} lists serving.pooling_architectures {stray} that are "
+            "not among its architectures; declare them in `architectures` too"
+        )
 
 
 def model_families() -> dict[str, ModelFamily]:

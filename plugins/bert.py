@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from quantmint.family import KVProjections, ModelFamily, SmoothPair
+from quantmint.family import EngineRename, KVProjections, ModelFamily, ServingNeeds, SmoothPair
 from quantmint.hookspecs import hookimpl
 
 _QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
@@ -30,6 +30,15 @@ BERT = ModelFamily(
     smooth_pairs=(SmoothPair("attention.self.value", ("attention.output.dense",)),),
     kv=KVProjections(key="attention.self.key", value="attention.self.value"),
     hadamard_linears=("output.dense",),
+    serving=ServingNeeds(
+        # The base model and the masked-LM head are served as embedding models, not generators.
+        pooling_architectures=("BertModel", "BertForMaskedLM"),
+        # vLLM 0.32's BertAttention passes its self-attention the prefix `attention.output`, so the fused
+        # q/k/v layer is named `attention.output.qkv_proj` instead of `attention.self.qkv_proj`.
+        engine_module_names=(
+            EngineRename("vllm", r"\.attention\.output\.qkv_proj$", ".attention.self.qkv_proj"),
+        ),
+    ),
 )
 
 

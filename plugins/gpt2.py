@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from quantmint.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.family import KVProjections, LinearAdapter, ModelFamily, ServingNeeds, SmoothPair
 from quantmint.hookspecs import hookimpl
 
 
@@ -27,6 +27,8 @@ class Conv1DAdapter(LinearAdapter):
         return isinstance(module, (Conv1D, nn.Linear))
 
 
+_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
 GPT2 = ModelFamily(
     name="gpt2",
     architectures=(
@@ -36,7 +38,7 @@ GPT2 = ModelFamily(
         "GPT2ForTokenClassification",
     ),
     blocks="h",
-    linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    linears=_LINEARS,
     smooth_pairs=(
         SmoothPair("ln_1", ("attn.c_attn",)),
         SmoothPair("ln_2", ("mlp.c_fc",)),
@@ -44,6 +46,8 @@ GPT2 = ModelFamily(
     kv=KVProjections(key="attn.c_attn", value="attn.c_attn", fused=True),
     hadamard_linears=("mlp.c_proj",),
     adapter=Conv1DAdapter(),
+    # Every linear is a Conv1D: GPT2's own checkpoints store [in, out], which engines transpose on load.
+    serving=ServingNeeds(transposed_linears=_LINEARS),
 )
 
 

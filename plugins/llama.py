@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from quantmint.family import KVProjections, ModelFamily, SmoothPair
+from quantmint.family import KVProjections, ModelFamily, ServingNeeds, SmoothPair
 from quantmint.hookspecs import hookimpl
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -27,6 +27,8 @@ LLAMA = ModelFamily(
     ),
     kv=KVProjections(key="self_attn.k_proj", value="self_attn.v_proj", rotary=True),
     hadamard_linears=("mlp.down_proj",),
+    # nn.Linear weights [out, in], generators, and the engines' own layer names: nothing to declare.
+    serving=ServingNeeds(),
 )
 
 

@@ -227,3 +227,24 @@ def test_gpt2_conv1d_is_transparent() -> None:
     assert w.shape == (conv.nf, conv.weight.shape[0])  # [out, in]
     x = torch.randn(3, conv.weight.shape[0])
     assert torch.allclose(conv(x), x @ w.T + conv.bias, atol=1e-6)
+
+
+def test_serving_needs_must_name_declared_linears_and_architectures(temporary_plugin) -> None:
+    from quantmint.family import ServingNeeds
+
+    family = ModelFamily(
+        name="conv",
+        architectures=("Conv",),
+        blocks="h",
+        linears=("attn.c_attn",),
+        serving=ServingNeeds(transposed_linears=("attn.c_atn",)),
+    )
+
+    class Plugin:
+        @hookimpl
+        def register_model_families(self, register):
+            register(family)
+
+    temporary_plugin(Plugin(), "conv-plugin")
+    with pytest.raises(PluginError, match=r"'conv'.*transposed_linears \['attn.c_atn'\]"):
+        registry.model_families()

@@ -93,3 +93,27 @@ def test_export_refuses_four_bit_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(QuantmintError, match="4-bit"):
         export_checkpoint(src, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_export_refuses_a_family_that_declares_transposed_linears(tmp_path: Path) -> None:
+    from quantmint.export import export_checkpoint
+
+    src = _checkpoint(tmp_path, "gpt2", "w8a8")  # GPT2 declares its Conv1D linears in ServingNeeds
+    with pytest.raises(QuantmintError, match=r"'gpt2' declares that its linears attn\.c_attn.*Conv1D"):
+        export_checkpoint(src, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_pooling_is_what_a_family_declares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from quantmint import registry
+    from quantmint.family import ServingNeeds
+
+    path = _checkpoint(tmp_path, "llama", "w8a16")
+    assert "--runner" not in serve_command(path, environ={})[0]
+    llama = registry.model_families()["llama"]
+    embedding = dataclasses.replace(llama, serving=ServingNeeds(pooling_architectures=("LlamaForCausalLM",)))
+    monkeypatch.setattr(registry, "model_families", lambda: {"llama": embedding})
+    cmd, _ = serve_command(path, environ={})
+    assert cmd[cmd.index("--runner") + 1] == "pooling"

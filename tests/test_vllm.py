@@ -205,6 +205,24 @@ def test_bert_fused_qkv_is_found_under_the_name_vllm_gives_it() -> None:
     assert config.scheme_for("model.encoder.layer.0.attention.self.qkv_proj") == "w8a8"
 
 
+def test_the_family_declares_which_linears_vllm_transposes() -> None:
+    from quantmint.backends.vllm.config import QuantmintConfig
+
+    block = _block(family="gpt2", modules={"transformer.h.0.mlp.c_proj": "w8a8"})
+    config = QuantmintConfig.from_config(block)
+    assert config.is_transposed("transformer.h.0.attn.c_attn")
+    assert config.is_transposed("transformer.h.0.mlp.c_proj")
+    assert not config.is_transposed("lm_head")
+    assert not QuantmintConfig.from_config(_block()).is_transposed("model.layers.0.mlp.down_proj")
+
+
+def test_a_checkpoint_of_an_unregistered_family_is_refused() -> None:
+    from quantmint.backends.vllm.config import QuantmintConfig
+
+    with pytest.raises(ValueError, match="model family 'opt' is not registered.*install the plugin"):
+        QuantmintConfig.from_config(_block(family="opt"))
+
+
 def test_a_fused_layer_with_mixed_schemes_is_refused() -> None:
     from quantmint.backends.vllm.config import QuantmintConfig
 

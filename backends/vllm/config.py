@@ -2,9 +2,11 @@
 
 vLLM names layers its own way: it fuses q/k/v and gate/up into one layer (`qkv_proj`, `gate_up_proj`,
 BERT's `query`/`key`/`value` into `qkv_proj`) and may nest the model under another root (`model.` for a
-BERT embedding model). A vLLM layer is matched to the checkpoint's quantized modules by expanding a fused
-name through the model's `packed_modules_mapping`, then by whole dotted components, the checkpoint's name
-being a suffix of vLLM's or the other way round.
+BERT embedding model). A vLLM layer is matched to the checkpoint's quantized modules by applying the
+family's declared renames (`ServingNeeds.engine_module_names` for engine `vllm`), expanding a fused name
+through the model's `packed_modules_mapping`, then by whole dotted components, the checkpoint's name being
+a suffix of vLLM's or the other way round. What else this reads from the family's `ServingNeeds`: which
+linears vLLM transposes on load (`transposed_linears`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.models.utils import WeightsMapper
 
+from quantmint import registry
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
 from quantmint.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
@@ -27,13 +30,8 @@ from quantmint.errors import CheckpointError
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 
-# Layer names vLLM 0.32 gets wrong: BertAttention passes its self-attention the prefix `attention.output`,
-# so BERT's fused q/k/v layer is named `attention.output.qkv_proj` instead of `attention.self.qkv_proj`.
-_VLLM_PREFIX_FIXES = ((re.compile(r"\.attention\.output\.qkv_proj$"), ".attention.self.qkv_proj"),)
-
-# vLLM's GPT2 transposes every `.weight` of these layers on load, as HF's Conv1D stores [in, out];
-# quantmint's int8 cells store [out, in] already, so the linear methods transpose them back.
-_TRANSPOSED_ON_LOAD = {"gpt2": ("c_attn", "c_proj", "c_fc")}
+ENGINE = "vllm"
+"""The engine name under which a family declares its layer renames (`EngineRename.engine`)."""
 
 
 class QuantmintConfigError(CheckpointError, ValueError):
@@ -70,6 +68,16 @@ class QuantmintConfig(QuantizationConfig):
     def __init__(self, block: QuantizationConfigBlock) -> None:
         super().__init__()
         self.family: str = block.family
+        families = registry.model_families()
+        if block.family not in families:
+            raise QuantmintConfigError(
+                f"this quantmint checkpoint's model family {block.family!r} is not registered (registered: "
+                f"{', '.join(sorted(families)) or 'none'}): install the plugin that declares it (its "
+                f"declaration says how vLLM reads the family's layers), or check {registry.PLUGINS_ENV}"
+            )
+        serving = families[block.family].serving
+        self._renames = [(re.compile(r.pattern), r.replacement) for r in serving.renames(ENGINE)]
+        self._transposed = [_components(name) for name in serving.transposed_linears]
         self.scheme: str = block.scheme
         self.modules: dict[str, str] = dict(block.modules)
         self.kv_cache_modules: list[str] = list(block.kv_cache_modules)
@@ -130,7 +138,7 @@ class QuantmintConfig(QuantizationConfig):
         scheme = self.scheme_for(prefix)
         if scheme is None:
             return UnquantizedLinearMethod()
-        transposed = prefix.rsplit(".", 1)[-1] in _TRANSPOSED_ON_LOAD.get(self.family or "", ())
+        transposed = self.is_transposed(prefix)
         rotate = self.is_rotated(prefix)
         if scheme == "w8a8":
             return W8A8LinearMethod(
@@ -153,10 +161,20 @@ class QuantmintConfig(QuantizationConfig):
 
     # ------------------------------------------------------------------ layer lookup
 
+    def _renamed(self, prefix: str) -> str:
+        for pattern, replacement in self._renames:
+            prefix = pattern.sub(replacement, prefix)
+        return prefix
+
+    def is_transposed(self, prefix: str) -> bool:
+        """Whether vLLM transposes the weight of layer `prefix` on load (the family's `transposed_linears`:
+        weights its own format stores [in, out], which quantmint's int8 cells already store [out, in])."""
+        wanted = _components(self._renamed(prefix))
+        return any(wanted[-len(parts) :] == parts for parts in self._transposed)
+
     def scheme_for(self, prefix: str) -> str | None:
         """The scheme of vLLM layer `prefix` (fused layers: every part's), or None when it stays float."""
-        for pattern, replacement in _VLLM_PREFIX_FIXES:
-            prefix = pattern.sub(replacement, prefix)
+        prefix = self._renamed(prefix)
         parent, _, last = prefix.rpartition(".")
         parts = self.packed_modules_mapping.get(last)
         names = [f"{parent}.{p}" if parent else p for p in parts] if parts else [prefix]
@@ -172,9 +190,7 @@ class QuantmintConfig(QuantizationConfig):
 
     def is_rotated(self, prefix: str) -> bool:
         """Whether the checkpoint rotated vLLM layer `prefix`'s input (never a fused layer's)."""
-        for pattern, replacement in _VLLM_PREFIX_FIXES:
-            prefix = pattern.sub(replacement, prefix)
-        wanted = _components(prefix)
+        wanted = _components(self._renamed(prefix))
         return any(_suffix_match(parts, wanted) for parts in self._rotated)
 
     def _lookup(self, name: str) -> str | None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from quantmint import registry
 from quantmint.backends.vllm import KV_CACHE_ENV
 from quantmint.checkpoint import MANIFEST_NAME, read_config_dict, verify_checkpoint
 from quantmint.checkpoint_format import claims_quantmint
@@ -24,14 +25,13 @@ CPU_ENV_DEFAULTS = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # else vLLM keeps one core (of two here) for itself
 }
 
-# Architectures vLLM serves as pooling (embedding) models rather than generators.
-_POOLING_SUFFIXES = ("Model", "ForMaskedLM")
-
 
 def _is_pooling(config: dict[str, Any]) -> bool:
+    """Whether vLLM serves the model as a pooling (embedding) model: its architecture is among a registered
+    family's `ServingNeeds.pooling_architectures`."""
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
-    return config.get("model_type") in ("bert", "roberta") and arch.endswith(_POOLING_SUFFIXES)
+    return any(arch in family.serving.pooling_architectures for family in registry.model_families().values())
 
 
 def serve_command(
