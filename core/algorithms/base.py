@@ -17,7 +17,17 @@ observed on every calibration batch, the pipeline calls on every step of the rec
 3. `after_round(config, ctx)`: record what was measured (the kv cache stores its scales).
 
 An algorithm that drives calibration itself (block PTQ tunes each block against its float output)
-returns a report from `run`; otherwise `run` returns None and the sequential engine runs.
+returns a report from `run`; otherwise `run` returns None and the sequential engine runs. When no step
+`needs_calibration`, the same per-block steps run without data (no observers, no calls).
+
+The pipeline asks the recipe, never a particular algorithm, what it needs to know:
+
+- `rounding(config)`: the one step that rounds weights says how (`Rounding`: the scheme, the
+  fake-quantized twin of a float linear, ...); a recipe without one quantizes no linear;
+- `kv_cache_modules(config, layout)`: the attention modules a step stores k_scale / v_scale in;
+- `calibration_calls(config)`: how many of a block's calibration calls `before_round` reads;
+- `deploy(config, steps, schemes)`: mode deploy, give the model the empty structure this step's
+  checkpoint tensors are read into (int8 cells, kv-cache scales).
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ if TYPE_CHECKING:
 
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.calibration import BlockCall, CalibrationReport
-    from quantmint.family import BlockLayout, ModelLayout
+    from quantmint.cells.fake_quant import FakeQuantLinear
+    from quantmint.family import BlockLayout, ModelFamily, ModelLayout
     from quantmint.observers import InputObserver
 
 __all__ = [
@@ -43,8 +54,10 @@ __all__ = [
     "BlockContext",
     "algorithm_for",
     "algorithms",
+    "Rounding",
     "check_recipe",
     "recipe_from_data",
+    "recipe_rounding",
 ]
 
 
@@ -59,9 +72,44 @@ class BlockContext:
     handles: list[Any] = field(default_factory=list)
     calls: list[BlockCall] = field(default_factory=list)  # the block's inputs (set before `before_round`)
     outputs: list[torch.Tensor] = field(default_factory=list)  # the float block's output for each call
-    smoothing: Any = None  # set by a `before_round` step: a `SmoothQuant` the rounding applies
+    # Set by a `before_round` step: an object whose `smooth_block(block, family, observers)` returns the
+    # (input scales, prev output scales) the rounding applies (`quantmint.algorithms.smooth_quant`).
+    smoothing: Any = None
     kv_observer: Any = None  # the block's `KVObserver`, when the recipe calibrates the kv cache
     prev_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # folded into `prev` outputs
+
+
+class Rounding(Protocol):
+    """How the recipe's weight-rounding step turns a float linear into its fake-quantized twin (see
+    `quantmint.algorithms.rtn.RoundToNearest`, the built-in one)."""
+
+    @property
+    def scheme(self) -> str:
+        """The scheme of the linears it rounds (`w8a16`, `w8a8`, `w4a16`, `w4a8`: an int8 cell's)."""
+        ...
+
+    @property
+    def num_bits(self) -> int:
+        """Bits of a rounded weight."""
+        ...
+
+    @property
+    def input_percentile(self) -> float | None:
+        """The percentile the input observers clip activation ranges to (None: min-max)."""
+        ...
+
+    def fake_linear(
+        self,
+        module: nn.Module,
+        family: ModelFamily,
+        observer: InputObserver | None,
+        smoothing: torch.Tensor | None,
+        convert_only: bool = False,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+        name: str | None = None,
+    ) -> FakeQuantLinear:
+        """The fake-quantized twin of one float linear, given its input observer and smoothing."""
+        ...
 
 
 @runtime_checkable
@@ -102,6 +150,24 @@ class Algorithm(Protocol):
         """Per block, after its weights are rounded."""
         ...
 
+    def rounding(self, config: AlgorithmConfig) -> Rounding | None:
+        """How this step rounds the weights of the quantized linears; None when it rounds none."""
+        ...
+
+    def kv_cache_modules(self, config: AlgorithmConfig, layout: ModelLayout) -> dict[str, BlockLayout]:
+        """Full names of the attention modules this step gives k_scale / v_scale, with their blocks."""
+        ...
+
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        """How many of a block's calibration calls `before_round` reads (`ctx.calls`, `ctx.outputs`);
+        block PTQ keeps only these in memory. None: all of them."""
+        ...
+
+    def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
+        """Mode deploy: give `steps.model` the empty tensors this step's checkpoint entries are read
+        into (`schemes`: each quantized linear's scheme as saved)."""
+        ...
+
 
 class AlgorithmBase:
     """No-op defaults of `Algorithm`: a subclass sets `config_type` and overrides what it takes part in."""
@@ -134,6 +200,18 @@ class AlgorithmBase:
         return None
 
     def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
+        return None
+
+    def rounding(self, config: AlgorithmConfig) -> Rounding | None:
+        return None
+
+    def kv_cache_modules(self, config: AlgorithmConfig, layout: ModelLayout) -> dict[str, BlockLayout]:
+        return {}
+
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return None
+
+    def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
         return None
 
 
@@ -184,6 +262,16 @@ def check_recipe(recipe: list[AlgorithmConfig]) -> list[tuple[AlgorithmConfig, A
     for step, algorithm in pairs:
         algorithm.validate(step, recipe)
     return pairs
+
+
+def recipe_rounding(pairs: list[tuple[AlgorithmConfig, Algorithm]]) -> Rounding | None:
+    """The rounding of the recipe's one weight-rounding step (None: the recipe rounds no weights);
+    ConfigError when two steps round weights."""
+    found = [(step, r) for step, alg in pairs if (r := alg.rounding(step)) is not None]
+    if len(found) > 1:
+        names = ", ".join(step.name for step, _ in found)
+        raise ConfigError(f"the recipe rounds weights in {len(found)} steps ({names}): keep one")
+    return found[0][1] if found else None
 
 
 def recipe_from_data(data: Any) -> list[AlgorithmConfig]:

@@ -189,8 +189,8 @@ class HiddenStore:
 
 
 def _fingerprint(steps: BlockSteps, samples: list[torch.Tensor]) -> str:
-    """What a resumed run must share with the first one: config, model structure, the float weights
-    and calibration data.
+    """What a resumed run must share with the first one: the recipe (every step's config, in order),
+    the linears it quantizes, model structure, the float weights and calibration data.
 
     The weights are hashed by content (every parameter's name, dtype, shape and bytes, as the model
     holds them before any block is tuned): two checkpoints with one config but other weights must not
@@ -200,7 +200,9 @@ def _fingerprint(steps: BlockSteps, samples: list[torch.Tensor]) -> str:
     for SmolLM2-135M), small beside tuning a single block.
     """
     digest = hashlib.sha256()
-    digest.update(steps.ptq.config.to_yaml().encode())
+    for step in steps.ptq.recipe:
+        digest.update(json.dumps([step.name, step.model_dump(mode="json")], sort_keys=True).encode())
+    digest.update(json.dumps([sorted(steps.targets), sorted(steps.state.rotated)]).encode())
     digest.update(type(steps.model).__name__.encode())
     config = getattr(steps.model, "config", None)
     if config is not None:  # not its path: the same model may be read from another place
@@ -341,7 +343,8 @@ class BlockPTQ:
         attached = steps.attach(block)
         for i in range(n):
             fp_out.put(i, call_with(i, fp_in.get(i)).run(block.module))
-        search = min(n, steps.ptq.config.algorithm_args.smooth_search_batches)
+        wanted = steps.calibration_calls  # what the recipe's `before_round` steps read (None: all)
+        search = n if wanted is None else min(n, wanted)
         search_calls = [call_with(i, fp_in.get(i)) for i in range(search)]
         # 2. smoothing, RTN fake-quantization, kv scales.
         steps.finish(block, attached, search_calls, [fp_out.get(i) for i in range(search)])
@@ -358,7 +361,9 @@ class BlockPTQ:
 
         # 3. learnable twins of the RTN layers, tuned against the float outputs.
         dtype = next(iter(rtn.values())).weight.dtype
-        num_bits = steps.ptq.config.weights.num_bits
+        rounding = steps.ptq.rounding
+        assert rounding is not None  # the recipe rounds weights: the targets are not empty
+        num_bits = rounding.num_bits
         adapter = steps.family.adapter
         learnables = {
             name: LearnableQuantLinear(adapter.weight(block.linears[name]), rtn[name], num_bits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantmint.algorithms.base import AlgorithmBase, BlockContext
+from quantmint.algorithms.base import AlgorithmBase, BlockContext, Rounding
 from quantmint.config import (
     AlgorithmConfig,
     BlockPTQArgs,
@@ -15,6 +15,7 @@ from quantmint.config import (
     SmoothQuantConfig,
 )
 from quantmint.errors import NotSupportedError
+from quantmint.family import BlockLayout
 from quantmint.hookspecs import hookimpl
 from quantmint.rotation import supports_hadamard
 
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from quantmint.algorithms.ptq import BlockSteps
-    from quantmint.calibration import CalibrationReport
+    from quantmint.calibration import BlockCall, CalibrationReport
     from quantmint.family import ModelLayout
+    from quantmint.observers import InputObserver
 
 __all__ = ["BlockPTQAlgorithm", "HadamardRotation", "KVCacheCalibration", "RTN", "SmoothQuantAlgorithm"]
 
@@ -34,6 +36,9 @@ class HadamardRotation(AlgorithmBase):
     read, see `PTQ.rotate_if_chosen`); measures nothing."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = HadamardConfig
+
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return 0
 
     def rotated_linears(
         self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
@@ -65,6 +70,10 @@ class SmoothQuantAlgorithm(AlgorithmBase):
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
 
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        assert isinstance(config, SmoothQuantConfig)
+        return config.search_batches
+
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         from quantmint.algorithms.smooth_quant import SmoothQuant
 
@@ -72,19 +81,47 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         steps = ctx.steps
         alpha = config.alpha
         if config.alpha_grid:
-            alpha, _ = steps.ptq._search_alpha(
+            alpha, _ = search_alpha(
+                steps,
                 ctx.block,
-                steps.family,
                 ctx.observers,
-                steps.targets,
                 ctx.calls,
                 ctx.outputs,
-                steps.head_dim,
                 config.alpha_grid,
                 config.search_batches,
             )
         steps.alphas.append(alpha)
         ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
+
+
+def search_alpha(
+    steps: BlockSteps,
+    block: BlockLayout,
+    observers: dict[str, InputObserver],
+    calls: list[BlockCall],
+    outputs: list[torch.Tensor],
+    grid: list[float],
+    search_batches: int,
+) -> tuple[float, dict[float, float]]:
+    """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
+    on the first `search_batches` calls."""
+    import copy
+
+    from quantmint.algorithms.smooth_quant import SmoothQuant
+
+    subset = range(min(len(calls), search_batches))
+    losses = {}
+    for alpha in grid:
+        trial = copy.deepcopy(block.module)
+        trial_layout = BlockLayout(
+            index=block.index,
+            name=block.name,
+            module=trial,
+            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
+        )
+        steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
+        losses[alpha] = sum(float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset)
+    return min(losses, key=losses.__getitem__), losses
 
 
 class RTN(AlgorithmBase):
@@ -97,6 +134,44 @@ class RTN(AlgorithmBase):
         act = config.activations
         return act is not None and (not act.dynamic or bool(config.w8a16_outlier_ratio))
 
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return 0
+
+    def rounding(self, config: AlgorithmConfig) -> Rounding | None:
+        from quantmint.algorithms.rtn import RoundToNearest
+
+        assert isinstance(config, RoundToNearestConfig)
+        return RoundToNearest(config.weights, config.activations, config.w8a16_outlier_ratio)
+
+    def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
+        """Empty int8 cells for every target, each of the scheme it was saved with."""
+        from quantmint.algorithms.ptq import cell_class
+        from quantmint.algorithms.rtn import RoundToNearest
+        from quantmint.rotation import mark_rotated
+
+        assert isinstance(config, RoundToNearestConfig)
+        rounding = RoundToNearest(config.weights, config.activations, config.w8a16_outlier_ratio)
+        adapter = steps.family.adapter
+        group_size = config.weights.group_size
+        for name, module in steps.targets.items():
+            scheme = schemes.get(name, rounding.scheme)
+            weight = adapter.weight(module)
+            out_features, in_features = weight.shape
+            bias = adapter.bias(module)
+            cell = cell_class(scheme).empty(
+                in_features,
+                out_features,
+                bias is not None,
+                weight.dtype,
+                rounding.weight_scale_shape(out_features, in_features),
+                static_input=scheme.endswith("a8") and rounding.static_input,
+                **({"group_size": group_size} if group_size else {}),
+            )
+            if steps.ptq.is_rotated(name):
+                mark_rotated(cell)
+            steps.model.set_submodule(name, cell)
+            steps.state.modules[name] = scheme
+
 
 class BlockPTQAlgorithm(AlgorithmBase):
     """Block-sequential PTQ: drives calibration itself, tuning each block after RTN."""
@@ -105,6 +180,9 @@ class BlockPTQAlgorithm(AlgorithmBase):
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
+
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return 0
 
     def run(
         self, config: AlgorithmConfig, steps: BlockSteps, samples: list[torch.Tensor]
@@ -122,6 +200,42 @@ class KVCacheCalibration(AlgorithmBase):
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
+
+    def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return 0
+
+    def kv_cache_modules(self, config: AlgorithmConfig, layout: ModelLayout) -> dict[str, BlockLayout]:
+        from quantmint.kv_cache import attention_module_name
+
+        kv = layout.family.kv
+        if kv is None:
+            raise NotSupportedError(
+                f"model family {layout.family.name!r} declares no K/V projections, so its kv cache cannot be "
+                "quantized; use a preset without -c8"
+            )
+        return {f"{block.name}.{attention_module_name(kv)}": block for block in layout.blocks}
+
+    def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
+        """Empty k_scale / v_scale buffers on every attention module, sized by the kv strategy."""
+        import torch
+
+        assert isinstance(config, KVCacheConfig)
+        layout = steps.layout
+        kv = layout.family.kv
+        for name, block in self.kv_cache_modules(config, layout).items():
+            key = block.module.get_submodule(kv.key)
+            features = layout.family.adapter.weight(key).shape[0] // (3 if kv.fused else 1)
+            strategy = config.kvcache.strategy
+            if strategy == "head" and not steps.head_dim:
+                raise NotSupportedError(
+                    f"{name}: the model config gives no head_dim, so kv-cache scales per 'head' cannot be "
+                    "sized; use kvcache.strategy: channel"
+                )
+            size = {"channel": features, "tensor": 1}.get(strategy) or features // (steps.head_dim or 1)
+            attn = steps.model.get_submodule(name)
+            attn.register_buffer("k_scale", torch.empty(size, dtype=torch.float32))
+            attn.register_buffer("v_scale", torch.empty(size, dtype=torch.float32))
+            steps.state.kv_modules.append(name)
 
     def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         from quantmint.kv_cache import KVObserver

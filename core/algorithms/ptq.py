@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import resource
 from dataclasses import dataclass, field
@@ -22,20 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantmint import quant_math, registry
-from quantmint.algorithms.base import Algorithm, BlockContext, check_recipe
-from quantmint.algorithms.rtn import RoundToNearest
-from quantmint.algorithms.smooth_quant import SmoothQuant
+from quantmint import registry
+from quantmint.algorithms.base import Algorithm, BlockContext, Rounding, check_recipe, recipe_rounding
 from quantmint.calibration import BlockCall, CalibrationReport, run_sequential
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import AlgorithmConfig, PTQConfig, get_preset
-from quantmint.errors import ConfigError, NotSupportedError, QuantmintError
+from quantmint.errors import ConfigError, QuantmintError
 from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
-from quantmint.kv_cache import attention_module_name
 from quantmint.matching import matches_any
 from quantmint.observers import InputObserver, attach_input_observers
-from quantmint.rotation import carry_rotation, mark_rotated, rotate_linear
+from quantmint.rotation import carry_rotation, rotate_linear
 
 __all__ = ["PTQ", "BlockSteps", "QuantState", "quant_state", "quantize"]
 
@@ -89,6 +85,7 @@ class PTQ:
         self.family_name = family
         self.recipe = self.config.recipe() if recipe is None else list(recipe)
         self._algorithms: list[tuple[AlgorithmConfig, Algorithm]] | None = None
+        self._rounding: tuple[Rounding | None] | None = None
         # Out-of-core calibration reads and frees each block through this (`BlockSteps.loader`).
         self.block_loader: Any = None
         self._rotated: set[str] = set()  # set by apply (see `rotated`)
@@ -106,17 +103,20 @@ class PTQ:
         activation ranges, kv-cache scales, block PTQ)."""
         return any(alg.needs_calibration(step, self.recipe) for step, alg in self.algorithms)
 
+    @property
+    def rounding(self) -> Rounding | None:
+        """How the recipe's weight-rounding step rounds a linear (None: the recipe rounds no weights)."""
+        if self._rounding is None:
+            self._rounding = (recipe_rounding(self.algorithms),)
+        return self._rounding[0]
+
     def kv_attention_modules(self, layout: ModelLayout) -> dict[str, BlockLayout]:
-        """Full names of the attention modules that get kv-cache scales (C8), with their blocks."""
-        if not self.config.kvcache_dtype:
-            return {}
-        kv = layout.family.kv
-        if kv is None:
-            raise NotSupportedError(
-                f"model family {layout.family.name!r} declares no K/V projections, so its kv cache cannot be "
-                "quantized; use a preset without -c8"
-            )
-        return {f"{block.name}.{attention_module_name(kv)}": block for block in layout.blocks}
+        """Full names of the attention modules that a step of the recipe gives kv-cache scales (C8),
+        with their blocks."""
+        modules: dict[str, BlockLayout] = {}
+        for step, algorithm in self.algorithms:
+            modules.update(algorithm.kv_cache_modules(step, layout))
+        return modules
 
     # --- structure ----------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> ModelLayout:
@@ -127,8 +127,9 @@ class PTQ:
         return [*self.config.ignore, *family.default_ignore]
 
     def targets(self, layout: ModelLayout) -> dict[str, nn.Module]:
-        """Linears this config quantizes: the family's linears minus the ignore list, by full name."""
-        if not self.config.weight_dtype:
+        """Linears this config quantizes: the family's linears minus the ignore list, by full name (none
+        when no step of the recipe rounds weights)."""
+        if self.rounding is None:
             return {}
         ignore = self.ignore_patterns(layout.family)
         return {name: m for name, m in layout.linears() if not matches_any(name, ignore)}
@@ -147,9 +148,15 @@ class PTQ:
         if name in self._rotated:
             rotate_linear(module, family.adapter)
 
+    def is_rotated(self, name: str) -> bool:
+        """Whether the linear `name` gets its input rotated (chosen by `rotated` in `apply`)."""
+        return name in self._rotated
+
     @property
     def scheme(self) -> str:
-        return self.config.linear_scheme
+        """The scheme of the quantized linears ('' when the recipe rounds no weights)."""
+        rounding = self.rounding
+        return "" if rounding is None else rounding.scheme
 
     # --- phases -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -178,7 +185,7 @@ class PTQ:
             )
         layout = self.layout(model)
         targets = self.targets(layout)
-        if not targets and self.config.weight_dtype:
+        if not targets and self.rounding is not None:
             raise ConfigError(
                 f"the ignore list {self.ignore_patterns(layout.family)} excludes every linear of "
                 f"family {layout.family.name!r}: nothing is left to quantize"
@@ -187,25 +194,25 @@ class PTQ:
         self._rotated = self.rotated(layout, targets)
         state.rotated = sorted(self._rotated)
         if self.config.mode == "deploy":
-            self._build_empty_cells(model, layout, targets, state, schemes or {})
-            self._build_empty_kv_scales(model, layout, state)
+            steps = BlockSteps(self, model, layout, targets, state)
+            for step, algorithm in self.algorithms:
+                algorithm.deploy(step, steps, schemes or {})
+            state.phase = "converted"
         elif self.needs_calibration:
             if not calibration:
+                calibrating = [s.name for s, a in self.algorithms if a.needs_calibration(s, self.recipe)]
                 raise ConfigError(
-                    f"{self.config.scheme_name} with outliers_suppression="
-                    f"{self.config.outliers_suppression!r}, activations.dynamic="
-                    f"{self.config.activations.dynamic} and kvcache_dtype={self.config.kvcache_dtype} "
-                    "needs calibration data: pass calibration="
-                    "quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
+                    f"{self.config.scheme_name} needs calibration data (measured by the recipe's "
+                    f"{', '.join(calibrating)}): pass calibration=quantmint.data.calibration_samples(...) "
+                    "(CLI: --calib FILE)"
                 )
             state.calibration = self._calibrate(
                 model, layout, targets, calibration, batch_size, state, work_dir
             )
         else:
-            for name, module in tqdm(targets.items(), desc="RTN weights", unit="linear", disable=None):
-                self.rotate_if_chosen(name, module, layout.family)
-                model.set_submodule(name, self._fake_linear(module, layout.family, None, None, name=name))
-                state.modules[name] = self.scheme
+            steps = BlockSteps(self, model, layout, targets, state)
+            for block in tqdm(layout.blocks, desc="round weights", unit="block", disable=None):
+                steps.run_without_data(block)
         setattr(model, STATE_ATTR, state)
         return model
 
@@ -219,39 +226,14 @@ class PTQ:
         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
         name: str | None = None,
     ) -> FakeQuantLinear:
-        """The fake-quantized twin of one float linear (weights RTN, activations per config);
-        `convert_only` and `quantized` as in `RoundToNearest.fake_quantize`. A weight holding NaN or
-        inf (whose scale would be NaN or inf) is refused, naming the linear (`name`)."""
-        scheme = self._scheme_for(observer)
-        rtn = RoundToNearest(self.config.weights)
-        fake = rtn.fake_quantize(
-            module, family.adapter, scheme, convert_only=convert_only, quantized=quantized
+        """The fake-quantized twin of one float linear, as the recipe's rounding step makes it (see
+        `Rounding.fake_linear`)."""
+        rounding = self.rounding
+        if rounding is None:
+            raise ConfigError(f"{name or type(module).__name__}: no step of the recipe rounds weights")
+        return rounding.fake_linear(
+            module, family, observer, smoothing, convert_only=convert_only, quantized=quantized, name=name
         )
-        where = name or type(module).__name__
-        if not bool(torch.isfinite(fake.weight_scale).all()):
-            raise QuantmintError(
-                f"the float weight of {where} holds NaN or inf values (its int8 scale would be NaN or inf): "
-                "the float model is corrupt (or was made so by smoothing); check it with torch.isfinite"
-            )
-        if scheme.endswith("a8"):
-            fake.quantize_input = True
-            if not self.config.activations.dynamic:
-                assert observer is not None
-                amax = torch.tensor(observer.tensor_range(smoothing), dtype=torch.float32)
-                fake.input_scale = quant_math.qparams_from_absmax(amax).reshape(1)
-                if not bool(torch.isfinite(fake.input_scale).all()):
-                    raise QuantmintError(
-                        f"the calibration inputs of {where} hold NaN or inf values (its static input scale "
-                        "would be NaN or inf): the float model or the calibration data is corrupt"
-                    )
-        return carry_rotation(module, fake)
-
-    def _scheme_for(self, observer: InputObserver | None) -> str:
-        """The config's scheme, or w8a16 for a W8A8 linear whose input has an outlier token (see
-        `AlgorithmArgs.w8a16_outlier_ratio`). Linears that share an input decide alike."""
-        ratio = self.config.algorithm_args.w8a16_outlier_ratio
-        outlier = ratio is not None and observer is not None and observer.token_outlier_ratio() > ratio
-        return self.scheme.replace("a8", "a16") if outlier else self.scheme
 
     def _transform_block(
         self,
@@ -259,10 +241,11 @@ class PTQ:
         family: ModelFamily,
         observers: dict[str, InputObserver],
         targets: dict[str, nn.Module],
-        smooth: SmoothQuant | None,
+        smooth: Any,
     ) -> dict[str, torch.Tensor]:
-        """Smooth, then fake-quantize the targets of one block in place; returns the scales folded into
-        `prev` outputs (see `SmoothQuant.smooth_block`)."""
+        """Smooth (`smooth`, set by a step's `before_round`, see `BlockContext.smoothing`), then
+        fake-quantize the targets of one block in place; returns the scales folded into `prev` outputs
+        (see `SmoothQuant.smooth_block`)."""
         if smooth:  # smoothing would spread a NaN or inf to the linears sharing its input: name its source
             for name, module in block.linears.items():
                 weight = family.adapter.weight(module)
@@ -277,36 +260,6 @@ class PTQ:
                 fake = self._fake_linear(module, family, observers.get(name), inputs.get(name), name=name)
                 block.module.set_submodule(name[len(block.name) + 1 :], fake)
         return outputs
-
-    def _search_alpha(
-        self,
-        block: BlockLayout,
-        family: ModelFamily,
-        observers: dict[str, InputObserver],
-        targets: dict[str, nn.Module],
-        calls: list[BlockCall],
-        outputs: list[torch.Tensor],
-        head_dim: int | None,
-        grid: list[float],
-        search_batches: int,
-    ) -> tuple[float, dict[float, float]]:
-        """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
-        on the first `search_batches` calls."""
-        subset = range(min(len(calls), search_batches))
-        losses = {}
-        for alpha in grid:
-            trial = copy.deepcopy(block.module)
-            trial_layout = BlockLayout(
-                index=block.index,
-                name=block.name,
-                module=trial,
-                linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
-            )
-            self._transform_block(trial_layout, family, observers, targets, SmoothQuant(alpha, head_dim))
-            losses[alpha] = sum(
-                float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset
-            )
-        return min(losses, key=losses.__getitem__), losses
 
     def _calibrate(
         self,
@@ -332,56 +285,13 @@ class PTQ:
         )
         return steps.result(report)
 
-    def _build_empty_cells(
-        self,
-        model: nn.Module,
-        layout: ModelLayout,
-        targets: dict[str, nn.Module],
-        state: QuantState,
-        schemes: dict[str, str],
-    ) -> None:
-        adapter = layout.family.adapter
-        for name, module in targets.items():
-            scheme = schemes.get(name, self.scheme)
-            weight = adapter.weight(module)
-            out_features, in_features = weight.shape
-            bias = adapter.bias(module)
-            cell = cell_class(scheme).empty(
-                in_features,
-                out_features,
-                bias is not None,
-                weight.dtype,
-                self.weight_scale_shape(out_features, in_features),
-                static_input=scheme.endswith("a8") and not self.config.activations.dynamic,
-                **({"group_size": self.config.weights.group_size} if self.config.weights.group_size else {}),
-            )
-            if name in self._rotated:
-                mark_rotated(cell)
-            model.set_submodule(name, cell)
-            state.modules[name] = scheme
-        state.phase = "converted"
-
     def weight_scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
-        """Shape of a linear's `weight_scale` under this config (see `quant_math.weight_absmax`)."""
-        weights = self.config.weights
-        if weights.strategy == "tensor":
-            return (1, 1)
-        if weights.strategy == "group":
-            assert weights.group_size is not None
-            return (out_features, -(-in_features // weights.group_size))
-        return (out_features, 1)
-
-    def _build_empty_kv_scales(self, model: nn.Module, layout: ModelLayout, state: QuantState) -> None:
-        kv = layout.family.kv
-        for name, block in self.kv_attention_modules(layout).items():
-            key = block.module.get_submodule(kv.key)
-            features = layout.family.adapter.weight(key).shape[0] // (3 if kv.fused else 1)
-            strategy = self.config.kvcache.strategy
-            size = {"channel": features, "head": features // _head_dim(model), "tensor": 1}[strategy]
-            attn = model.get_submodule(name)
-            attn.register_buffer("k_scale", torch.empty(size, dtype=torch.float32))
-            attn.register_buffer("v_scale", torch.empty(size, dtype=torch.float32))
-            state.kv_modules.append(name)
+        """Shape of a linear's `weight_scale` under the recipe's rounding (see `quant_math.weight_absmax`)."""
+        rounding = self.rounding
+        shape = getattr(rounding, "weight_scale_shape", None)
+        if shape is None:
+            raise ConfigError("no step of the recipe rounds weights into scales of a known shape")
+        return shape(out_features, in_features)
 
     @torch.no_grad()
     def convert(self, model: nn.Module) -> nn.Module:
@@ -428,8 +338,8 @@ class BlockSteps:
         self.state = state
         self.family = layout.family
         self.head_dim = _head_dim(model)
-        act = ptq.config.activations
-        self.percentile = act.percentile if act.observer == "percentile" else None
+        rounding = ptq.rounding
+        self.percentile = None if rounding is None else rounding.input_percentile
         self.kv_modules = {block.name: name for name, block in ptq.kv_attention_modules(layout).items()}
         self.alphas: list[float] = []
         self.extra: dict[str, Any] = {}
@@ -456,15 +366,32 @@ class BlockSteps:
         observers = ctx.observers
         for step, algorithm in self.ptq.algorithms:
             algorithm.before_round(step, ctx)
-        ctx.prev_scales = self.ptq._transform_block(
-            block, self.family, observers, self.targets, ctx.smoothing
-        )
+        ctx.prev_scales = self.round_block(block, observers, ctx.smoothing)
         for name in block.linears:
             if name in self.targets:
                 self.state.modules[name] = self.model.get_submodule(name).scheme
         for step, algorithm in self.ptq.algorithms:
             algorithm.after_round(step, ctx)
         return False
+
+    def round_block(
+        self, block: BlockLayout, observers: dict[str, InputObserver], smoothing: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """Apply `smoothing` (see `BlockContext.smoothing`) and round the targets of `block` in place by
+        the recipe's rounding; returns the scales folded into `prev` outputs."""
+        return self.ptq._transform_block(block, self.family, observers, self.targets, smoothing)
+
+    def run_without_data(self, block: BlockLayout) -> None:
+        """A recipe that measures nothing: the per-block steps with no observers and no calls."""
+        for name, module in block.linears.items():
+            self.ptq.rotate_if_chosen(name, module, self.family)
+        self.finish(block, BlockContext(self, block, {}), [], [])
+
+    @property
+    def calibration_calls(self) -> int | None:
+        """How many of a block's calibration calls the recipe's `before_round` steps read (None: all)."""
+        wanted = [alg.calibration_calls(step) for step, alg in self.ptq.algorithms]
+        return None if None in wanted else max(wanted, default=0)
 
     def done(self, block: BlockLayout) -> None:
         if self.loader is not None:
