@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from quantmint.errors import ConfigError
 
@@ -284,12 +292,30 @@ class AlgorithmConfig(_Strict):
 
     `check(recipe)` refuses a step that does not fit the rest of the recipe (raise ValueError with the
     fix); it runs when a `PTQConfig` is built and again when `PTQ` runs a recipe.
+
+    What a step contributes to the config that holds it (all optional):
+
+    - `scheme_tag()`: its part of the scheme name (`w8a16`, `c8`, `ptq`; '' for none), joined with `-`
+      in recipe order (`PTQConfig.scheme_name`);
+    - `mindformers_method`: the MindFormers `quant_method` a recipe with this step needs at least (a
+      recipe maps onto the last of `PTQConfig._MF_METHODS` its steps name; '' for any);
+    - `ptq_fields()`: the `PTQConfig` keys this step stands for (the inverse of `PTQConfig.recipe()`),
+      filled in when a config is written as a `recipe:` list.
     """
 
     name: ClassVar[str] = ""
+    mindformers_method: ClassVar[str] = ""
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         """Raise ValueError when this step cannot run with the rest of `recipe`."""
+
+    def scheme_tag(self) -> str:
+        """This step's part of the scheme name ('' for none)."""
+        return ""
+
+    def ptq_fields(self) -> dict[str, Any]:
+        """The `PTQConfig` keys this step stands for (`algorithm_args` entries are merged)."""
+        return {}
 
 
 class AlgorithmArgs(_Strict):
@@ -362,10 +388,17 @@ class BlockPTQArgs(AlgorithmConfig):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     name: ClassVar[str] = "block_ptq"
+    mindformers_method: ClassVar[str] = "ptq"
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if not any(isinstance(s, RoundToNearestConfig) for s in recipe):
             raise ValueError("block_ptq tunes quantized weights: set weight_dtype, or drop block_ptq")
+
+    def scheme_tag(self) -> str:
+        return "ptq"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"block_ptq": self.model_dump(mode="json")}
 
     @model_validator(mode="after")
     def _check(self) -> BlockPTQArgs:
@@ -390,14 +423,26 @@ class HadamardConfig(AlgorithmConfig):
                 "activation_dtype: int8, or hadamard: false"
             )
 
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"algorithm_args": {"hadamard": True}}
+
 
 class SmoothQuantConfig(AlgorithmConfig):
     """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per block."""
 
     name: ClassVar[str] = "smooth_quant"
-    alpha: float = 0.5
-    alpha_grid: list[float] = Field(default_factory=list)
-    search_batches: int = 4
+    mindformers_method: ClassVar[str] = "smooth_quant"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    alpha_grid: list[float] = Field(default_factory=list, max_length=101)
+    search_batches: int = Field(default=4, ge=1, le=1 << 20)
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"alpha_grid values must lie in [0, 1], got {bad}")
+        return value
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if not _quantizes_activations(recipe):
@@ -406,6 +451,16 @@ class SmoothQuantConfig(AlgorithmConfig):
                 "set activation_dtype: int8 or outliers_suppression: none"
             )
 
+    def ptq_fields(self) -> dict[str, Any]:
+        return {
+            "outliers_suppression": "smooth",
+            "algorithm_args": {
+                "smooth_alpha": self.alpha,
+                "smooth_alpha_grid": list(self.alpha_grid),
+                "smooth_search_batches": self.search_batches,
+            },
+        }
+
 
 class RoundToNearestConfig(AlgorithmConfig):
     """Weights rounded to nearest (and int8 activations, static or dynamic, when `activations` is set)."""
@@ -413,7 +468,22 @@ class RoundToNearestConfig(AlgorithmConfig):
     name: ClassVar[str] = "rtn"
     weights: QuantArgs
     activations: QuantArgs | None = None
-    w8a16_outlier_ratio: float | None = None
+    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
+
+    def scheme_tag(self) -> str:
+        """The scheme of the rounded linears: `w8a16`, `w8a8`, `w4a16` or `w4a8` (see the cells)."""
+        return f"w{self.weights.num_bits}a{8 if self.activations is not None else 16}"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "weight_dtype": "int4" if self.weights.num_bits == 4 else "int8",
+            "weights": self.weights.model_dump(mode="json"),
+        }
+        if self.activations is not None:
+            fields.update(activation_dtype="int8", activations=self.activations.model_dump(mode="json"))
+        if self.w8a16_outlier_ratio is not None:
+            fields["algorithm_args"] = {"w8a16_outlier_ratio": self.w8a16_outlier_ratio}
+        return fields
 
 
 class KVCacheConfig(AlgorithmConfig):
@@ -421,6 +491,12 @@ class KVCacheConfig(AlgorithmConfig):
 
     name: ClassVar[str] = "kv_cache"
     kvcache: QuantArgs
+
+    def scheme_tag(self) -> str:
+        return "c8"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"kvcache_dtype": "int8", "kvcache": self.kvcache.model_dump(mode="json")}
 
 
 _WEIGHTS_DEFAULT = QuantArgs(strategy="channel")
@@ -434,6 +510,16 @@ class PTQConfig(_Strict):
     `mode` is `quantize` when calibrating a float model and `deploy` when rebuilding a quantized model
     from a checkpoint. `ignore` lists modules to leave in float: an exact module name
     (`model.layers.0.mlp.down_proj`), a dotted suffix (`down_proj`, `lm_head`) or a regex (`re:.*\\.0\\..*`).
+
+    Instead of the dtype and algorithm keys, a config may list its steps as a `recipe:` (see
+    `quantmint.algorithms.base.recipe_from_data`), a registered algorithm's name and arguments each, in
+    order; a plugin's algorithm runs this way from YAML. The keys the built-in steps stand for are then
+    filled in from the steps (`AlgorithmConfig.ptq_fields`), and only `mode` and `ignore` may be given
+    beside it:
+
+        recipe:
+          - {name: percentile_clip, percentile: 99.0}
+          - {name: rtn, weights: {strategy: channel}}
     """
 
     mode: Literal["quantize", "deploy"] = "quantize"
@@ -450,6 +536,45 @@ class PTQConfig(_Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], max_length=10_000)
 
     _dtype_fields: ClassVar[tuple[str, ...]] = ("weight_dtype", "activation_dtype", "kvcache_dtype")
+    # The keys a `recipe:` may stand beside (the others are the steps' `ptq_fields`).
+    _RECIPE_KEYS: ClassVar[tuple[str, ...]] = ("mode", "ignore", "recipe")
+    _steps: list[AlgorithmConfig] | None = PrivateAttr(default=None)  # the `recipe:` as read
+
+    def __init__(self, **data: Any) -> None:
+        steps = None
+        if "recipe" in data:
+            data, steps = self._from_recipe(data)
+        super().__init__(**data)
+        self._steps = steps
+
+    @classmethod
+    def _from_recipe(cls, data: dict[str, Any]) -> tuple[dict[str, Any], list[AlgorithmConfig]]:
+        """The keys of a config written as a `recipe:` list, and its steps (one ConfigError line)."""
+        from quantmint.algorithms.base import recipe_from_data
+
+        beside = [key for key in data if key not in cls._RECIPE_KEYS]
+        if beside:
+            raise ConfigError(
+                f"PTQConfig: {', '.join(beside)} cannot stand beside 'recipe', whose steps set them: drop "
+                "them, or drop 'recipe' (e.g. rtn's weights: {...} sets weight_dtype and weights)"
+            )
+        try:
+            steps = recipe_from_data(data["recipe"])
+        except ConfigError as exc:
+            raise ConfigError(f"PTQConfig: recipe: {exc}") from None
+        fields: dict[str, Any] = {
+            "weight_dtype": None,
+            "outliers_suppression": "none",
+            "algorithm_args": {},
+        }
+        for step in steps:
+            for key, value in step.ptq_fields().items():
+                if key == "algorithm_args":
+                    fields["algorithm_args"] = {**fields["algorithm_args"], **value}
+                else:
+                    fields[key] = value
+        rest = {key: value for key, value in data.items() if key != "recipe"}
+        return {**fields, **rest}, steps
 
     @field_validator("weight_dtype", "activation_dtype", "kvcache_dtype", mode="before")
     @classmethod
@@ -529,7 +654,13 @@ class PTQConfig(_Strict):
 
     def recipe(self) -> list[AlgorithmConfig]:
         """This config as a quantization recipe: the ordered algorithm steps that `PTQ` runs (rotate,
-        smooth, round, tune by block PTQ, calibrate the kv cache)."""
+        smooth, round, calibrate the kv cache, tune by block PTQ), or the `recipe:` it was written as."""
+        if self._steps is not None:
+            return list(self._steps)
+        return self._field_recipe()
+
+    def _field_recipe(self) -> list[AlgorithmConfig]:
+        """The built-in steps that the dtype and algorithm keys stand for."""
         args = self.algorithm_args
         steps: list[AlgorithmConfig] = []
         if args.hadamard:
@@ -550,24 +681,18 @@ class PTQConfig(_Strict):
                     w8a16_outlier_ratio=args.w8a16_outlier_ratio,
                 )
             )
-        if self.block_ptq is not None:
-            steps.append(self.block_ptq)
         if self.kvcache_dtype:
             steps.append(KVCacheConfig(kvcache=self.kvcache))
+        if self.block_ptq is not None:
+            steps.append(self.block_ptq)
         return steps
 
     # --- presets and serialisation ---------------------------------------------------------------
     @property
     def scheme_name(self) -> str:
-        """Short name of the dtype combination, e.g. `w8a16`, `w8a8-c8`, `c8`."""
-        parts = []
-        if self.weight_dtype:
-            parts.append(self.linear_scheme)
-        if self.kvcache_dtype:
-            parts.append("c8")
-        if self.block_ptq is not None:
-            parts.append("ptq")
-        return "-".join(parts)
+        """Short name of the dtype combination, e.g. `w8a16`, `w8a8-c8`, `c8`: each step's
+        `scheme_tag`, in recipe order."""
+        return "-".join(tag for step in self.recipe() if (tag := step.scheme_tag()))
 
     @property
     def linear_scheme(self) -> str:
@@ -576,7 +701,14 @@ class PTQConfig(_Strict):
         return f"w{bits}a8" if self.activation_dtype else f"w{bits}a16"
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Plain data that `from_dict` reads back: every key, or `mode`, `ignore` and the `recipe`."""
+        if self._steps is None:
+            return self.model_dump(mode="json")
+        return {
+            "mode": self.mode,
+            "ignore": list(self.ignore),
+            "recipe": [{"name": step.name, **step.model_dump(mode="json")} for step in self._steps],
+        }
 
     def to_yaml(self) -> str:
         return yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
@@ -597,7 +729,7 @@ class PTQConfig(_Strict):
             )
         if isinstance(data, dict) and set(data) == {"quantization_config"}:
             data = data["quantization_config"]
-        if isinstance(data, dict) and "quant_method" in data:
+        if isinstance(data, dict) and "quant_method" in data and "recipe" not in data:
             return cls.from_mindformers(data)
         return cls.from_dict(data)  # type: ignore[return-value]
 
@@ -715,14 +847,22 @@ class PTQConfig(_Strict):
         )
 
     def to_mindformers(self) -> dict[str, Any]:
-        """The MindFormers `quantization_config` block for this config (inverse of `from_mindformers`)."""
-        if self.block_ptq is not None:
-            method = "ptq"
-        elif self.outliers_suppression == "smooth":
-            method = "smooth_quant"
-        elif self.activation_dtype is None:
-            method = "rtn"
-        else:
+        """The MindFormers `quantization_config` block for this config (inverse of `from_mindformers`).
+
+        Its `quant_method` is the last of `_MF_METHODS` that a step of the recipe names
+        (`AlgorithmConfig.mindformers_method`; `rtn` when none does)."""
+        recipe = self.recipe()
+        fields_recipe = self._field_recipe()
+        by_name = sorted(recipe, key=lambda step: step.name)
+        if by_name != sorted(fields_recipe, key=lambda step: step.name):
+            extra = [step.name for step in recipe if step not in fields_recipe]
+            raise ConfigError(
+                f"MindFormers' quantization_config cannot name the recipe's step(s) {', '.join(extra)}; "
+                "write this config in quantmint's own schema (PTQConfig.to_yaml)"
+            )
+        named = [self._MF_METHODS.index(s.mindformers_method) for s in recipe if s.mindformers_method]
+        method = self._MF_METHODS[max(named, default=0)]
+        if method == "rtn" and self.activation_dtype is not None:
             raise ConfigError(
                 "MindFormers has no quant_method for int8 activations without smoothing or block PTQ; "
                 "write this config in quantmint's own schema (PTQConfig.to_yaml)"

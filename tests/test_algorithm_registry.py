@@ -184,3 +184,66 @@ def test_misspelt_hook_is_one_plugin_error(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("PluginError:") and "register_algoritms" in result.stdout
     assert result.stdout.count("\n") == 1
+
+
+def test_toy_algorithm_runs_from_a_yaml_recipe_through_the_cli(
+    toy: ModuleType,
+    temporary_plugin: Callable[[object, str], None],
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from quantmint.checkpoint import load_quantized
+    from quantmint.cli import main
+    from quantmint.config import PTQConfig
+
+    temporary_plugin(toy, "percentile_clip")
+    recipe = tmp_path / "clip.yaml"
+    recipe.write_text(
+        "recipe:\n"
+        "  - {name: percentile_clip, percentile: 95.0}\n"
+        "  - {name: rtn, weights: {strategy: channel}}\n"
+    )
+    config = PTQConfig.load(recipe)
+    assert config.scheme_name == "w8a16" and config.weight_dtype == "int8"
+    assert [step.name for step in config.recipe()] == ["percentile_clip", "rtn"]
+    assert PTQConfig.from_yaml(config.to_yaml()) == config  # round-trips through YAML
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 200)
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--config", str(recipe)]
+    code = main([*argv, "--calib", str(text), "--calib-samples", "4", "--calib-seq-len", "32"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    calibration = yaml.safe_load((out / "quantmint_calibration.json").read_text())
+    assert [r["block"] for r in calibration["percentile_clip"]] == ["model.layers.0", "model.layers.1"]
+    assert all(r["clipped"] > 0 for r in calibration["percentile_clip"])
+    loaded = load_quantized(out)  # the checkpoint names its recipe; the plugin reads it back
+    assert [step.name for step in quant_state(loaded).config.recipe()] == ["percentile_clip", "rtn"]
+
+
+def test_yaml_recipe_errors_are_one_config_error(
+    toy: ModuleType, temporary_plugin: Callable[[object, str], None]
+) -> None:
+    from quantmint.config import PTQConfig
+
+    temporary_plugin(toy, "percentile_clip")
+    cases = {
+        "recipe: [{name: gptq}]": "recipe: unknown algorithm 'gptq'; registered algorithms: ",
+        "recipe: [{name: percentile_clip, percentil: 90}, {name: rtn, weights: {}}]": (
+            r"recipe: step 0 \(percentile_clip\): PercentileClipConfig: unknown key 'percentil'"
+        ),
+        "recipe: [{name: percentile_clip}]": "percentile_clip clips weights before they are rounded",
+        "weight_dtype: int8\nrecipe: [{name: rtn, weights: {}}]": (
+            "weight_dtype cannot stand beside 'recipe', whose steps set them: drop them"
+        ),
+        "recipe: {name: rtn}": "a recipe is a list of steps, got dict",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=message) as exc:
+            PTQConfig.from_yaml(text)
+        assert "\n" not in str(exc.value), text
+    config = PTQConfig.from_yaml("recipe: [{name: percentile_clip}, {name: rtn, weights: {}}]")
+    with pytest.raises(ConfigError, match="cannot name the recipe's step"):
+        config.to_mindformers()

@@ -143,3 +143,20 @@ def test_load_reports_the_file(tmp_path) -> None:
         PTQConfig.load(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         PTQConfig.load(tmp_path / "missing.yaml")
+
+
+def test_a_recipe_list_stands_for_the_keys_of_its_steps() -> None:
+    preset = get_preset("w8a8-c8")
+    steps = [{"name": step.name, **step.model_dump(mode="json")} for step in preset.recipe()]
+    config = PTQConfig.from_dict({"recipe": steps})
+    assert config.recipe() == preset.recipe()
+    assert config.scheme_name == preset.scheme_name == "w8a8-c8"
+    keys = ("weight_dtype", "activation_dtype", "kvcache_dtype", "outliers_suppression", "algorithm_args")
+    for key in keys:
+        assert getattr(config, key) == getattr(preset, key), key
+    assert set(config.to_dict()) == {"mode", "ignore", "recipe"}
+    again = PTQConfig.from_yaml(config.to_yaml())
+    assert again == config and again.recipe() == preset.recipe()
+    assert config.with_updates(mode="deploy").recipe() == preset.recipe()
+    assert "recipe" not in preset.to_dict()  # a config of keys is written as before
+    assert config.to_mindformers() == preset.to_mindformers()

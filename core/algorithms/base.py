@@ -284,6 +284,10 @@ def recipe_from_data(data: Any) -> list[AlgorithmConfig]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"recipe step {i} must be a mapping with a 'name', got {item!r:.80}")
         args = {k: v for k, v in item.items() if k != "name"}
-        recipe.append(algorithm_for(item["name"]).config_type.from_dict(args))
+        config_type = algorithm_for(item["name"]).config_type
+        try:
+            recipe.append(config_type.from_dict(args))
+        except ConfigError as exc:
+            raise ConfigError(f"step {i} ({item['name']}): {exc}") from None
     check_recipe(recipe)
     return recipe
