@@ -755,6 +755,12 @@ class PTQConfig(_Strict):
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
+    def with_recipe(self, recipe: list[AlgorithmConfig]) -> PTQConfig:
+        """This config (its `mode` and `ignore`) running `recipe` instead, as a `recipe:` config: the
+        checkpoint's config then records every step (each step's name must be registered)."""
+        steps = [{"name": step.name, **step.model_dump(mode="json")} for step in recipe]
+        return PTQConfig.from_dict({"mode": self.mode, "ignore": list(self.ignore), "recipe": steps})  # type: ignore[return-value]
+
     def with_updates(self, **updates: Any) -> PTQConfig:
         """A validated copy with some top-level fields replaced."""
         return PTQConfig.from_dict({**self.to_dict(), **updates})  # type: ignore[return-value]

@@ -77,6 +77,8 @@ def test_toy_algorithm_from_outside_runs_end_to_end(
     clipped = quantize(build_tiny("llama"), config, calibration=_samples(), recipe=recipe)
 
     report = quant_state(clipped).calibration
+    # the config kept with the model (and written into its checkpoint) records every step
+    assert [step.name for step in quant_state(clipped).config.recipe()] == ["percentile_clip", "rtn"]
     assert [r["block"] for r in report["percentile_clip"]] == ["model.layers.0", "model.layers.1"]
     assert all(r["clipped"] > 0 for r in report["percentile_clip"])
     name = "model.layers.0.mlp.down_proj"

@@ -80,10 +80,12 @@ class PTQ:
         recipe: list[AlgorithmConfig] | None = None,
     ) -> None:
         """`recipe` replaces `config.recipe()` (the ordered algorithm steps), e.g. to add a step of a
-        plugin's algorithm; `config` still gives the dtypes, ignore list and mode."""
+        plugin's algorithm; `config` still gives the ignore list and mode (`PTQConfig.with_recipe`)."""
         self.config = as_config(config)
+        if recipe is not None and list(recipe) != self.config.recipe():
+            self.config = self.config.with_recipe(list(recipe))
         self.family_name = family
-        self.recipe = self.config.recipe() if recipe is None else list(recipe)
+        self.recipe = self.config.recipe()
         self._algorithms: list[tuple[AlgorithmConfig, Algorithm]] | None = None
         self._rounding: tuple[Rounding | None] | None = None
         # Out-of-core calibration reads and frees each block through this (`BlockSteps.loader`).

@@ -1,7 +1,14 @@
 """A toy quantmint algorithm from outside quantmint: clip each weight row to a percentile of its
 magnitudes before the block is rounded, and record how much was clipped.
 
-Use it by putting its config in a recipe:
+Use it by naming it in a config file's recipe (`quantmint quantize MODEL -o OUT --config clip.yaml
+--calib FILE`, or `quantize(model, PTQConfig.load("clip.yaml"), calibration=samples)`):
+
+    recipe:
+      - {name: percentile_clip, percentile: 99.0}
+      - {name: rtn, weights: {strategy: channel}}
+
+or by putting its config in a recipe from Python:
 
     from quantmint.algorithms.ptq import quantize
     config = quantmint.config.get_preset("w8a16")
