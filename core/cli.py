@@ -1,5 +1,5 @@
-"""The `quantmint` command line: quantize, eval, inspect, report, serve, export, example-model,
-synth-model.
+"""The `quantmint` command line: quantize, eval, inspect, report, export, example-model, synth-model,
+and the commands plugins add through the `register_commands` hook (the vLLM backend's `serve`).
 
 Commands that a program would read print JSON on stdout; progress bars go to stderr. Bad input (a bad
 command line, config, model directory or data file) and a failing filesystem (permissions, disk full,
@@ -18,7 +18,7 @@ from typing import Any
 
 from quantmint.memory import peak_rss_mb
 
-__all__ = ["main"]
+__all__ = ["POSITIVE", "build_parser", "int_at_least", "main"]
 
 
 def _print_json(obj: Any) -> None:
@@ -351,29 +351,6 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps({"written": files}))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
-    from quantmint.backends.vllm.serve import serve_command
-
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise _usage_error("vLLM is not installed: pip install 'quantmint[vllm]' (see the README)") from None
-    cmd, env = serve_command(
-        args.model,
-        host=args.host,
-        port=args.port,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        kv_cache=args.kv_cache,
-        eager=not args.no_eager,
-        extra=args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args,
-    )
-    print(" ".join(cmd), file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, env)  # the server takes this process's PID: signals reach it directly
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from quantmint.export import export_checkpoint
 
@@ -410,7 +387,7 @@ def _usage_error(message: str) -> _UsageError:
     return _UsageError(message)
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Any:
+def int_at_least(minimum: int, maximum: int | None = None) -> Any:
     """An argparse `type`: a whole number in [minimum, maximum], else a usage error naming the bounds."""
 
     def parse(text: str) -> int:
@@ -427,7 +404,8 @@ def _int_at_least(minimum: int, maximum: int | None = None) -> Any:
     return parse
 
 
-_POSITIVE = _int_at_least(1)
+POSITIVE = int_at_least(1)
+"""An argparse `type`: a whole number of at least 1 (for plugins' commands too)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,15 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
         "an empty smooth_alpha_grid)",
     )
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
-    q.add_argument("--calib-samples", type=_POSITIVE, default=128, help="calibration samples (default 128)")
+    q.add_argument("--calib-samples", type=POSITIVE, default=128, help="calibration samples (default 128)")
     q.add_argument(
         "--calib-seq-len",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         help="tokens per sample, at most (default 512, or the model's max positions if fewer)",
     )
     q.add_argument(
         "--calib-seed",
-        type=_int_at_least(0, 2**63 - 1),
+        type=int_at_least(0, 2**63 - 1),
         default=0,
         help="seed of the sample draw (default 0)",
     )
@@ -489,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--workers",
-        type=_int_at_least(1, 1024),
+        type=int_at_least(1, 1024),
         default=1,
         help="with --stream and a config that needs no calibration: processes writing shards at once",
     )
@@ -499,16 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="quantmint checkpoint or float model directory")
     e.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 test.txt")
     e.add_argument(
-        "--max-tokens", type=_int_at_least(2), default=32768, help="score the first N tokens (default 32768)"
+        "--max-tokens", type=int_at_least(2), default=32768, help="score the first N tokens (default 32768)"
     )
     e.add_argument(
-        "--seq-len", type=_int_at_least(2), default=512, help="window length in tokens (default 512)"
+        "--seq-len", type=int_at_least(2), default=512, help="window length in tokens (default 512)"
     )
-    e.add_argument("--batch-size", type=_POSITIVE, default=4, help="windows per forward pass (default 4)")
+    e.add_argument("--batch-size", type=POSITIVE, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--squad", help="SQuAD v1.1 JSON: F1/EM of greedy answers (causal LMs)")
-    e.add_argument("--squad-n", type=_POSITIVE, default=500, help="first N questions (default 500)")
+    e.add_argument("--squad-n", type=POSITIVE, default=500, help="first N questions (default 500)")
     e.add_argument("--boolq", help="BoolQ JSONL: yes/no accuracy by log-likelihood (causal LMs)")
-    e.add_argument("--boolq-n", type=_POSITIVE, help="first N questions (default all)")
+    e.add_argument("--boolq-n", type=POSITIVE, help="first N questions (default all)")
     e.add_argument("--lee", help="Lee corpus directory: embedding similarity vs human ratings (encoders)")
     e.add_argument("--docs", help="one document per line: compare sentence embeddings with --reference")
     e.add_argument("--reference", help="float model directory to compare embeddings against")
@@ -527,34 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="directory for report.md, report.json, report.png")
     r.add_argument("--text", help="perplexity text, e.g. wikitext-2 test.txt")
     r.add_argument(
-        "--max-tokens", type=_int_at_least(2), default=32768, help="perplexity tokens (default 32768)"
+        "--max-tokens", type=int_at_least(2), default=32768, help="perplexity tokens (default 32768)"
     )
     r.add_argument("--squad", help="SQuAD v1.1 dev JSON for F1/EM")
-    r.add_argument("--squad-n", type=_POSITIVE, default=500, help="first N SQuAD questions (default 500)")
+    r.add_argument("--squad-n", type=POSITIVE, default=500, help="first N SQuAD questions (default 500)")
     r.add_argument("--boolq", help="BoolQ JSONL for accuracy")
-    r.add_argument("--boolq-n", type=_POSITIVE, help="first N BoolQ questions (default all)")
+    r.add_argument("--boolq-n", type=POSITIVE, help="first N BoolQ questions (default all)")
     r.add_argument("--lee", help="Lee corpus directory (lee.cor, similarities0-1.txt) for encoders")
-    r.add_argument("--decode-tokens", type=_POSITIVE, default=64, help="greedy tokens timed for decode speed")
+    r.add_argument("--decode-tokens", type=POSITIVE, default=64, help="greedy tokens timed for decode speed")
     r.add_argument(
-        "--kv-tokens", type=_POSITIVE, default=512, help="tokens generated to measure KV-cache bytes"
+        "--kv-tokens", type=POSITIVE, default=512, help="tokens generated to measure KV-cache bytes"
     )
     r.set_defaults(func=cmd_report)
-
-    s = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
-    s.add_argument("model", help="quantmint checkpoint (or any model directory vLLM loads)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=_int_at_least(1, 65535), default=8000, help="port (default 8000)")
-    s.add_argument("--max-model-len", type=_POSITIVE, help="longest prompt + completion in tokens")
-    s.add_argument("--dtype", default="auto", help="activation dtype: auto, bfloat16, float32 (default auto)")
-    s.add_argument(
-        "--kv-cache",
-        default="auto",
-        choices=["auto", "float"],
-        help="float: serve a C8 checkpoint with a float KV cache (vLLM cannot store int8 K/V)",
-    )
-    s.add_argument("--no-eager", action="store_true", help="let vLLM compile (slower start, faster decode)")
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more vLLM server arguments")
-    s.set_defaults(func=cmd_serve)
 
     xp = sub.add_parser("export", help="write a checkpoint in another format (compressed-tensors)")
     xp.add_argument("checkpoint", help="quantmint checkpoint directory")
@@ -577,7 +539,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
     s.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     s.set_defaults(func=cmd_synth_model)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Commands that plugins add through the `register_commands` hook (a serving backend's `serve`)."""
+    from quantmint import registry
+    from quantmint.errors import PluginError
+
+    for impl in registry.get_plugin_manager().hook.register_commands.get_hookimpls():
+        before = dict(sub.choices)
+        try:
+            impl.function(subparsers=sub)
+            taken = sorted(name for name, parser in before.items() if sub.choices[name] is not parser)
+        except argparse.ArgumentError as exc:  # Python >= 3.11 refuses a name taken already
+            taken = [str(exc)]
+        if taken:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} adds a command the CLI has already ({', '.join(taken)}); "
+                f"uninstall it or leave it out of {registry.PLUGINS_ENV}"
+            )
 
 
 def _os_error_message(exc: OSError) -> str:
@@ -592,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     error (`QuantmintError`, a usage error, an `OSError`); argparse's own errors also exit with 2."""
     from quantmint.errors import QuantmintError, one_line
 
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except QuantmintError as exc:  # a plugin that fails to load or adds a command twice
+        print(one_line(f"quantmint: error: {exc}"), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         args.func(args)

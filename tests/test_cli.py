@@ -215,3 +215,56 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tiny_model_dir, capsys)
         main(["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "o")])
     assert exc.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- commands added by plugins
+
+
+def test_core_cli_imports_no_backend_and_serve_comes_from_the_vllm_backend_plugin() -> None:
+    from quantmint import cli, registry
+
+    assert "quantmint.backends" not in Path(cli.__file__).read_text()
+    owners = [i.plugin_name for i in registry.get_plugin_manager().hook.register_commands.get_hookimpls()]
+    assert owners == ["vllm_backend"]
+    assert "serve" in cli.build_parser()._subparsers._group_actions[0].choices
+
+
+def test_serve_without_vllm_says_in_one_line_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    code, _, err = _run(capsys, "serve", "some/dir")
+    assert code == 2
+    assert err.strip() == (
+        "quantmint serve: error: vLLM is not installed: pip install 'quantmint[vllm]' (see docs/serving.md)"
+    )
+
+
+def test_a_plugin_adds_a_command(capsys: pytest.CaptureFixture[str], temporary_plugin) -> None:
+    from quantmint import hookimpl
+
+    class Hello:
+        @hookimpl
+        def register_commands(self, subparsers):
+            p = subparsers.add_parser("hello", help="say hello")
+            p.add_argument("name")
+            p.set_defaults(func=lambda args: print(f"hello {args.name}"))
+
+    temporary_plugin(Hello(), "hello-plugin")
+    assert _run(capsys, "hello", "you")[:2] == (0, "hello you\n")
+
+
+def test_a_plugin_command_that_takes_a_core_name_is_refused(
+    capsys: pytest.CaptureFixture[str], temporary_plugin
+) -> None:
+    from quantmint import hookimpl
+
+    class Clash:
+        @hookimpl
+        def register_commands(self, subparsers):
+            subparsers.add_parser("export")
+
+    temporary_plugin(Clash(), "clash-plugin")
+    code, _, err = _run(capsys, "export", "x", "-o", "y")
+    assert code == 2 and "plugin 'clash-plugin' adds a command the CLI has already" in err
+    assert len(err.strip().splitlines()) == 1

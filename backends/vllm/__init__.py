@@ -13,12 +13,18 @@ process. It registers the quantization method `quantmint`, which vLLM then picks
 - C8 (int8 KV cache) checkpoints are refused unless `QUANTMINT_VLLM_KV_CACHE=float` asks for a float cache:
   vLLM 0.32's attention backends store int8 K/V nowhere.
 
-Importing quantmint never imports vLLM: only `register` does.
+Importing quantmint never imports vLLM: only `register` does. This module is also a quantmint plugin
+(entry point `vllm_backend` of the `quantmint` group): it adds `quantmint serve` to the CLI through the
+`register_commands` hook, whether vLLM is installed or not.
 """
 
 from __future__ import annotations
 
-__all__ = ["KV_CACHE_ENV", "SUPPORTED_VLLM", "register"]
+from typing import Any
+
+from quantmint.hookspecs import hookimpl
+
+__all__ = ["KV_CACHE_ENV", "SUPPORTED_VLLM", "register", "register_commands"]
 
 SUPPORTED_VLLM = "0.32"
 """The vLLM release series this backend is tested against (it uses vLLM's internal layer APIs)."""
@@ -30,3 +36,11 @@ KV_CACHE_ENV = "QUANTMINT_VLLM_KV_CACHE"
 def register() -> None:
     """Register the `quantmint` quantization method with vLLM. Cheap and idempotent."""
     from quantmint.backends.vllm import config  # noqa: F401  (importing registers it, once per process)
+
+
+@hookimpl
+def register_commands(subparsers: Any) -> None:
+    """Add `quantmint serve` (see `quantmint.backends.vllm.cli`)."""
+    from quantmint.backends.vllm.cli import add_commands
+
+    add_commands(subparsers)
