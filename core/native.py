@@ -1,4 +1,6 @@
-"""Native CPU kernels: C sources in `quantmint/csrc`, compiled on first use and called through ctypes.
+"""Native CPU kernels: C sources compiled on first use and called through ctypes. quantmint's own are in
+`quantmint/csrc`; a backend passes the path of its own (the torch runtime's AMX kernel is
+`quantmint/backends/torch/csrc/woq.c`), with the extra compiler flags it needs.
 
 The kernels are plain C, built with the machine's own compiler (``$CC``, else ``cc``/``gcc``/``clang``)
 at ``-O3 -march=native``, once per source, compiler and CPU: the shared library is cached under
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["cache_dir", "library"]
@@ -45,13 +48,8 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-# Flags some sources need besides the common ones. OpenMP: the library links libgomp.so.1, which the
-# loader resolves to the copy torch has already loaded, so kernels share torch's thread pool.
-_EXTRA_FLAGS = {"woq": ["-fopenmp"]}
-
-
-def _flags(name: str) -> list[str]:
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", *_EXTRA_FLAGS.get(name, [])]
+def _flags(extra: Sequence[str] = ()) -> list[str]:
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", *extra]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")  # compilers default to 256-bit vectors on AVX-512
     return flags
@@ -69,10 +67,11 @@ def _cpu_signature() -> str:
     return platform.machine()
 
 
-def _build(name: str, source: Path, compiler: str) -> Path:
+def _build(name: str, source: Path, compiler: str, extra_flags: Sequence[str] = ()) -> Path:
+    flags = _flags(extra_flags)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, version, " ".join(_flags(name)), _cpu_signature()]).encode()
+        "\0".join([source.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -82,7 +81,7 @@ def _build(name: str, source: Path, compiler: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *_flags(name), "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
+            [compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
@@ -93,24 +92,33 @@ def _build(name: str, source: Path, compiler: str) -> Path:
     return target
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled `csrc/<name>.c`, or None where it cannot be built or loaded (see the module doc)."""
+def library(
+    name: str, source: str | os.PathLike[str] | None = None, flags: Sequence[str] = ()
+) -> ctypes.CDLL | None:
+    """The compiled C source `source` (default: quantmint's own `csrc/<name>.c`), built with the common
+    flags plus `flags` (e.g. `-fopenmp`: the library then links libgomp.so.1, which the loader resolves to
+    the copy torch has already loaded, so kernels share torch's thread pool); None where it cannot be built
+    or loaded (see the module doc)."""
     if os.environ.get("QUANTMINT_NATIVE", "1") == "0":
         return None
+    path = Path(source) if source is not None else _SOURCES / f"{name}.c"
+    key = f"{path.resolve()}\0{' '.join(flags)}"
     with _LOCK:
-        if name in _LOADED:
-            return _LOADED[name]
+        if key in _LOADED:
+            return _LOADED[key]
         lib = None
         compiler = _compiler()
         try:
             if compiler is None:
                 raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-            lib = ctypes.CDLL(str(_build(name, _SOURCES / f"{name}.c", compiler)))
+            if not path.is_file():
+                raise RuntimeError(f"its source {path} is missing")
+            lib = ctypes.CDLL(str(_build(name, path, compiler, flags)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             print(
                 f"quantmint: native kernel {name!r} unavailable, using torch instead ({exc}); "
                 "set QUANTMINT_NATIVE=0 to skip it",
                 file=sys.stderr,
             )
-        _LOADED[name] = lib
+        _LOADED[key] = lib
         return lib

@@ -16,10 +16,12 @@ from quantmint import (
     load_quantized,
     quant_state,
     quantize,
+    registry,
     save_quantized,
 )
+from quantmint.backends.torch.kv_cache import Int8KVCache, Int8KVCacheLayer
 from quantmint.family import ModelLayout
-from quantmint.kv_cache import Int8KVCache, kv_cache_bytes
+from quantmint.kv_cache import kv_cache_bytes
 from quantmint.quant_math import sqnr_db
 from tests.conftest import VOCAB, build_tiny
 
@@ -151,3 +153,13 @@ def test_perplexity_of_a_c8_model_goes_through_the_int8_cache(calibration) -> No
     c8_ppl = perplexity(model, byte_tokenizer(), text, max_tokens=512, seq_len=64)["ppl"]
     assert c8_ppl != float_ppl  # the kv rounding shows
     assert abs(c8_ppl / float_ppl - 1) < 0.01
+
+
+def test_the_int8_cache_is_the_torch_runtimes_found_by_capability() -> None:
+    import quantmint.kv_cache as calibration_side
+
+    assert registry.runtimes()["torch"].kv_cache is Int8KVCache
+    assert registry.kv_cache_class("cpu") is Int8KVCache
+    # the names core kept importable resolve through the registry (core imports no backend)
+    assert calibration_side.Int8KVCache is Int8KVCache
+    assert calibration_side.Int8KVCacheLayer is Int8KVCacheLayer

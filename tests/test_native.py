@@ -158,7 +158,7 @@ def test_amx_kernel_is_off_where_the_cpu_has_no_amx() -> None:
     # W8A16 then runs torch's kernels, bf16 included.
     from quantmint.backends.torch import int8_weight_only as woq
 
-    lib = native.library("woq")
+    lib = woq.woq_library()
     if lib is not None:
         assert lib.qm_woq_available() == 0
     assert woq._woq_function() is None

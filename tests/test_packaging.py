@@ -44,6 +44,8 @@ def test_wheel_installs_and_imports(tmp_path: Path) -> None:
         "print(sorted(registry.model_families()), sorted(registry.cell_classes()))\n"
         "from quantmint import native\n"
         "assert (native._SOURCES / 'rtn.c').is_file(), 'the wheel lacks the native kernel sources'\n"
+        "from quantmint.backends.torch import int8_weight_only\n"
+        "assert int8_weight_only.WOQ_SOURCE.is_file(), 'the wheel lacks the torch runtime kernel source'\n"
     )
     # Run from an empty directory so that the source tree is not importable.
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from quantmint.backends.torch.int4_linear import Int4Linear, Int4WeightOnlyLinear, int4_linear
 from quantmint.backends.torch.int8_linear import Int8Linear, int8_int8_matmul
 from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear, int8_weight_only_linear
+from quantmint.backends.torch.kv_cache import Int8KVCache, Int8KVCacheLayer
 from quantmint.hookspecs import hookimpl
 from quantmint.runtime import ANY_DEVICE, Runtime
 
@@ -19,6 +20,8 @@ __all__ = [
     "TORCH_RUNTIME",
     "Int4Linear",
     "Int4WeightOnlyLinear",
+    "Int8KVCache",
+    "Int8KVCacheLayer",
     "Int8Linear",
     "Int8WeightOnlyLinear",
     "int4_linear",
@@ -32,6 +35,7 @@ TORCH_RUNTIME = Runtime(
     cells=(Int8WeightOnlyLinear, Int8Linear, Int4WeightOnlyLinear, Int4Linear),
     devices=(ANY_DEVICE,),
     priority=0,
+    kv_cache=Int8KVCache,
 )
 
 

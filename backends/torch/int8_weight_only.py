@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,12 +72,19 @@ def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 # --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
 _WOQ: dict[str, Any] = {}  # "fn": the kernel's ctypes function, or None where it cannot run
+WOQ_SOURCE = Path(__file__).resolve().parent / "csrc" / "woq.c"
+WOQ_FLAGS = ("-fopenmp",)  # shares torch's OpenMP thread pool (see `quantmint.native.library`)
+
+
+def woq_library() -> Any:
+    """The compiled `csrc/woq.c` (`quantmint.native.library`), or None where it cannot be built."""
+    return native.library("woq", WOQ_SOURCE, WOQ_FLAGS)
 
 
 def _woq_function() -> Any:
     """The AMX kernel, looked up once per process (a call costs microseconds: it runs per layer)."""
     if "fn" not in _WOQ:
-        lib = native.library("woq")
+        lib = woq_library()
         fn = None
         if lib is not None:
             lib.qm_woq_available.restype = ctypes.c_int
