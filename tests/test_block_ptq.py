@@ -285,3 +285,25 @@ def test_block_ptq_runs_on_top_of_the_alpha_search() -> None:
     assert len(calibration["smooth_alpha_per_block"]) == 2
     assert set(calibration["smooth_alpha_per_block"]) <= {0.3, 0.8}
     assert all(e["ptq_mse"] < e["rtn_mse"] for e in calibration["block_ptq"]["blocks"])
+
+
+def test_resume_fingerprint_hashes_the_recipe_and_what_it_quantizes() -> None:
+    from quantmint.algorithms.block_ptq import _fingerprint
+    from quantmint.algorithms.ptq import BlockSteps, QuantState
+
+    model = build_tiny("llama")
+    samples = _calibration(2)
+
+    def fingerprint(config: PTQConfig) -> str:
+        ptq = PTQ(config)
+        layout = ptq.layout(model)
+        targets = ptq.targets(layout)
+        state = QuantState(config=ptq.config, family=layout.family.name)
+        return _fingerprint(BlockSteps(ptq, model, layout, targets, state), samples)
+
+    base = get_preset("w8a16-ptq")
+    steps = [{"name": step.name, **step.model_dump(mode="json")} for step in base.recipe()]
+    as_recipe = PTQConfig.from_dict({"recipe": steps})
+    assert fingerprint(as_recipe) == fingerprint(base)  # the same steps, however the config is written
+    assert fingerprint(base.with_updates(block_ptq={"seed": 1})) != fingerprint(base)
+    assert fingerprint(base.with_updates(ignore=["lm_head", "down_proj"])) != fingerprint(base)
