@@ -298,13 +298,14 @@ class AlgorithmConfig(_Strict):
     - `scheme_tag()`: its part of the scheme name (`w8a16`, `c8`, `ptq`; '' for none), joined with `-`
       in recipe order (`PTQConfig.scheme_name`);
     - `mindformers_method`: the MindFormers `quant_method` a recipe with this step needs at least (a
-      recipe maps onto the last of `PTQConfig._MF_METHODS` its steps name; '' for any);
+      recipe maps onto the last of `PTQConfig._MF_METHODS` its steps name; '' for any; None, the
+      default, when MindFormers' quantization_config cannot name this step);
     - `ptq_fields()`: the `PTQConfig` keys this step stands for (the inverse of `PTQConfig.recipe()`),
       filled in when a config is written as a `recipe:` list.
     """
 
     name: ClassVar[str] = ""
-    mindformers_method: ClassVar[str] = ""
+    mindformers_method: ClassVar[str | None] = None
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         """Raise ValueError when this step cannot run with the rest of `recipe`."""
@@ -388,7 +389,7 @@ class BlockPTQArgs(AlgorithmConfig):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     name: ClassVar[str] = "block_ptq"
-    mindformers_method: ClassVar[str] = "ptq"
+    mindformers_method: ClassVar[str | None] = "ptq"
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if not any(isinstance(s, RoundToNearestConfig) for s in recipe):
@@ -431,7 +432,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per block."""
 
     name: ClassVar[str] = "smooth_quant"
-    mindformers_method: ClassVar[str] = "smooth_quant"
+    mindformers_method: ClassVar[str | None] = "smooth_quant"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     search_batches: int = Field(default=4, ge=1, le=1 << 20)
@@ -466,6 +467,7 @@ class RoundToNearestConfig(AlgorithmConfig):
     """Weights rounded to nearest (and int8 activations, static or dynamic, when `activations` is set)."""
 
     name: ClassVar[str] = "rtn"
+    mindformers_method: ClassVar[str | None] = ""
     weights: QuantArgs
     activations: QuantArgs | None = None
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
@@ -490,6 +492,7 @@ class KVCacheConfig(AlgorithmConfig):
     """Static int8 K/V cache scales, measured on calibration data."""
 
     name: ClassVar[str] = "kv_cache"
+    mindformers_method: ClassVar[str | None] = ""
     kvcache: QuantArgs
 
     def scheme_tag(self) -> str:
@@ -858,12 +861,10 @@ class PTQConfig(_Strict):
         Its `quant_method` is the last of `_MF_METHODS` that a step of the recipe names
         (`AlgorithmConfig.mindformers_method`; `rtn` when none does)."""
         recipe = self.recipe()
-        fields_recipe = self._field_recipe()
-        by_name = sorted(recipe, key=lambda step: step.name)
-        if by_name != sorted(fields_recipe, key=lambda step: step.name):
-            extra = [step.name for step in recipe if step not in fields_recipe]
+        unnamed = [step.name for step in recipe if step.mindformers_method is None]
+        if unnamed:
             raise ConfigError(
-                f"MindFormers' quantization_config cannot name the recipe's step(s) {', '.join(extra)}; "
+                f"MindFormers' quantization_config cannot name the recipe's step(s) {', '.join(unnamed)}; "
                 "write this config in quantmint's own schema (PTQConfig.to_yaml)"
             )
         named = [self._MF_METHODS.index(s.mindformers_method) for s in recipe if s.mindformers_method]

@@ -160,3 +160,9 @@ def test_a_recipe_list_stands_for_the_keys_of_its_steps() -> None:
     assert config.with_updates(mode="deploy").recipe() == preset.recipe()
     assert "recipe" not in preset.to_dict()  # a config of keys is written as before
     assert config.to_mindformers() == preset.to_mindformers()
+
+
+def test_mindformers_cannot_name_the_hadamard_step() -> None:
+    config = get_preset("w8a8").with_updates(algorithm_args={"hadamard": True})
+    with pytest.raises(ConfigError, match="cannot name the recipe's step\\(s\\) hadamard"):
+        config.to_mindformers()
