@@ -1,0 +1,230 @@
+"""The steps of a quantization recipe: `AlgorithmConfig` (the base of every algorithm's config, a
+third-party algorithm's too) and the built-in algorithms' step configs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from quantmint.config.base import QuantArgs, StrictConfig
+
+
+class AlgorithmConfig(StrictConfig):
+    """One step of a quantization recipe: plain data naming its algorithm (`name`, the key under which
+    an `Algorithm` is registered, see `quantmint.algorithms.base`).
+
+    `check(recipe)` refuses a step that does not fit the rest of the recipe (raise ValueError with the
+    fix); it runs when a `PTQConfig` is built and again when `PTQ` runs a recipe.
+
+    What a step contributes to the config that holds it (all optional):
+
+    - `scheme_tag()`: its part of the scheme name (`w8a16`, `c8`, `ptq`; '' for none), joined with `-`
+      in recipe order (`PTQConfig.scheme_name`);
+    - `mindformers_method`: the MindFormers `quant_method` a recipe with this step needs at least (a
+      recipe maps onto the last of `PTQConfig._MF_METHODS` its steps name; '' for any; None, the
+      default, when MindFormers' quantization_config cannot name this step);
+    - `ptq_fields()`: the `PTQConfig` keys this step stands for (the inverse of `PTQConfig.recipe()`),
+      filled in when a config is written as a `recipe:` list.
+    """
+
+    name: ClassVar[str] = ""
+    mindformers_method: ClassVar[str | None] = None
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        """Raise ValueError when this step cannot run with the rest of `recipe`."""
+
+    def scheme_tag(self) -> str:
+        """This step's part of the scheme name ('' for none)."""
+        return ""
+
+    def ptq_fields(self) -> dict[str, Any]:
+        """The `PTQConfig` keys this step stands for (`algorithm_args` entries are merged)."""
+        return {}
+
+
+class AlgorithmArgs(StrictConfig):
+    """Knobs of the algorithm modules (the seeds' `algorithm_args`)."""
+
+    smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Non-empty: pick each block's alpha from this grid by the MSE of its quantized output vs float.
+    smooth_alpha_grid: list[float] = Field(default_factory=list, max_length=101)
+    smooth_search_batches: int = Field(default=4, ge=1, le=1 << 20)
+    # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
+    # keeps float activations (W8A16 for that layer); None quantizes every activation.
+    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
+    # Rotate the inputs of the family's `hadamard_linears` (the MLP down projection) by a Hadamard
+    # matrix online, folding it into their weights (see `quantmint.rotation`); those linears leave
+    # their smoothing pair. For int8 activations.
+    hadamard: bool = False
+
+    @field_validator("smooth_alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"smooth_alpha_grid values must lie in [0, 1], got {bad}")
+        return value
+
+
+class BlockPTQArgs(AlgorithmConfig):
+    """Block-sequential PTQ (quant_method `ptq`): tune each block against its float output.
+
+    The knobs of FMS Model Optimizer's PTQ, under names that say what they are:
+
+    | here | FMS | meaning |
+    | ---- | --- | ------- |
+    | n_batches | ptq_nbatch | calibration batches cached per block |
+    | batch_size | ptq_batchsize | samples per batch (one optimizer step) |
+    | n_outer_loops | ptq_nouterloop | optimizer steps per block |
+    | cosine_lr | ptq_coslr | parameter groups on a cosine schedule: W (weights), A (activations), WA |
+    | lr_weight | ptq_lrw | Adam lr of the AdaRound rounding variables (they live in about ±3) |
+    | lr_weight_clip | ptq_lrcv_w | Adam lr of the weight scales (log space: 1e-2 ≈ 1% per step) |
+    | lr_act_clip | ptq_lrcv_a | Adam lr of static activation scales (log space) |
+
+    Defaults were picked on 4-bit blocks: on tiny Llama blocks lr_weight 1.0 gave a tuned MSE of
+    0.32-0.36x RTN's in 100 steps where 0.1 gave 0.9x, and round_reg 0.01 left the rounding soft, so
+    hardening undid the gain; on SmolLM2's first two blocks lr_weight 0.3 did better than 1.0 (0.38 and
+    0.65x RTN vs 0.74 and 0.44x); 0.5 sits between. Steps: on those two blocks with 64 samples, 300
+    steps gave 0.49 and 0.47x RTN where 100 steps left 6 of the first 8 blocks no better than RTN.
+    """
+
+    n_batches: int = Field(default=64, ge=1, le=1 << 20)
+    batch_size: int = Field(default=2, ge=1, le=1 << 16)
+    n_outer_loops: int = Field(default=300, ge=1, le=1 << 24)
+    cosine_lr: Literal["none", "W", "A", "WA"] = "WA"
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Learning rates: finite (no inf/nan anywhere, see StrictConfig) and at most 1e3; 0 freezes those scales.
+    lr_weight: float = Field(default=0.5, gt=0.0, le=1e3)
+    lr_weight_clip: float = Field(default=1e-2, ge=0.0, le=1e3)
+    lr_act_clip: float = Field(default=1e-3, ge=0.0, le=1e3)
+    # AdaRound: weight of the regulariser that drives each rounding variable to 0 or 1, its exponent
+    # annealed from beta_start to beta_end, and the share of steps before it is switched on.
+    round_reg: float = Field(default=10.0, ge=0.0, le=1e9)
+    beta_start: float = Field(default=20.0, gt=0.0, le=1e6)
+    beta_end: float = Field(default=2.0, gt=0.0, le=1e6)
+    round_reg_warmup: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # "float": each block learns from the float model's inputs; "quantized": from the outputs of the
+    # already-quantized blocks before it (BRECQ / QDrop), the target staying the float output.
+    inputs: Literal["float", "quantized"] = "float"
+    # Where cached block inputs/outputs live: "memory", "disk" (safetensors files, one batch in RAM at a
+    # time) or "auto" (disk when the cache would take more than a quarter of the free RAM).
+    cache: Literal["auto", "memory", "disk"] = "auto"
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    name: ClassVar[str] = "block_ptq"
+    mindformers_method: ClassVar[str | None] = "ptq"
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not any(isinstance(s, RoundToNearestConfig) for s in recipe):
+            raise ValueError("block_ptq tunes quantized weights: set weight_dtype, or drop block_ptq")
+
+    def scheme_tag(self) -> str:
+        return "ptq"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"block_ptq": self.model_dump(mode="json")}
+
+    @model_validator(mode="after")
+    def _check(self) -> BlockPTQArgs:
+        if self.beta_end > self.beta_start:
+            raise ValueError("beta is annealed downwards: beta_end must not exceed beta_start")
+        return self
+
+
+def quantizes_activations(recipe: list[AlgorithmConfig]) -> bool:
+    return any(isinstance(s, RoundToNearestConfig) and s.activations is not None for s in recipe)
+
+
+class HadamardConfig(AlgorithmConfig):
+    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.rotation`)."""
+
+    name: ClassVar[str] = "hadamard"
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not quantizes_activations(recipe):
+            raise ValueError(
+                "algorithm_args.hadamard rotates activations before they are quantized: set "
+                "activation_dtype: int8, or hadamard: false"
+            )
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"algorithm_args": {"hadamard": True}}
+
+
+class SmoothQuantConfig(AlgorithmConfig):
+    """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per block."""
+
+    name: ClassVar[str] = "smooth_quant"
+    mindformers_method: ClassVar[str | None] = "smooth_quant"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    alpha_grid: list[float] = Field(default_factory=list, max_length=101)
+    search_batches: int = Field(default=4, ge=1, le=1 << 20)
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"alpha_grid values must lie in [0, 1], got {bad}")
+        return value
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if not quantizes_activations(recipe):
+            raise ValueError(
+                "outliers_suppression 'smooth' only helps when activations are quantized: "
+                "set activation_dtype: int8 or outliers_suppression: none"
+            )
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {
+            "outliers_suppression": "smooth",
+            "algorithm_args": {
+                "smooth_alpha": self.alpha,
+                "smooth_alpha_grid": list(self.alpha_grid),
+                "smooth_search_batches": self.search_batches,
+            },
+        }
+
+
+class RoundToNearestConfig(AlgorithmConfig):
+    """Weights rounded to nearest (and int8 activations, static or dynamic, when `activations` is set)."""
+
+    name: ClassVar[str] = "rtn"
+    mindformers_method: ClassVar[str | None] = ""
+    weights: QuantArgs
+    activations: QuantArgs | None = None
+    w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
+
+    def scheme_tag(self) -> str:
+        """The scheme of the rounded linears: `w8a16`, `w8a8`, `w4a16` or `w4a8` (see the cells)."""
+        return f"w{self.weights.num_bits}a{8 if self.activations is not None else 16}"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "weight_dtype": "int4" if self.weights.num_bits == 4 else "int8",
+            "weights": self.weights.model_dump(mode="json"),
+        }
+        if self.activations is not None:
+            fields.update(activation_dtype="int8", activations=self.activations.model_dump(mode="json"))
+        if self.w8a16_outlier_ratio is not None:
+            fields["algorithm_args"] = {"w8a16_outlier_ratio": self.w8a16_outlier_ratio}
+        return fields
+
+
+class KVCacheConfig(AlgorithmConfig):
+    """Static int8 K/V cache scales, measured on calibration data."""
+
+    name: ClassVar[str] = "kv_cache"
+    mindformers_method: ClassVar[str | None] = ""
+    kvcache: QuantArgs
+
+    def scheme_tag(self) -> str:
+        return "c8"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {"kvcache_dtype": "int8", "kvcache": self.kvcache.model_dump(mode="json")}
