@@ -10,7 +10,8 @@ tokenizer so text calibration works), made once under ``--dir`` and reused.
   write as many bytes as the quantized checkpoint has (16 MiB writes), into the same output directory,
   once with buffered writes and once with O_DIRECT (what quantmint's writer uses where it can): the
   faster is the reference, so neither side gains from the page cache's moods;
-* ``rtn`` -- ``quantmint quantize --stream --preset w8a16`` (`quantmint.streaming.quantize_checkpoint`)
+* ``rtn`` -- ``quantmint quantize --stream --preset w8a16``
+(`quantmint.algorithms.streaming.quantize_checkpoint`)
   with ``--workers`` 1 and 2 (processes writing output shards at once).
 
 It reports seconds, GB/s of input, ``ratio_vs_io`` (I/O seconds / RTN seconds: the goal is >= 0.5) and the
@@ -127,7 +128,7 @@ class Cgroup:
 
 def run_child(argv: list[str], cgroup: Cgroup | None, stdout_json: bool = True) -> dict[str, Any]:
     """Run one child to completion: its JSON stdout plus wall seconds and peak RSS (MB, wait4)."""
-    from quantmint.memory import maxrss_mb
+    from quantmint.tools.memory import maxrss_mb
 
     if cgroup is not None:
         cgroup.reset()
@@ -184,9 +185,11 @@ def ensure_checkpoint(directory: Path, size: str) -> Path:
     if (path / "config.json").is_file():
         return path
     tokenizer = subprocess.run(
-        [sys.executable, "-m", "quantmint.cli", "example-model", "smollm2"], capture_output=True, text=True
+        [sys.executable, "-m", "quantmint.tools.cli", "example-model", "smollm2"],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
-    argv = [sys.executable, "-m", "quantmint.cli", "synth-model", str(path), "--size", size]
+    argv = [sys.executable, "-m", "quantmint.tools.cli", "synth-model", str(path), "--size", size]
     if tokenizer:
         argv += ["--tokenizer", tokenizer]
     log(f"making {path}")
@@ -199,7 +202,7 @@ def checkpoint_bytes(path: Path) -> int:
 
 
 def largest_tensor(path: Path) -> int:
-    from quantmint.safetensors_io import CheckpointFiles
+    from quantmint.formats.safetensors_io import CheckpointFiles
 
     files = CheckpointFiles(path)
     return max(files.spec(name).nbytes for name in files)
@@ -229,7 +232,7 @@ def settle(src: Path, cgroup: Cgroup | None) -> None:
 def estimate_output_bytes(src: Path) -> int:
     """W8A16's checkpoint size: linear weights at one byte (plus one float32 scale per row), the rest
     as stored."""
-    from quantmint.safetensors_io import CheckpointFiles
+    from quantmint.formats.safetensors_io import CheckpointFiles
 
     files = CheckpointFiles(src)
     total = 0
@@ -267,7 +270,7 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
         for workers in (int(w) for w in args.workers.split(",")):
             settle(src, cgroup)
             log(f"{size}: streaming RTN, {workers} worker(s)")
-            argv = [sys.executable, "-m", "quantmint.cli", "quantize", str(src), "-o", str(out)]
+            argv = [sys.executable, "-m", "quantmint.tools.cli", "quantize", str(src), "-o", str(out)]
             result = run_child([*argv, "--stream", "--workers", str(workers), "--preset", "w8a16"], cgroup)
             output_bytes = checkpoint_bytes(out) if out.exists() else 0
             shutil.rmtree(out, ignore_errors=True)
@@ -354,7 +357,7 @@ def bench_smoothquant(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[s
         out = Path(args.dir) / f"out-sq-{size}"
         shutil.rmtree(out, ignore_errors=True)
         log(f"{size}: out-of-core SmoothQuant W8A8, {args.calib_samples} x {args.calib_seq_len} tokens")
-        argv = [sys.executable, "-m", "quantmint.cli", "quantize", str(src), "-o", str(out), "--stream"]
+        argv = [sys.executable, "-m", "quantmint.tools.cli", "quantize", str(src), "-o", str(out), "--stream"]
         argv += ["--config", str(config), "--calib", str(CALIB), "--calib-samples", str(args.calib_samples)]
         argv += ["--calib-seq-len", str(args.calib_seq_len)]
         result = run_child(argv, cgroup)

@@ -29,7 +29,8 @@ and ``goal_met``: quantmint at least 2x faster at equal or better perplexity.
 no search) against llm-compressor's best; the top-level ``goal_met`` is true if either comparison meets it.
 
 Calibration: ``--samples`` x ``--seq-len`` tokens (128 x 512) from wikitext-2 ``valid.txt``, ``--seed`` 0,
-drawn once with ``quantmint.data.calibration_samples`` and saved as one ``[samples, seq_len]`` int64 tensor in
+drawn once with ``quantmint.io.data.calibration_samples`` and saved as one ``[samples, seq_len]`` int64
+tensor in
 a temporary safetensors file that both children read; each reports the sha256 of the ids it read. quantmint
 calibrates in batches of 8 (its default), llm-compressor in batches of ``--llmc-batch-size`` (1, its
 default). Runs: quantmint preset ``w8a8`` (alpha searched per block in {0.5, 0.6, 0.7, 0.8}) vs llm-compressor
@@ -398,8 +399,8 @@ def write_calibration(model: str, args: argparse.Namespace, path: Path) -> dict[
     import torch
     from safetensors.torch import save_file
 
-    from quantmint.data import calibration_samples
-    from quantmint.models import load_tokenizer
+    from quantmint.io.data import calibration_samples
+    from quantmint.io.models import load_tokenizer
 
     samples = calibration_samples(
         args.calib,
@@ -423,7 +424,7 @@ def write_calibration(model: str, args: argparse.Namespace, path: Path) -> dict[
 
 def run_child(child: Child, out: Path, threads: int) -> dict[str, Any]:
     """Run one child to completion; its result JSON plus `peak_rss_mb` (wait4) and `wall_s`."""
-    from quantmint.memory import maxrss_mb
+    from quantmint.tools.memory import maxrss_mb
 
     env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log(f"child {child.name} ({child.python}), load average {loadavg()}")
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _example_model() -> Path:
-    from quantmint.example_models import example_model_dir
+    from quantmint.tools.example_models import example_model_dir
 
     return example_model_dir("smollm2")
 
@@ -494,7 +495,7 @@ def _example_model() -> Path:
 
 
 def _peak_rss_mb() -> float:
-    from quantmint.memory import peak_rss_mb
+    from quantmint.tools.memory import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -558,7 +559,7 @@ def child_quantmint(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import quantmint
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.io.models import load_float_model, load_tokenizer
 
     torch.set_num_threads(spec["threads"])
     ids = _load_ids(spec["calib_ids"])

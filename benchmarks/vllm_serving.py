@@ -56,7 +56,7 @@ def ppl_from_logprobs(rows: list[list[float]]) -> float:
 
 @torch.no_grad()
 def runtime_ppl(path: Path, wins: list[list[int]]) -> float:
-    from quantmint.models import load_model
+    from quantmint.io.models import load_model
 
     model = load_model(path)
     rows = []
@@ -100,9 +100,9 @@ def time_linears(
 
 def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple[Path, Path]:
     from quantmint.algorithms.ptq import quantize
-    from quantmint.checkpoint import save_quantized
-    from quantmint.data import calibration_samples
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.formats.checkpoint import save_quantized
+    from quantmint.io.data import calibration_samples
+    from quantmint.io.models import load_float_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
     w8a16 = Path(args.w8a16) if args.w8a16 else None
@@ -145,9 +145,9 @@ def main() -> None:
         args.prompts, args.tokens, args.ppl_windows, args.calib_samples, args.repeats = 4, 16, 2, 16, 1
 
     from quantmint.backends.vllm.offline import run_in_subprocess
-    from quantmint.example_models import example_model_dir
-    from quantmint.export import export_checkpoint
-    from quantmint.models import load_tokenizer
+    from quantmint.formats.export import export_checkpoint
+    from quantmint.io.models import load_tokenizer
+    from quantmint.tools.example_models import example_model_dir
 
     source = example_model_dir("smollm2")
     tokenizer = load_tokenizer(source)

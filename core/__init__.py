@@ -8,8 +8,8 @@ Top-level API::
     model = quantmint.load_quantized("out/")
 """
 
+from quantmint import _moved
 from quantmint.algorithms.ptq import PTQ, QuantState, quant_state, quantize
-from quantmint.checkpoint import load_quantized, save_quantized
 from quantmint.config import PRESETS, AlgorithmArgs, PTQConfig, QuantArgs, get_preset
 from quantmint.errors import (
     CheckpointError,
@@ -20,10 +20,13 @@ from quantmint.errors import (
     QuantmintError,
     UnknownModelFamilyError,
 )
-from quantmint.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
-from quantmint.hookspecs import hookimpl
+from quantmint.extension.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.extension.hookspecs import hookimpl
+from quantmint.formats.checkpoint import load_quantized, save_quantized
 
 __version__ = "0.1.0"
+
+_moved.install()  # old module paths (quantmint.family, ...) still import
 
 __all__ = [
     # top-level API

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from quantmint.family import EngineRename, KVProjections, ModelFamily, ServingNeeds, SmoothPair
-from quantmint.hookspecs import hookimpl
+from quantmint.extension.family import EngineRename, KVProjections, ModelFamily, ServingNeeds, SmoothPair
+from quantmint.extension.hookspecs import hookimpl
 
 _QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 

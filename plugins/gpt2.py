@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from quantmint.family import KVProjections, LinearAdapter, ModelFamily, ServingNeeds, SmoothPair
-from quantmint.hookspecs import hookimpl
+from quantmint.extension.family import KVProjections, LinearAdapter, ModelFamily, ServingNeeds, SmoothPair
+from quantmint.extension.hookspecs import hookimpl
 
 
 class Conv1DAdapter(LinearAdapter):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from quantmint.family import KVProjections, ModelFamily, ServingNeeds, SmoothPair
-from quantmint.hookspecs import hookimpl
+from quantmint.extension.family import KVProjections, ModelFamily, ServingNeeds, SmoothPair
+from quantmint.extension.hookspecs import hookimpl
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_IN = ("mlp.gate_proj", "mlp.up_proj")

@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch import nn
 
-from quantmint import registry
+from quantmint.extension import registry
 
 VOCAB = 256
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

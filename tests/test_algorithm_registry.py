@@ -3,6 +3,7 @@ registration and recipe errors are one line."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -27,8 +28,8 @@ from quantmint.algorithms.builtin import RTN
 from quantmint.algorithms.ptq import PTQ, quant_state, quantize
 from quantmint.config import PRESETS, get_preset
 from quantmint.errors import ConfigError, PluginError
-from quantmint.hookspecs import hookimpl
-from quantmint.quant_math import sqnr_db
+from quantmint.extension.hookspecs import hookimpl
+from quantmint.numerics.quant_math import sqnr_db
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-toy-algorithm"
 
@@ -173,7 +174,8 @@ def test_toy_algorithm_is_found_by_its_entry_point(tmp_path: Path) -> None:
 
 def test_misspelt_hook_is_one_plugin_error(tmp_path: Path) -> None:
     source = (
-        "from quantmint.hookspecs import hookimpl\n@hookimpl\ndef register_algoritms(register):\n    pass\n"
+        "from quantmint.extension.hookspecs import hookimpl\n"
+        "@hookimpl\ndef register_algoritms(register):\n    pass\n"
     )
     _fake_dist(tmp_path, "misspelt_plugin", source)
     code = (
@@ -195,9 +197,9 @@ def test_toy_algorithm_runs_from_a_yaml_recipe_through_the_cli(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from quantmint.checkpoint import load_quantized
-    from quantmint.cli import main
     from quantmint.config import PTQConfig
+    from quantmint.formats.checkpoint import load_quantized
+    from quantmint.tools.cli import main
 
     temporary_plugin(toy, "percentile_clip")
     recipe = tmp_path / "clip.yaml"
@@ -223,6 +225,45 @@ def test_toy_algorithm_runs_from_a_yaml_recipe_through_the_cli(
     assert all(r["clipped"] > 0 for r in calibration["percentile_clip"])
     loaded = load_quantized(out)  # the checkpoint names its recipe; the plugin reads it back
     assert [step.name for step in quant_state(loaded).config.recipe()] == ["percentile_clip", "rtn"]
+
+
+def test_toy_algorithm_adds_its_own_cli_option(
+    toy: ModuleType,
+    temporary_plugin: Callable[[object, str], None],
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An algorithm's options join `quantmint quantize` (the CLI names no algorithm itself)."""
+    from quantmint.tools.cli import build_parser, main
+
+    assert "--clip-percentile" not in build_parser().format_help() + _quantize_help()
+    temporary_plugin(toy, "percentile_clip")
+    assert "--clip-percentile" in _quantize_help()
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 200)
+    argv = ["quantize", str(tiny_model_dir("llama")), "--preset", "w8a16", "--calib", str(text)]
+    argv += ["--calib-samples", "4", "--calib-seq-len", "32"]
+    code = main([*argv, "-o", str(tmp_path / "q"), "--clip-percentile", "95"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    calibration = yaml.safe_load((tmp_path / "q" / "quantmint_calibration.json").read_text())
+    assert [r["block"] for r in calibration["percentile_clip"]] == ["model.layers.0", "model.layers.1"]
+
+    with pytest.raises(SystemExit) as exc:  # a bad value: one line naming the option, exit 2
+        main([*argv, "-o", str(tmp_path / "bad"), "--clip-percentile", "20"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--clip-percentile" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def _quantize_help() -> str:
+    from quantmint.tools.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["quantize"].format_help()
 
 
 def test_yaml_recipe_errors_are_one_config_error(

@@ -16,11 +16,11 @@ import transformers
 from conftest import build_tiny, byte_tokenizer, model_output, tiny_config
 from safetensors.torch import load_file
 
-from quantmint import quant_math
 from quantmint.algorithms.ptq import PTQ, quant_state, quantize
-from quantmint.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
 from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import ConfigError
+from quantmint.formats.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
+from quantmint.numerics import quant_math
 
 FAST = {"n_outer_loops": 60, "batch_size": 4, "n_batches": 4}
 
@@ -163,7 +163,7 @@ def _quantize_command(model: Path, out: Path, config: Path, text: Path) -> list[
     return [
         sys.executable,
         "-m",
-        "quantmint.cli",
+        "quantmint.tools.cli",
         "quantize",
         str(model),
         "--config",

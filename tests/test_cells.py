@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantmint import quant_math
 from quantmint.backends.torch import Int8WeightOnlyLinear, int8_weight_only_linear
 from quantmint.cells import FakeQuantLinear
+from quantmint.numerics import quant_math
 
 
 def _cell(

@@ -7,18 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantmint import (
-    PTQ,
-    CheckpointError,
-    ConfigError,
-    checkpoint,
-    load_quantized,
-    quant_state,
-    quantize,
-    save_quantized,
-)
-from quantmint.checkpoint import MANIFEST_NAME, _sha256, parse_size
+from quantmint import PTQ, CheckpointError, ConfigError, load_quantized, quant_state, quantize, save_quantized
 from quantmint.errors import QuantmintError
+from quantmint.formats import checkpoint
+from quantmint.formats.checkpoint import MANIFEST_NAME, _sha256, parse_size
 from tests.conftest import build_tiny, byte_tokenizer, model_output
 
 

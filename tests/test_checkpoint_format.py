@@ -1,4 +1,5 @@
-"""The typed checkpoint format (`quantmint.checkpoint_format`): the `quantization_config` block and the
+"""The typed checkpoint format (`quantmint.formats.checkpoint_format`): the `quantization_config` block and
+the
 manifest round-trip through their schemas, checkpoints of this and the previous release parse, every
 malformed field is one `CheckpointError` line naming it, and docs/checkpoint-format.md matches."""
 
@@ -12,16 +13,16 @@ import pytest
 from conftest import build_tiny, byte_tokenizer
 
 from quantmint.algorithms.ptq import quantize
-from quantmint.checkpoint import MANIFEST_NAME, save_quantized, verify_checkpoint
-from quantmint.checkpoint_docs import generated_tables, render_docs
-from quantmint.checkpoint_format import (
+from quantmint.config import PTQConfig
+from quantmint.errors import CheckpointError
+from quantmint.formats.checkpoint import MANIFEST_NAME, save_quantized, verify_checkpoint
+from quantmint.formats.checkpoint_docs import generated_tables, render_docs
+from quantmint.formats.checkpoint_format import (
     FORMAT_VERSION,
     CheckpointManifest,
     QuantizationConfigBlock,
     claims_quantmint,
 )
-from quantmint.config import PTQConfig
-from quantmint.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints_v1"
@@ -201,7 +202,9 @@ def test_unknown_manifest_keys_are_ignored(saved: Path) -> None:
 
 def test_the_docs_tables_match_the_schema() -> None:
     text = DOCS.read_text()
-    assert render_docs(text) == text, "run: python -m quantmint.checkpoint_docs docs/checkpoint-format.md"
+    assert render_docs(text) == text, (
+        "run: python -m quantmint.formats.checkpoint_docs docs/checkpoint-format.md"
+    )
     for table in generated_tables().values():
         assert table in text
     for field in QuantizationConfigBlock.model_fields:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from quantmint import checkpoint
-from quantmint.cli import main
+from quantmint.formats import checkpoint
+from quantmint.tools.cli import main
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -199,7 +199,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path: Path, tiny_model_dir, 
         "badconfig": str(bad),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "quantmint.cli", *[a.format(**values) for a in argv]],
+        [sys.executable, "-m", "quantmint.tools.cli", *[a.format(**values) for a in argv]],
         capture_output=True,
         text=True,
     )
@@ -221,7 +221,8 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tiny_model_dir, capsys)
 
 
 def test_core_cli_imports_no_backend_and_serve_comes_from_the_vllm_backend_plugin() -> None:
-    from quantmint import cli, registry
+    from quantmint.extension import registry
+    from quantmint.tools import cli
 
     assert "quantmint.backends" not in Path(cli.__file__).read_text()
     owners = [i.plugin_name for i in registry.get_plugin_manager().hook.register_commands.get_hookimpls()]

@@ -1,4 +1,4 @@
-"""Calibration data loaders (`quantmint.data`) on small files written into tmp_path, byte tokenizer."""
+"""Calibration data loaders (`quantmint.io.data`) on small files written into tmp_path, byte tokenizer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from quantmint.data import (
+from quantmint.errors import QuantmintError
+from quantmint.io.data import (
     boolq_prompt,
     calibration_samples,
     detect_kind,
@@ -17,8 +18,7 @@ from quantmint.data import (
     read_squad,
     squad_prompt,
 )
-from quantmint.errors import QuantmintError
-from quantmint.example_models import example_model_dir
+from quantmint.tools.example_models import example_model_dir
 from tests.conftest import SHARED_DATA, byte_tokenizer
 
 WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"

@@ -12,8 +12,8 @@ import torch
 
 from quantmint import load_quantized, quant_state, quantize, save_quantized
 from quantmint.eval import embedding_cosine, perplexity, read_documents, read_text, sentence_embeddings
-from quantmint.example_models import example_model_dir
-from quantmint.models import load_float_model, load_tokenizer
+from quantmint.io.models import load_float_model, load_tokenizer
+from quantmint.tools.example_models import example_model_dir
 from tests.conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_smollm2_cli_sizes(smollm2_dir: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "quantmint.cli",
+            "quantmint.tools.cli",
             "quantize",
             str(smollm2_dir),
             "--preset",
@@ -93,7 +93,7 @@ WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 def test_smollm2_smoothquant_beats_plain_w8a8(smollm2_dir: Path) -> None:
     _need(WIKITEXT_VALID)
-    from quantmint.data import calibration_samples
+    from quantmint.io.data import calibration_samples
 
     tokenizer = load_tokenizer(smollm2_dir)
     text = read_text(WIKITEXT_TEST)
@@ -115,8 +115,8 @@ def test_smollm2_smoothquant_beats_plain_w8a8(smollm2_dir: Path) -> None:
 
 def test_minilm_w8a8_embeddings_and_lee(tmp_path: Path) -> None:
     _need(LEE)
-    from quantmint.data import calibration_samples
     from quantmint.eval.similarity import lee_correlation
+    from quantmint.io.data import calibration_samples
 
     path = example_model_dir("minilm")
     tokenizer = load_tokenizer(path)

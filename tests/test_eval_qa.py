@@ -336,8 +336,8 @@ def _need(path: Path) -> None:
 
 @pytest.mark.slow
 def test_minilm_lee_correlation() -> None:
-    from quantmint.example_models import example_model_dir
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.io.models import load_float_model, load_tokenizer
+    from quantmint.tools.example_models import example_model_dir
 
     _need(SHARED_DATA / "lee" / "lee.cor")
     path = example_model_dir("minilm")
@@ -350,8 +350,8 @@ def test_minilm_lee_correlation() -> None:
 
 @pytest.mark.slow
 def test_smollm2_squad_first_questions() -> None:
-    from quantmint.example_models import example_model_dir
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.io.models import load_float_model, load_tokenizer
+    from quantmint.tools.example_models import example_model_dir
 
     _need(SHARED_DATA / "squad" / "dev-v1.1.json")
     path = example_model_dir("smollm2")

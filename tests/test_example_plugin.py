@@ -13,8 +13,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-opt"
 
 SCRIPT = """
 import torch, transformers, quantmint
-from quantmint import registry
-from quantmint.quant_math import sqnr_db
+from quantmint.extension import registry
+from quantmint.numerics.quant_math import sqnr_db
 assert "opt" in registry.model_families(), registry.model_families()
 owner = dict(registry.get_plugin_manager().list_name_plugin())["opt"]
 assert owner.__name__ == "quantmint_opt", owner

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import build_tiny, model_output
 
-from quantmint import quant_math
 from quantmint.algorithms.ptq import PTQ, quantize
 from quantmint.backends.torch import Int4Linear, Int4WeightOnlyLinear
-from quantmint.checkpoint import load_quantized, save_quantized
-from quantmint.summary import checkpoint_summary
+from quantmint.formats.checkpoint import load_quantized, save_quantized
+from quantmint.formats.summary import checkpoint_summary
+from quantmint.numerics import quant_math
 
 
 @pytest.mark.parametrize("cols", [8, 13, 64, 130])

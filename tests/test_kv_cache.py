@@ -16,13 +16,13 @@ from quantmint import (
     load_quantized,
     quant_state,
     quantize,
-    registry,
     save_quantized,
 )
+from quantmint.algorithms.kv_cache import kv_cache_bytes
 from quantmint.backends.torch.kv_cache import Int8KVCache, Int8KVCacheLayer
-from quantmint.family import ModelLayout
-from quantmint.kv_cache import kv_cache_bytes
-from quantmint.quant_math import sqnr_db
+from quantmint.extension import registry
+from quantmint.extension.family import ModelLayout
+from quantmint.numerics.quant_math import sqnr_db
 from tests.conftest import VOCAB, build_tiny
 
 
@@ -156,7 +156,7 @@ def test_perplexity_of_a_c8_model_goes_through_the_int8_cache(calibration) -> No
 
 
 def test_the_int8_cache_is_the_torch_runtimes_found_by_capability() -> None:
-    import quantmint.kv_cache as calibration_side
+    import quantmint.algorithms.kv_cache as calibration_side
 
     assert registry.runtimes()["torch"].kv_cache is Int8KVCache
     assert registry.kv_cache_class("cpu") is Int8KVCache

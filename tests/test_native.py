@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from quantmint import native, native_rtn
-from quantmint import quant_math as qm
+from quantmint.numerics import native, native_rtn
+from quantmint.numerics import quant_math as qm
 
 needs_compiler = pytest.mark.skipif(
     os.environ.get("CC") is None and not any(shutil.which(c) for c in ("cc", "gcc", "clang")),

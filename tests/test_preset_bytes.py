@@ -26,9 +26,9 @@ import pytest
 import torch
 from conftest import build_tiny, byte_tokenizer
 
-from quantmint import cli
 from quantmint.algorithms.ptq import PTQ
 from quantmint.config import PRESETS
+from quantmint.tools import cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preset_sha256.json"
 RECORD = os.environ.get("QUANTMINT_RECORD_PRESET_BYTES") == "1"

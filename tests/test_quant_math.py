@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantmint import quant_math as qm
+from quantmint.numerics import quant_math as qm
 
 
 def test_int_ranges() -> None:

@@ -16,11 +16,11 @@ from quantmint import (
     UnknownModelFamilyError,
     hookimpl,
     quantize,
-    registry,
 )
 from quantmint.backends.torch import Int8Linear, Int8WeightOnlyLinear
-from quantmint.family import resolve_layout
-from quantmint.runtime import Runtime
+from quantmint.extension import registry
+from quantmint.extension.family import resolve_layout
+from quantmint.extension.runtime import Runtime
 from tests.conftest import build_tiny
 
 
@@ -230,7 +230,7 @@ def test_gpt2_conv1d_is_transparent() -> None:
 
 
 def test_serving_needs_must_name_declared_linears_and_architectures(temporary_plugin) -> None:
-    from quantmint.family import ServingNeeds
+    from quantmint.extension.family import ServingNeeds
 
     family = ModelFamily(
         name="conv",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmint.cli import main
+from quantmint.tools.cli import main
 
 
 def test_report_float_vs_quantized(tmp_path: Path, tiny_model_dir, capsys) -> None:

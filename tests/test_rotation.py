@@ -12,16 +12,16 @@ import torch
 from conftest import build_tiny, model_output
 
 import quantmint
-from quantmint.config import PTQConfig, get_preset
-from quantmint.errors import NotSupportedError
-from quantmint.models import load_float_model
-from quantmint.rotation import (
+from quantmint.algorithms.rotation import (
     hadamard_factors,
     hadamard_matrix,
     hadamard_transform,
     is_rotated,
     rotate_linear,
 )
+from quantmint.config import PTQConfig, get_preset
+from quantmint.errors import NotSupportedError
+from quantmint.io.models import load_float_model
 
 
 def _hadamard(preset: str = "w8a8", **args: object) -> PTQConfig:
@@ -186,7 +186,7 @@ def test_block_ptq_tunes_rotated_linears_and_resumes_them(tmp_path: Path, input_
 def test_streaming_rtn_with_rotation_matches_in_memory(
     tiny_model_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    from quantmint.streaming import quantize_checkpoint
+    from quantmint.algorithms.streaming import quantize_checkpoint
 
     config = get_preset("w8a8").with_updates(outliers_suppression="none", algorithm_args={"hadamard": True})
     src = tiny_model_dir("llama")
@@ -225,7 +225,7 @@ def test_unsupported_width_is_refused_before_any_change() -> None:
 def test_family_without_hadamard_linears_is_refused(temporary_plugin: Callable[[object, str], None]) -> None:
     import dataclasses
 
-    from quantmint.hookspecs import hookimpl
+    from quantmint.extension.hookspecs import hookimpl
     from quantmint.plugins.llama import LLAMA
 
     bare = dataclasses.replace(LLAMA, name="bare-llama", architectures=("BareLlama",), hadamard_linears=())
@@ -257,9 +257,9 @@ def test_a_family_must_declare_its_hadamard_linears_among_its_linears(
 ) -> None:
     import dataclasses
 
-    from quantmint import registry
     from quantmint.errors import PluginError
-    from quantmint.hookspecs import hookimpl
+    from quantmint.extension import registry
+    from quantmint.extension.hookspecs import hookimpl
     from quantmint.plugins.llama import LLAMA
 
     stray = dataclasses.replace(

@@ -6,7 +6,7 @@ import torch
 from quantmint import PTQ, ConfigError, quant_state, quantize
 from quantmint.backends.torch import Int8WeightOnlyLinear
 from quantmint.cells import FakeQuantLinear
-from quantmint.quant_math import sqnr_db
+from quantmint.numerics.quant_math import sqnr_db
 from tests.conftest import build_tiny, model_output
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert"]

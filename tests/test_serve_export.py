@@ -11,9 +11,9 @@ from conftest import build_tiny, byte_tokenizer
 
 from quantmint.algorithms.ptq import quantize
 from quantmint.backends.vllm.serve import serve_command
-from quantmint.checkpoint import save_quantized
-from quantmint.cli import main
 from quantmint.errors import QuantmintError
+from quantmint.formats.checkpoint import save_quantized
+from quantmint.tools.cli import main
 
 
 def _checkpoint(tmp_path: Path, family: str, preset: str) -> Path:
@@ -74,7 +74,7 @@ def test_cli_export_refuses_w8a16_with_the_reason(tmp_path: Path, capsys) -> Non
 
 
 def test_export_refuses_a_corrupt_shard(tmp_path: Path) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     src = _checkpoint(tmp_path, "llama", "w8a8")
     shard = src / "model.safetensors"
@@ -87,7 +87,7 @@ def test_export_refuses_a_corrupt_shard(tmp_path: Path) -> None:
 
 
 def test_export_refuses_four_bit_checkpoints(tmp_path: Path) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     src = _checkpoint(tmp_path, "llama", "w4a16")
     with pytest.raises(QuantmintError, match="4-bit"):
@@ -96,7 +96,7 @@ def test_export_refuses_four_bit_checkpoints(tmp_path: Path) -> None:
 
 
 def test_export_refuses_a_family_that_declares_transposed_linears(tmp_path: Path) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     src = _checkpoint(tmp_path, "gpt2", "w8a8")  # GPT2 declares its Conv1D linears in ServingNeeds
     with pytest.raises(QuantmintError, match=r"'gpt2' declares that its linears attn\.c_attn.*Conv1D"):
@@ -107,8 +107,8 @@ def test_export_refuses_a_family_that_declares_transposed_linears(tmp_path: Path
 def test_pooling_is_what_a_family_declares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    from quantmint import registry
-    from quantmint.family import ServingNeeds
+    from quantmint.extension import registry
+    from quantmint.extension.family import ServingNeeds
 
     path = _checkpoint(tmp_path, "llama", "w8a16")
     assert "--runner" not in serve_command(path, environ={})[0]

@@ -18,16 +18,23 @@ import torch
 import transformers
 from conftest import build_tiny, byte_tokenizer, model_output
 
-from quantmint import native, quant_math, streaming
+from quantmint.algorithms import streaming
 from quantmint.algorithms.ptq import quantize
-from quantmint.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
+from quantmint.algorithms.streaming import quantize_checkpoint
 from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import CheckpointError, ConfigError
-from quantmint.memory import available_memory_bytes
-from quantmint.models import load_float_model
-from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
-from quantmint.streaming import quantize_checkpoint
-from quantmint.synthetic import make_synthetic_llama, synthetic_llama_config
+from quantmint.formats.checkpoint import CALIBRATION_NAME, load_quantized, save_quantized
+from quantmint.formats.safetensors_io import (
+    CheckpointFiles,
+    ReadArena,
+    SafetensorsFile,
+    ShardWriter,
+    TensorSpec,
+)
+from quantmint.io.models import load_float_model
+from quantmint.numerics import native, quant_math
+from quantmint.tools.memory import available_memory_bytes
+from quantmint.tools.synthetic import make_synthetic_llama, synthetic_llama_config
 
 
 def _calibration(n: int = 8, length: int = 32) -> list[torch.Tensor]:
@@ -224,7 +231,7 @@ def test_direct_and_buffered_writes_give_the_same_file_and_hash(tmp_path: Path, 
     and off the 4 KiB block and across the 16 MiB staging buffer."""
     import hashlib
 
-    from quantmint import safetensors_io
+    from quantmint.formats import safetensors_io
 
     monkeypatch.setattr(safetensors_io, "_IO_CHUNK", 1 << 16)  # several staging buffers per file
     monkeypatch.setenv("QUANTMINT_DIRECT_IO", direct)
@@ -248,7 +255,7 @@ def test_direct_writes_a_filesystem_refuses_go_on_buffered(tmp_path: Path, monke
     import fcntl
     import os
 
-    from quantmint import safetensors_io
+    from quantmint.formats import safetensors_io
 
     real_write, refused = os.write, []
 
@@ -441,14 +448,14 @@ def test_synthetic_llama_has_the_asked_size_and_quantizes(tmp_path: Path) -> Non
 
 
 def test_cli_streams_when_asked_and_when_memory_is_short(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
-    from quantmint import cli
+    from quantmint.tools import cli
 
     src = tiny_model_dir("gpt2")
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "quantmint.cli",
+            "quantmint.tools.cli",
             "quantize",
             str(src),
             "-o",
@@ -464,9 +471,9 @@ def test_cli_streams_when_asked_and_when_memory_is_short(tiny_model_dir, tmp_pat
     report = json.loads(result.stdout)
     assert report["streamed"]["mode"] == "rtn" and report["streamed"]["workers"] == 2
     assert available_memory_bytes() > 0
-    monkeypatch.setattr("quantmint.memory.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("quantmint.tools.memory.available_memory_bytes", lambda: 1000)
     assert cli._too_big_for_memory(src)
-    monkeypatch.setattr("quantmint.memory.available_memory_bytes", lambda: 10**12)
+    monkeypatch.setattr("quantmint.tools.memory.available_memory_bytes", lambda: 10**12)
     assert not cli._too_big_for_memory(src)
 
 

@@ -26,8 +26,8 @@ import transformers
 from conftest import SHARED_DATA, byte_tokenizer
 
 from quantmint.algorithms.ptq import quantize
-from quantmint.checkpoint import load_quantized, save_quantized
 from quantmint.config import get_preset
+from quantmint.formats.checkpoint import load_quantized, save_quantized
 
 try:
     import vllm  # noqa: F401
@@ -137,7 +137,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, 
 
 def test_importing_quantmint_does_not_import_vllm() -> None:
     code = (
-        "import sys, quantmint, quantmint.cli, quantmint.backends.vllm, quantmint.backends.vllm.serve;"
+        "import sys, quantmint, quantmint.tools.cli, quantmint.backends.vllm, quantmint.backends.vllm.serve;"
         "print('vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -411,7 +411,7 @@ def test_c8_checkpoint_says_why_and_serves_with_an_explicit_float_cache(
 def test_compressed_tensors_export_loads_in_plain_vllm_and_transformers(
     tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     src = tiny_checkpoint("llama", "w8a8")
     out = export_checkpoint(src, tmp_path / "ct")
@@ -458,7 +458,7 @@ def test_export_refuses_what_compressed_tensors_cannot_serve(
     family: str, preset: str, reason: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
     from quantmint.errors import QuantmintError
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     with pytest.raises(QuantmintError, match=reason):
         export_checkpoint(tiny_checkpoint(family, preset), tmp_path / "out")
@@ -476,9 +476,9 @@ def _wikitext_prompts(tokenizer: Any, n: int = 8, length: int = 24) -> list[list
 
 @pytest.fixture(scope="module")
 def smollm2_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from quantmint.data import calibration_samples
-    from quantmint.example_models import example_model_dir
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.io.data import calibration_samples
+    from quantmint.io.models import load_float_model, load_tokenizer
+    from quantmint.tools.example_models import example_model_dir
 
     source = example_model_dir(SMOLLM2)
     tokenizer = load_tokenizer(source)
@@ -506,7 +506,7 @@ def test_smollm2_greedy_tokens_agree_with_the_torch_runtime(
     moves quantmint's own log-probabilities by up to 0.5 on SmolLM2 (rounding flips on tokens with huge
     activations), and vLLM sums in another order; so its free-running agreement measures that, not the plugin.
     """
-    from quantmint.models import load_tokenizer
+    from quantmint.io.models import load_tokenizer
 
     path = smollm2_checkpoints[preset]
     prompts = _wikitext_prompts(load_tokenizer(path))
@@ -533,7 +533,7 @@ def test_smollm2_w8a16_in_bf16_runs_the_amx_kernel_and_agrees(
     float32 runtime: free-running bf16 sequences drift apart whatever the kernel (measured over these
     8 x 32 tokens: 57% with the AMX kernel, 52% with the torch int8-weight matmul, 96.9% teacher-forced
     for both)."""
-    from quantmint.models import load_tokenizer
+    from quantmint.io.models import load_tokenizer
 
     path = smollm2_checkpoints["w8a16"]
     prompts = _wikitext_prompts(load_tokenizer(path))
@@ -548,10 +548,10 @@ def test_smollm2_w8a16_in_bf16_runs_the_amx_kernel_and_agrees(
 
 @pytest.mark.slow
 def test_minilm_embeddings_from_vllm_match_quantmint(tmp_path: Path) -> None:
-    from quantmint.data import calibration_samples
     from quantmint.eval.embeddings import read_documents, sentence_embeddings
-    from quantmint.example_models import example_model_dir
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.io.data import calibration_samples
+    from quantmint.io.models import load_float_model, load_tokenizer
+    from quantmint.tools.example_models import example_model_dir
 
     source = example_model_dir("minilm")
     tokenizer = load_tokenizer(source)
@@ -602,7 +602,7 @@ def test_quantmint_serve_answers_completions_and_chat(
         [
             sys.executable,
             "-m",
-            "quantmint.cli",
+            "quantmint.tools.cli",
             "serve",
             str(path),
             "--port",

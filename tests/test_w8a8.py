@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantmint import PTQ, ConfigError, load_quantized, quant_state, quantize, registry, save_quantized
+from quantmint import PTQ, ConfigError, load_quantized, quant_state, quantize, save_quantized
+from quantmint.algorithms.calibration import batch_samples, run_sequential
+from quantmint.algorithms.observers import attach_input_observers
 from quantmint.algorithms.smooth_quant import SmoothQuant, smoothing_scales
 from quantmint.backends.torch import Int8Linear, int8_int8_matmul
 from quantmint.backends.torch.int8_linear import int_mm_is_exact
-from quantmint.calibration import batch_samples, run_sequential
-from quantmint.family import resolve_layout
-from quantmint.observers import attach_input_observers
-from quantmint.quant_math import sqnr_db
+from quantmint.extension import registry
+from quantmint.extension.family import resolve_layout
+from quantmint.numerics.quant_math import sqnr_db
 from tests.conftest import VOCAB, build_tiny, model_output
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert"]
@@ -188,7 +189,7 @@ def test_alpha_grid_is_validated() -> None:
 
 
 def test_observer_measures_how_far_one_token_stands_out() -> None:
-    from quantmint.observers import InputObserver
+    from quantmint.algorithms.observers import InputObserver
 
     observer = InputObserver()
     x = torch.ones(1, 10, 8)

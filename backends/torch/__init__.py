@@ -13,8 +13,8 @@ from quantmint.backends.torch.int4_linear import Int4Linear, Int4WeightOnlyLinea
 from quantmint.backends.torch.int8_linear import Int8Linear, int8_int8_matmul
 from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear, int8_weight_only_linear
 from quantmint.backends.torch.kv_cache import Int8KVCache, Int8KVCacheLayer
-from quantmint.hookspecs import hookimpl
-from quantmint.runtime import ANY_DEVICE, Runtime
+from quantmint.extension.hookspecs import hookimpl
+from quantmint.extension.runtime import ANY_DEVICE, Runtime
 
 __all__ = [
     "TORCH_RUNTIME",

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantmint import quant_math
 from quantmint.backends.torch.int8_linear import int8_linear, quantize_activations
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
+from quantmint.numerics import quant_math
 
 __all__ = ["Int4Linear", "Int4WeightOnlyLinear", "int4_linear"]
 

@@ -7,9 +7,9 @@ import functools
 
 import torch
 
-from quantmint import quant_math
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
+from quantmint.numerics import quant_math
 
 __all__ = ["Int8Linear", "int8_int8_matmul", "int8_linear", "int_mm_is_exact", "quantize_activations"]
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from quantmint import native
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
+from quantmint.numerics import native
 
 __all__ = [
     "Int8WeightOnlyLinear",
@@ -73,11 +73,11 @@ def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 # --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
 _WOQ: dict[str, Any] = {}  # "fn": the kernel's ctypes function, or None where it cannot run
 WOQ_SOURCE = Path(__file__).resolve().parent / "csrc" / "woq.c"
-WOQ_FLAGS = ("-fopenmp",)  # shares torch's OpenMP thread pool (see `quantmint.native.library`)
+WOQ_FLAGS = ("-fopenmp",)  # shares torch's OpenMP thread pool (see `quantmint.numerics.native.library`)
 
 
 def woq_library() -> Any:
-    """The compiled `csrc/woq.c` (`quantmint.native.library`), or None where it cannot be built."""
+    """The compiled `csrc/woq.c` (`quantmint.numerics.native.library`), or None where it cannot be built."""
     return native.library("woq", WOQ_SOURCE, WOQ_FLAGS)
 
 

@@ -1,6 +1,8 @@
 """The int8 KV cache runtime (C8): a transformers `Cache` that really stores int8 keys and values, with the
-static scales calibrated at the K/V projections (`quantmint.kv_cache`, buffers `k_scale` / `v_scale` on each
-attention module). The torch runtime declares it (`Runtime.kv_cache`), so `quantmint.registry.kv_cache_class`
+static scales calibrated at the K/V projections (`quantmint.algorithms.kv_cache`, buffers `k_scale` /
+`v_scale` on each
+attention module). The torch runtime declares it (`Runtime.kv_cache`), so
+`quantmint.extension.registry.kv_cache_class`
 finds it by capability.
 """
 
@@ -12,8 +14,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from quantmint import quant_math
 from quantmint.errors import ConfigError
+from quantmint.numerics import quant_math
 
 __all__ = ["Int8KVCache", "Int8KVCacheLayer"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantmint.hookspecs import hookimpl
+from quantmint.extension.hookspecs import hookimpl
 
 __all__ = ["KV_CACHE_ENV", "SUPPORTED_VLLM", "register", "register_commands"]
 

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Any
 
-from quantmint.cli import POSITIVE, int_at_least
 from quantmint.errors import QuantmintError
+from quantmint.tools.cli import POSITIVE, int_at_least
 
 __all__ = ["add_commands"]
 

@@ -22,11 +22,11 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.models.utils import WeightsMapper
 
-from quantmint import registry
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
-from quantmint.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
 from quantmint.errors import CheckpointError
+from quantmint.extension import registry
+from quantmint.formats.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 

@@ -19,6 +19,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.model_executor.utils import replace_parameter
 
+from quantmint.algorithms.rotation import apply_hadamard, hadamard_factors_for
 from quantmint.backends.torch.int8_linear import int8_linear
 from quantmint.backends.torch.int8_weight_only import (
     amx_woq_linear,
@@ -26,7 +27,6 @@ from quantmint.backends.torch.int8_weight_only import (
     int8_weight_only_linear,
     pack_weight_for_amx,
 )
-from quantmint.rotation import apply_hadamard, hadamard_factors_for
 
 __all__ = ["W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
@@ -69,7 +69,7 @@ class _Int8WeightsMethod(LinearMethodBase):
 
     def __init__(self, transposed: bool = False, rotate_input: bool = False) -> None:
         self.transposed = transposed
-        # The checkpoint folded a Hadamard matrix into this layer's weight (`quantmint.rotation`):
+        # The checkpoint folded a Hadamard matrix into this layer's weight (`quantmint.algorithms.rotation`):
         # its input is rotated the same way before the int8 matmul.
         self.rotate_input = rotate_input
 

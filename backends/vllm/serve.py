@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantmint import registry
 from quantmint.backends.vllm import KV_CACHE_ENV
-from quantmint.checkpoint import MANIFEST_NAME, read_config_dict, verify_checkpoint
-from quantmint.checkpoint_format import claims_quantmint
 from quantmint.errors import QuantmintError
+from quantmint.extension import registry
+from quantmint.formats.checkpoint import MANIFEST_NAME, read_config_dict, verify_checkpoint
+from quantmint.formats.checkpoint_format import claims_quantmint
 
 __all__ = ["CPU_ENV_DEFAULTS", "serve_command"]
 

@@ -5,7 +5,7 @@ turns a config or preset into one. Each config type is run by the `Algorithm` re
 the `register_algorithms` hook, built-ins included (entry point `builtin_algorithms`), so a package
 outside quantmint adds an algorithm with one module and two lines of `pyproject.toml`.
 
-Calibration runs block by block (`quantmint.calibration`); for each block, after its inputs were
+Calibration runs block by block (`quantmint.algorithms.calibration`); for each block, after its inputs were
 observed on every calibration batch, the pipeline calls on every step of the recipe, in order
 (first, in every mode, `rotated_linears` says which linears get their input rotated as they are read):
 
@@ -35,18 +35,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from quantmint.config import AlgorithmConfig
+from quantmint.config import AlgorithmConfig, PTQConfig
 from quantmint.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
     from torch import nn
 
+    from quantmint.algorithms.calibration import BlockCall, CalibrationReport
+    from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
-    from quantmint.calibration import BlockCall, CalibrationReport
     from quantmint.cells.fake_quant import FakeQuantLinear
-    from quantmint.family import BlockLayout, ModelFamily, ModelLayout
-    from quantmint.observers import InputObserver
+    from quantmint.extension.family import BlockLayout, ModelFamily, ModelLayout
 
 __all__ = [
     "Algorithm",
@@ -117,6 +119,8 @@ class Algorithm(Protocol):
     """Runs the recipe steps of one config type. Subclass `AlgorithmBase` for no-op defaults."""
 
     config_type: ClassVar[type[AlgorithmConfig]]
+    # True when `run` keeps its progress in the work dir, so a killed run started again resumes (block PTQ)
+    resumable: ClassVar[bool]
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         """Whether this step measures anything on calibration data."""
@@ -168,11 +172,21 @@ class Algorithm(Protocol):
         into (`schemes`: each quantized linear's scheme as saved)."""
         ...
 
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        """Add this algorithm's options to `quantmint quantize` (SmoothQuant's `--smooth-alpha`)."""
+        ...
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        """`config` changed as this algorithm's options in `args` ask (unchanged when none is given);
+        ValueError, naming the option and the fix, when the config cannot take them."""
+        ...
+
 
 class AlgorithmBase:
     """No-op defaults of `Algorithm`: a subclass sets `config_type` and overrides what it takes part in."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    resumable: ClassVar[bool] = False
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return False
@@ -214,6 +228,12 @@ class AlgorithmBase:
     def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
         return None
 
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        return None
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        return config
+
 
 def _validate_algorithm(obj: Any, plugin: str) -> None:
     config_type = getattr(obj, "config_type", None)
@@ -232,14 +252,14 @@ def _validate_algorithm(obj: Any, plugin: str) -> None:
 
 def algorithms() -> dict[str, Algorithm]:
     """Every registered algorithm, by its config type's `name` (`rtn`, `smooth_quant`, ...)."""
-    from quantmint import registry
+    from quantmint.extension import registry
 
     return registry.algorithms(_validate_algorithm)
 
 
 def algorithm_for(config: AlgorithmConfig | str) -> Algorithm:
     """The algorithm registered for a recipe step (or for a step name); ConfigError if there is none."""
-    from quantmint import registry
+    from quantmint.extension import registry
 
     name = config if isinstance(config, str) else config.name
     found = algorithms()

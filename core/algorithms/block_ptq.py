@@ -46,14 +46,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantmint import quant_math
-from quantmint.calibration import BlockCall, CalibrationReport, batch_samples, capture_block_inputs
+from quantmint.algorithms.calibration import BlockCall, CalibrationReport, batch_samples, capture_block_inputs
+from quantmint.algorithms.rotation import carry_rotation, mark_rotated
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import BlockPTQArgs
 from quantmint.errors import ConfigError
-from quantmint.family import BlockLayout
-from quantmint.memory import available_memory_bytes
-from quantmint.rotation import carry_rotation, mark_rotated
+from quantmint.extension.family import BlockLayout
+from quantmint.numerics import quant_math
+from quantmint.tools.memory import available_memory_bytes
 
 if TYPE_CHECKING:
     from quantmint.algorithms.ptq import BlockSteps
@@ -215,7 +215,9 @@ def _fingerprint(steps: BlockSteps, samples: list[torch.Tensor]) -> str:
         )
     for sample in samples:
         digest.update(sample.to(torch.int64).numpy().tobytes())
-    source = getattr(steps.loader, "source", None)  # out of core: see `quantmint.streaming.BlockLoader`
+    source = getattr(
+        steps.loader, "source", None
+    )  # out of core: see `quantmint.algorithms.streaming.BlockLoader`
     for name, param in steps.model.named_parameters():
         digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}".encode())
         tensor = param.detach()

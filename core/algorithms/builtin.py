@@ -6,29 +6,40 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantmint.algorithms.base import AlgorithmBase, BlockContext, Rounding
+from quantmint.algorithms.rotation import supports_hadamard
 from quantmint.config import (
     AlgorithmConfig,
     BlockPTQArgs,
     HadamardConfig,
     KVCacheConfig,
+    PTQConfig,
     RoundToNearestConfig,
     SmoothQuantConfig,
 )
 from quantmint.errors import NotSupportedError
-from quantmint.family import BlockLayout
-from quantmint.hookspecs import hookimpl
-from quantmint.rotation import supports_hadamard
+from quantmint.extension.family import BlockLayout
+from quantmint.extension.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
     from torch import nn
 
+    from quantmint.algorithms.calibration import BlockCall, CalibrationReport
+    from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
-    from quantmint.calibration import BlockCall, CalibrationReport
-    from quantmint.family import ModelLayout
-    from quantmint.observers import InputObserver
+    from quantmint.extension.family import ModelLayout
 
 __all__ = ["BlockPTQAlgorithm", "HadamardRotation", "KVCacheCalibration", "RTN", "SmoothQuantAlgorithm"]
+
+
+def _with_algorithm_args(config: PTQConfig, option: str, **updates: Any) -> PTQConfig:
+    """`config` with these `algorithm_args` changed and the others kept; ValueError names `option`."""
+    try:
+        return config.with_updates(algorithm_args={**config.algorithm_args.model_dump(), **updates})
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
 
 
 class HadamardRotation(AlgorithmBase):
@@ -36,6 +47,17 @@ class HadamardRotation(AlgorithmBase):
     read, see `PTQ.rotate_if_chosen`); measures nothing."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = HadamardConfig
+
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--hadamard",
+            action="store_true",
+            help="W8A8: rotate the MLP down projection's input by a Hadamard matrix "
+            "(algorithm_args.hadamard)",
+        )
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        return _with_algorithm_args(config, "--hadamard", hadamard=True) if args.hadamard else config
 
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return 0
@@ -66,6 +88,27 @@ class SmoothQuantAlgorithm(AlgorithmBase):
     """Chooses each block's smoothing (fixed alpha, or the best of a grid) before its weights are rounded."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = SmoothQuantConfig
+
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--smooth-alpha",
+            type=float,
+            metavar="ALPHA",
+            help="SmoothQuant: this alpha for every block, no per-block search (algorithm_args.smooth_alpha, "
+            "an empty smooth_alpha_grid)",
+        )
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        if args.smooth_alpha is None:
+            return config
+        if config.outliers_suppression != "smooth":
+            raise ValueError(
+                f"--smooth-alpha: this config does no SmoothQuant (outliers_suppression: "
+                f"{config.outliers_suppression}); pick a W8A8 preset or drop the option"
+            )
+        return _with_algorithm_args(
+            config, "--smooth-alpha", smooth_alpha=args.smooth_alpha, smooth_alpha_grid=[]
+        )
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
@@ -146,8 +189,8 @@ class RTN(AlgorithmBase):
     def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
         """Empty int8 cells for every target, each of the scheme it was saved with."""
         from quantmint.algorithms.ptq import cell_class
+        from quantmint.algorithms.rotation import mark_rotated
         from quantmint.algorithms.rtn import RoundToNearest
-        from quantmint.rotation import mark_rotated
 
         assert isinstance(config, RoundToNearestConfig)
         rounding = RoundToNearest(config.weights, config.activations, config.w8a16_outlier_ratio)
@@ -177,6 +220,7 @@ class BlockPTQAlgorithm(AlgorithmBase):
     """Block-sequential PTQ: drives calibration itself, tuning each block after RTN."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = BlockPTQArgs
+    resumable: ClassVar[bool] = True
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
@@ -205,7 +249,7 @@ class KVCacheCalibration(AlgorithmBase):
         return 0
 
     def kv_cache_modules(self, config: AlgorithmConfig, layout: ModelLayout) -> dict[str, BlockLayout]:
-        from quantmint.kv_cache import attention_module_name
+        from quantmint.algorithms.kv_cache import attention_module_name
 
         kv = layout.family.kv
         if kv is None:
@@ -238,7 +282,7 @@ class KVCacheCalibration(AlgorithmBase):
             steps.state.kv_modules.append(name)
 
     def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
-        from quantmint.kv_cache import KVObserver
+        from quantmint.algorithms.kv_cache import KVObserver
 
         steps, block = ctx.steps, ctx.block
         if block.name in steps.kv_modules:

@@ -21,17 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantmint import registry
 from quantmint.algorithms.base import Algorithm, BlockContext, Rounding, check_recipe, recipe_rounding
-from quantmint.calibration import BlockCall, CalibrationReport, run_sequential
+from quantmint.algorithms.calibration import BlockCall, CalibrationReport, run_sequential
+from quantmint.algorithms.observers import InputObserver, attach_input_observers
+from quantmint.algorithms.rotation import carry_rotation, rotate_linear
 from quantmint.cells.base import QuantizedLinear
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import AlgorithmConfig, PTQConfig, get_preset
 from quantmint.errors import ConfigError, QuantmintError
-from quantmint.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
-from quantmint.matching import matches_any
-from quantmint.observers import InputObserver, attach_input_observers
-from quantmint.rotation import carry_rotation, rotate_linear
+from quantmint.extension import registry
+from quantmint.extension.family import BlockLayout, ModelFamily, ModelLayout, resolve_layout
+from quantmint.extension.matching import matches_any
 
 __all__ = ["PTQ", "BlockSteps", "QuantState", "quant_state", "quantize"]
 
@@ -49,7 +49,8 @@ class QuantState:
     calibration: dict[str, Any] | None = None  # samples, tokens, seconds, peak RSS of calibration
     kv_modules: list[str] = field(default_factory=list)  # attention modules holding k_scale / v_scale
     rotated: list[str] = field(default_factory=list)  # linears whose input is Hadamard-rotated
-    # Out-of-core calibration (`quantmint.streaming`) moves each finished block to the meta device and
+    # Out-of-core calibration (`quantmint.algorithms.streaming`) moves each finished block to the meta device
+    # and
     # keeps its converted tensors here, to be read back when the checkpoint is written.
     block_store: Any = None
 
@@ -173,7 +174,7 @@ class PTQ:
         """Fake-quantize `model` in place (mode quantize) or give it empty int8 cells (mode deploy).
 
         Args:
-            calibration: 1-D int64 token tensors (see `quantmint.data.calibration_samples`); needed
+            calibration: 1-D int64 token tensors (see `quantmint.io.data.calibration_samples`); needed
                 when the config smooths outliers or uses static activation ranges.
             batch_size: calibration samples per forward pass.
             schemes: deploy mode: the scheme of each module as saved (calibration may have kept some
@@ -205,7 +206,7 @@ class PTQ:
                 calibrating = [s.name for s, a in self.algorithms if a.needs_calibration(s, self.recipe)]
                 raise ConfigError(
                     f"{self.config.scheme_name} needs calibration data (measured by the recipe's "
-                    f"{', '.join(calibrating)}): pass calibration=quantmint.data.calibration_samples(...) "
+                    f"{', '.join(calibrating)}): pass calibration=quantmint.io.data.calibration_samples(...) "
                     "(CLI: --calib FILE)"
                 )
             state.calibration = self._calibrate(
@@ -273,7 +274,8 @@ class PTQ:
         state: QuantState,
         work_dir: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
-        """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.calibration`); with
+        """Block by block: observe inputs, smooth, fake-quantize (see `quantmint.algorithms.calibration`);
+        with
         `block_ptq`, then tune each block (see `quantmint.algorithms.block_ptq`)."""
         steps = BlockSteps(self, model, layout, targets, state)
         steps.loader = self.block_loader
@@ -305,7 +307,9 @@ class PTQ:
             return model
         fakes = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
         for name, fake in tqdm(fakes, desc="convert to int8", unit="linear", disable=None):
-            model.set_submodule(name, carry_rotation(fake, cell_class(fake.scheme).from_fake_quant(fake)))
+            model.set_submodule(
+                name, carry_rotation(fake, cell_class(fake.scheme, fake.weight.device).from_fake_quant(fake))
+            )
         state.phase = "converted"
         return model
 
@@ -317,7 +321,8 @@ class BlockSteps:
     batch) smooths it, fake-quantizes its linears by RTN and stores its kv-cache scales; `done` is
     called when the engine has no more use for the block.
 
-    With a `loader` (out-of-core calibration, see `quantmint.streaming.BlockLoader`), `attach` first
+    With a `loader` (out-of-core calibration, see `quantmint.algorithms.streaming.BlockLoader`), `attach`
+    first
     reads the block's float weights from the checkpoint and `done` converts the block, stores its
     tensors and gives its memory back.
     """

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from quantmint import quant_math
+from quantmint.algorithms.rotation import carry_rotation
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import QuantArgs
 from quantmint.errors import QuantmintError
-from quantmint.family import LinearAdapter
-from quantmint.rotation import carry_rotation
+from quantmint.extension.family import LinearAdapter
+from quantmint.numerics import quant_math
 
 if TYPE_CHECKING:
-    from quantmint.family import ModelFamily
-    from quantmint.observers import InputObserver
+    from quantmint.algorithms.observers import InputObserver
+    from quantmint.extension.family import ModelFamily
 
 __all__ = ["RoundToNearest"]
 

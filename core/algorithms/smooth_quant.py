@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantmint.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
-from quantmint.observers import InputObserver
-from quantmint.rotation import is_rotated
+from quantmint.algorithms.observers import InputObserver
+from quantmint.algorithms.rotation import is_rotated
+from quantmint.extension.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
 
 __all__ = ["SmoothQuant", "smoothing_scales"]
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from quantmint import quant_math
+from quantmint.numerics import quant_math
 
 __all__ = ["QuantizedLinear"]
 

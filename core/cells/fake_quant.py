@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantmint import quant_math
+from quantmint.numerics import quant_math
 
 __all__ = ["FakeQuantLinear", "fake_quantize_activation"]
 

@@ -58,7 +58,7 @@ class AlgorithmArgs(StrictConfig):
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
     # Rotate the inputs of the family's `hadamard_linears` (the MLP down projection) by a Hadamard
-    # matrix online, folding it into their weights (see `quantmint.rotation`); those linears leave
+    # matrix online, folding it into their weights (see `quantmint.algorithms.rotation`); those linears leave
     # their smoothing pair. For int8 activations.
     hadamard: bool = False
 
@@ -141,7 +141,7 @@ def quantizes_activations(recipe: list[AlgorithmConfig]) -> bool:
 
 
 class HadamardConfig(AlgorithmConfig):
-    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.rotation`)."""
+    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.algorithms.rotation`)."""
 
     name: ClassVar[str] = "hadamard"
 

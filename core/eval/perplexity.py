@@ -29,7 +29,7 @@ def new_cache(model: nn.Module) -> Any:
 
     state = quant_state(model)
     if state is not None and state.kv_modules:
-        from quantmint.kv_cache import Int8KVCache
+        from quantmint.algorithms.kv_cache import Int8KVCache
 
         return Int8KVCache.for_model(model)
     return None

@@ -222,7 +222,7 @@ def squad_f1_em(
 
     Returns a dict: `f1`, `em`, `n` (questions scored), `seconds`.
     """
-    from quantmint.data import read_squad
+    from quantmint.io.data import read_squad
 
     _check_count("n", n)
     examples = read_squad(path)[:n]
@@ -286,13 +286,13 @@ def boolq_accuracy(
     """BoolQ 0-shot accuracy (%) of a causal LM on the first `n` questions of `path` (all when None).
 
     Prompt: `BOOLQ_PROMPT` (`"{passage}\\nQuestion: {question}?\\nAnswer:"`, no second "?" when the
-    question has one, as in `quantmint.data.boolq_prompt`); the model answers yes when the summed
+    question has one, as in `quantmint.io.data.boolq_prompt`); the model answers yes when the summed
     log-probability of the tokens of `" yes"` after the prompt exceeds that of `" no"`.
 
     Returns a dict: `accuracy`, `majority_baseline` (% of the subset's more common label), `yes_rate`
     (% of questions answered yes), `n`, `seconds`.
     """
-    from quantmint.data import read_boolq
+    from quantmint.io.data import read_boolq
 
     _check_count("n", n)
     _check_count("batch_size", batch_size)

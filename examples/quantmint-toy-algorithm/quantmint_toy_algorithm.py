@@ -8,6 +8,8 @@ Use it by naming it in a config file's recipe (`quantmint quantize MODEL -o OUT 
       - {name: percentile_clip, percentile: 99.0}
       - {name: rtn, weights: {strategy: channel}}
 
+or with its own option of `quantmint quantize`, which puts the step before the preset's recipe
+(`quantmint quantize MODEL -o OUT --preset w8a16 --clip-percentile 99 --calib FILE`),
 or by putting its config in a recipe from Python:
 
     from quantmint.algorithms.ptq import quantize
@@ -18,14 +20,15 @@ or by putting its config in a recipe from Python:
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
 from quantmint.algorithms.base import AlgorithmBase, BlockContext
-from quantmint.config import AlgorithmConfig, RoundToNearestConfig
-from quantmint.hookspecs import hookimpl
+from quantmint.config import AlgorithmConfig, PTQConfig, RoundToNearestConfig
+from quantmint.extension.hookspecs import hookimpl
 
 __all__ = ["PercentileClip", "PercentileClipConfig"]
 
@@ -46,6 +49,23 @@ class PercentileClip(AlgorithmBase):
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True  # runs per block, in the calibrated pipeline
+
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--clip-percentile",
+            type=float,
+            metavar="P",
+            help="percentile_clip: clip each weight row to this percentile of its magnitudes first",
+        )
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        if args.clip_percentile is None:
+            return config
+        try:
+            step = PercentileClipConfig(percentile=args.clip_percentile)
+        except ValueError as exc:
+            raise ValueError(f"--clip-percentile: {exc}") from None
+        return config.with_recipe([step, *config.recipe()])
 
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         assert isinstance(config, PercentileClipConfig)

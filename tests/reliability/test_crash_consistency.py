@@ -1,4 +1,4 @@
-"""What a killed, racing or failing run leaves behind (quantmint.outdir): staging named by its owner and
+"""What a killed, racing or failing run leaves behind (quantmint.io.outdir): staging named by its owner and
 removed once its owner is dead, everything synced before the rename, one writer per output, and a full
 or read-only filesystem reported in one line with nothing left behind."""
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from quantmint import load_quantized, quantize, save_quantized
-from quantmint.cli import main
 from quantmint.errors import QuantmintError
+from quantmint.tools.cli import main
 from tests.conftest import build_tiny
 
 
@@ -139,7 +139,8 @@ def test_an_output_that_appears_meanwhile_is_left_intact(tmp_path: Path) -> None
 
 
 class _FailingWrites:
-    """`os` as quantmint.safetensors_io sees it, but whose `write` fails with errno `code` (only there:
+    """`os` as quantmint.formats.safetensors_io sees it, but whose `write` fails with errno `code` (only
+    there:
     Python's own writes go on)."""
 
     def __init__(self, code: int) -> None:
@@ -161,8 +162,8 @@ def _error_line(err: str) -> str:
 
 
 def test_a_full_disk_on_the_direct_io_path_is_enospc_not_buffererror(tmp_path: Path, monkeypatch) -> None:
-    from quantmint import safetensors_io
-    from quantmint.safetensors_io import ShardWriter, TensorSpec, _OutputFile
+    from quantmint.formats import safetensors_io
+    from quantmint.formats.safetensors_io import ShardWriter, TensorSpec, _OutputFile
 
     probe = _OutputFile(tmp_path / "probe")
     direct = probe.direct
@@ -182,7 +183,7 @@ def test_a_full_disk_on_the_direct_io_path_is_enospc_not_buffererror(tmp_path: P
 def test_a_full_disk_is_one_line_naming_the_directory(
     tmp_path: Path, tiny_model_dir, monkeypatch, capsys, stream
 ) -> None:
-    from quantmint import safetensors_io
+    from quantmint.formats import safetensors_io
 
     monkeypatch.setattr(safetensors_io, "os", _FailingWrites(errno.ENOSPC))
     out = tmp_path / "out" / "q"

@@ -327,7 +327,7 @@ def test_cli_bad_configs_exit_2_with_one_line(tmp_path: Path) -> None:
             str(files[name]),
         ]
         return name, subprocess.run(
-            [sys.executable, "-m", "quantmint.cli", *argv], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "quantmint.tools.cli", *argv], capture_output=True, text=True, timeout=120
         )
 
     with ThreadPoolExecutor(2) as pool:

@@ -2,7 +2,7 @@
 
 Each test is named after the input it guards against (issue 16, "Clear errors instead of tracebacks").
 Config files are read through `PTQConfig.load` and through `quantmint quantize --config`; command lines
-through `quantmint.cli.main` in this process (usage errors raise SystemExit(2), other errors return 2).
+through `quantmint.tools.cli.main` in this process (usage errors raise SystemExit(2), other errors return 2).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import torch
 import transformers
 
-from quantmint.cli import main
 from quantmint.config import PTQConfig
 from quantmint.errors import ConfigError, QuantmintError
+from quantmint.tools.cli import main
 
 MAX_MESSAGE = 1000
 
@@ -203,7 +203,7 @@ def test_quantmint_error_exits_2_not_1(tmp_path: Path, capsys) -> None:
 def test_os_error_escaping_a_command_is_one_line_exit_2(
     number: int, words: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 ) -> None:
-    import quantmint.cli as cli
+    import quantmint.tools.cli as cli
 
     def fail(args: object) -> None:
         raise OSError(number, words, str(tmp_path / "out" / "model.safetensors"))
@@ -218,7 +218,7 @@ def test_os_error_escaping_a_command_is_one_line_exit_2(
 def test_huge_multi_line_error_message_is_capped_to_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 ) -> None:
-    import quantmint.cli as cli
+    import quantmint.tools.cli as cli
 
     def fail(args: object) -> None:
         raise QuantmintError("bad\nvalue " * 2_000_000)  # 20 MB over 2 million lines
@@ -241,12 +241,12 @@ def text_file(tmp_path: Path) -> Path:
 def test_calib_seq_len_beyond_model_positions_is_refused_up_front(
     tmp_path: Path, tiny_model_dir, text_file: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import quantmint.models
+    import quantmint.io.models
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the sequence length was checked")
 
-    monkeypatch.setattr(quantmint.models, "load_float_model", never)
+    monkeypatch.setattr(quantmint.io.models, "load_float_model", never)
     argv = ["quantize", tiny_model_dir("llama"), "-o", tmp_path / "o", "--preset", "w8a8"]
     code, err = _cli(capsys, *argv, "--calib", text_file, "--calib-seq-len", "4096")
     line = _one_line(err)
@@ -289,7 +289,7 @@ def test_eval_tokenizer_beyond_model_vocab_is_refused(
 def test_calibration_samples_beyond_vocab_are_refused_by_the_library(small_vocab_model_dir: Path) -> None:
     from quantmint.algorithms.ptq import quantize
     from quantmint.config import get_preset
-    from quantmint.models import load_float_model
+    from quantmint.io.models import load_float_model
 
     model = load_float_model(small_vocab_model_dir)
     samples = [torch.arange(100, 116), torch.arange(0, 16)]

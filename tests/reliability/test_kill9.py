@@ -42,7 +42,7 @@ def _command(model: Path, out: Path, extra: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "quantmint.cli",
+        "quantmint.tools.cli",
         "quantize",
         str(model),
         "-o",
@@ -84,7 +84,7 @@ def _assert_absent_or_complete(out: Path) -> None:
 def _exchange_works(tmp_path: Path) -> bool:
     """Whether this filesystem swaps two directories atomically (then --overwrite never leaves the
     output absent, even for an instant)."""
-    from quantmint.outdir import _exchange
+    from quantmint.io.outdir import _exchange
 
     a, b = tmp_path / "probe-a", tmp_path / "probe-b"
     a.mkdir()
@@ -138,7 +138,7 @@ def test_kill9_block_ptq_leaves_no_broken_output_or_orphans(
 
 _WORKER = """
 import sys, time
-from quantmint.streaming import _die_with_parent
+from quantmint.algorithms.streaming import _die_with_parent
 _die_with_parent(int(sys.argv[1]))
 print("ready", flush=True)
 time.sleep(120)

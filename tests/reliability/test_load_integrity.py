@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantmint import CheckpointError, PTQConfig, load_quantized, quant_state, quantize, save_quantized
-from quantmint.checkpoint import MANIFEST_NAME, _sha256
 from quantmint.errors import QuantmintError
-from quantmint.models import load_float_model, load_model
-from quantmint.summary import checkpoint_summary
+from quantmint.formats.checkpoint import MANIFEST_NAME, _sha256
+from quantmint.formats.summary import checkpoint_summary
+from quantmint.io.models import load_float_model, load_model
 from tests.conftest import VOCAB, build_tiny, byte_tokenizer, model_output
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints_v1"
@@ -167,7 +167,7 @@ def test_manifest_covers_config_json(saved: Path) -> None:
 
 @pytest.mark.parametrize("name", ["llama-w8a16", "llama-w8a8-c8", "llama-w4a16"])
 def test_checkpoints_of_the_previous_release_still_load(name: str) -> None:
-    from quantmint.checkpoint import UncoveredFilesWarning
+    from quantmint.formats.checkpoint import UncoveredFilesWarning
 
     with pytest.warns(UncoveredFilesWarning, match="does not cover config.json"):
         model = load_quantized(FIXTURES / name)

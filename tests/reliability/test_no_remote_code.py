@@ -103,7 +103,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> dict[str, 
 
 def _quantmint(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "quantmint.cli", *argv],
+        [sys.executable, "-m", "quantmint.tools.cli", *argv],
         input="y\ny\ny\n",  # yes to every "Do you wish to run the custom code?"
         capture_output=True,
         text=True,

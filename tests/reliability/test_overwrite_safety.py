@@ -1,4 +1,4 @@
-"""The rules for `-o` and `--overwrite` (quantmint.outdir): nothing quantmint did not write is ever
+"""The rules for `-o` and `--overwrite` (quantmint.io.outdir): nothing quantmint did not write is ever
 replaced, an input is never written over, and each refusal is one line naming the fix."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from quantmint import load_quantized, quantize, save_quantized
-from quantmint.cli import main
 from quantmint.errors import QuantmintError
+from quantmint.tools.cli import main
 from tests.conftest import build_tiny
 
 
@@ -112,7 +112,7 @@ def test_output_that_is_a_symlink_is_refused(model: Path, tmp_path: Path, capsys
 
 
 def test_save_quantized_refuses_the_directory_the_model_was_loaded_from(model: Path) -> None:
-    from quantmint.models import load_float_model
+    from quantmint.io.models import load_float_model
 
     before = _fingerprint(model)
     with pytest.raises(QuantmintError, match="is the input"):
@@ -135,7 +135,7 @@ def test_export_refuses_to_write_over_its_input(tmp_path: Path, capsys) -> None:
 
 
 def test_export_overwrite_replaces_a_previous_export_only(tmp_path: Path, capsys) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     src = _w8a8_checkpoint(tmp_path / "ckpt")
     export_checkpoint(src, tmp_path / "ct")
@@ -149,7 +149,7 @@ def test_export_overwrite_replaces_a_previous_export_only(tmp_path: Path, capsys
 
 
 def test_report_refuses_to_write_over_a_directory_it_did_not_write(tmp_path: Path) -> None:
-    from quantmint.report import write_report
+    from quantmint.tools.report import write_report
 
     report = {"rows": [{"model": str(tmp_path / "m"), "scheme": "float"}], "kv_key": "kv", "options": {}}
     (tmp_path / "m").mkdir()
@@ -171,7 +171,7 @@ def test_report_refuses_to_write_over_a_directory_it_did_not_write(tmp_path: Pat
 
 
 def test_synth_model_overwrite_replaces_its_own_output_only(tmp_path: Path, capsys) -> None:
-    from quantmint.outdir import is_quantmint_output, prepare_output
+    from quantmint.io.outdir import is_quantmint_output, prepare_output
 
     out = tmp_path / "synth"
     out.mkdir()

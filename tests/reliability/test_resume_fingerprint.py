@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from quantmint.algorithms import block_ptq
 from quantmint.algorithms.ptq import quant_state, quantize
-from quantmint.checkpoint import save_quantized
+from quantmint.algorithms.streaming import quantize_checkpoint
 from quantmint.config import PTQConfig, get_preset
-from quantmint.streaming import quantize_checkpoint
+from quantmint.formats.checkpoint import save_quantized
 
 
 class _Interrupted(Exception):
@@ -109,7 +109,7 @@ def test_streamed_resume_fingerprints_the_weights(
 def test_in_memory_and_streamed_runs_share_one_fingerprint(tmp_path: Path, monkeypatch) -> None:
     # Out of core the blocks are still on `meta` when the fingerprint is taken: their weights are read
     # from the checkpoint, so the two paths hash the same bytes (and one can resume the other's run).
-    from quantmint.models import load_float_model
+    from quantmint.io.models import load_float_model
 
     build_tiny("llama", seed=0).save_pretrained(tmp_path / "a")
     byte_tokenizer().save_pretrained(tmp_path / "a")

@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantmint import load_quantized, quantize, save_quantized
-from quantmint.checkpoint import MANIFEST_NAME, _sha256, verify_checkpoint
 from quantmint.errors import QuantmintError
+from quantmint.formats.checkpoint import MANIFEST_NAME, _sha256, verify_checkpoint
 from tests.conftest import VOCAB, build_tiny, byte_tokenizer, model_output
 
 OUTCOMES: dict[str, str] = {}  # case id -> refused | harmless | silent-wrong | crash

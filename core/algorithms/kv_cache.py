@@ -1,6 +1,7 @@
 """Int8 KV cache (C8), the calibration side: static scales observed at the K/V projections. The cache that
 really stores int8 keys and values at inference time is a runtime's (`Runtime.kv_cache`; the torch
-runtime's is `quantmint.backends.torch.kv_cache.Int8KVCache`), found with `quantmint.registry.kv_cache_class`.
+runtime's is `quantmint.backends.torch.kv_cache.Int8KVCache`), found with
+`quantmint.extension.registry.kv_cache_class`.
 
 Scales live on each attention module as buffers `k_scale` and `v_scale` (float32, one per K/V output
 channel of the projection, `[kv_heads * head_dim]`; one per head `[kv_heads]`; or one `[1]`), the
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantmint import quant_math
-from quantmint.family import BlockLayout, KVProjections
+from quantmint.extension.family import BlockLayout, KVProjections
+from quantmint.numerics import quant_math
 
 __all__ = ["KVObserver", "attention_module_name", "kv_cache_bytes"]
 
@@ -101,7 +102,7 @@ def __getattr__(name: str) -> Any:
     """`Int8KVCache` and `Int8KVCacheLayer`, kept importable from here: the int8 KV cache of the runtime
     that serves it (`registry.kv_cache_class`), without core importing a backend."""
     if name in ("Int8KVCache", "Int8KVCacheLayer"):
-        from quantmint import registry
+        from quantmint.extension import registry
 
         cache = registry.kv_cache_class()
         return cache if name == "Int8KVCache" else cache.layer_class

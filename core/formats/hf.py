@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmint.errors import QuantmintError
-from quantmint.outdir import staged_directory
+from quantmint.io.outdir import staged_directory
 
 if TYPE_CHECKING:
     import torch

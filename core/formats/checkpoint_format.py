@@ -13,7 +13,7 @@ Unknown keys:
   comment, a later release's bookkeeping) changes nothing a reader relies on and is ignored.
 
 `docs/checkpoint-format.md` is written from these models; its field tables are generated from their
-JSON schemas by `python -m quantmint.checkpoint_docs`.
+JSON schemas by `python -m quantmint.formats.checkpoint_docs`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, QuantmintError, one_line
-from quantmint.hf import read_config_json
+from quantmint.formats.hf import read_config_json
 
 __all__ = [
     "FORMAT_VERSION",

@@ -48,7 +48,7 @@ __all__ = [
     "staging_prefix",
 ]
 
-MANIFEST_NAME = "quantmint_manifest.json"  # as quantmint.checkpoint names it (not imported: no torch)
+MANIFEST_NAME = "quantmint_manifest.json"  # as quantmint.formats.checkpoint names it (not imported: no torch)
 REPORT_FILES = frozenset({"report.md", "report.json", "report.png", "block_mse.png"})
 SYNTHETIC_KEY = "quantmint_synthetic"  # in the config.json of `quantmint synth-model`
 _STAGING_KINDS = ("tmp", "old", "blocks")

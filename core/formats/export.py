@@ -24,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from quantmint import registry
-from quantmint.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
-from quantmint.checkpoint_format import QuantizationConfigBlock
 from quantmint.errors import CheckpointError, QuantmintError
-from quantmint.hf import build_skeleton, model_class, read_config_json, staged_directory
-from quantmint.outdir import prepare_output
+from quantmint.extension import registry
+from quantmint.formats.checkpoint import MANIFEST_NAME, _read_manifest, _read_shards, read_quantization_config
+from quantmint.formats.checkpoint_format import QuantizationConfigBlock
+from quantmint.formats.hf import build_skeleton, model_class, read_config_json, staged_directory
+from quantmint.io.outdir import prepare_output
 
 __all__ = ["EXPORT_FORMATS", "export_checkpoint"]
 

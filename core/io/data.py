@@ -303,7 +303,7 @@ def _field(record: dict[str, Any], name: str, expected: type | tuple[type, ...],
     """`record[name]`, checked to be of type `expected`; `where` names the file and position for errors."""
     if name not in record:
         raise QuantmintError(
-            f'{where}: missing field "{name}": add it (formats: the quantmint.data docstring)'
+            f'{where}: missing field "{name}": add it (formats: the quantmint.io.data docstring)'
         )
     value = record[name]
     if not isinstance(value, expected):

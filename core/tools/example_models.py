@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from quantmint.errors import QuantmintError
-from quantmint.hf import staged_directory
+from quantmint.formats.hf import staged_directory
 
 __all__ = ["EXAMPLE_MODELS", "cache_dir", "example_model_dir"]
 

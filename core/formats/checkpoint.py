@@ -11,7 +11,8 @@ Lifecycle:
   mis-shaped, mistyped or corrupt tensor or shard is refused with a message that names it.
 
 Tensors are stored with compressed-tensors names (`weight` int8, `weight_scale`, ...). Never pickle.
-The `quantization_config` block and the manifest are typed in `quantmint.checkpoint_format`: written by
+The `quantization_config` block and the manifest are typed in `quantmint.formats.checkpoint_format`: written
+by
 their `to_json_dict` and read back only through their schemas (docs/checkpoint-format.md).
 """
 
@@ -32,7 +33,8 @@ from safetensors import safe_open
 from torch import nn
 
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
-from quantmint.checkpoint_format import (
+from quantmint.errors import CheckpointError, ConfigError, QuantmintError
+from quantmint.formats.checkpoint_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     QUANT_METHOD,
@@ -40,11 +42,10 @@ from quantmint.checkpoint_format import (
     FileEntry,
     QuantizationConfigBlock,
     _one_line,
-    read_config_dict,  # noqa: F401 (re-exported: quantmint.models and the vLLM backend import it from here)
+    read_config_dict,  # noqa: F401 (re-exported: quantmint.io.models and the vLLM backend import it from here)
 )
-from quantmint.errors import CheckpointError, ConfigError, QuantmintError
-from quantmint.hf import build_skeleton, model_class, staged_directory
-from quantmint.safetensors_io import INDEX_NAME, ShardWriter, TensorSpec, plan_shards, shard_names
+from quantmint.formats.hf import build_skeleton, model_class, staged_directory
+from quantmint.formats.safetensors_io import INDEX_NAME, ShardWriter, TensorSpec, plan_shards, shard_names
 
 __all__ = [
     "CALIBRATION_NAME",
@@ -227,7 +228,7 @@ def write_checkpoint(
 ) -> None:
     """Write `model` into `tmp`. Its tensors are planned from the state dict's names, dtypes and
     shapes, then fetched one at a time: from memory, from the block store of a model calibrated out
-    of core (`quantmint.streaming`), or, with `write_shards`, by the caller (streaming RTN)."""
+    of core (`quantmint.algorithms.streaming`), or, with `write_shards`, by the caller (streaming RTN)."""
     tensors, aliases = _split_aliases(model.state_dict(keep_vars=True))
     shards = plan_shards([TensorSpec.of(name, t) for name, t in tensors.items()], max_bytes)
     planned = list(zip(shard_names(len(shards)), shards, strict=True))
@@ -436,7 +437,7 @@ def verify_checkpoint(
     path: str | os.PathLike[str], verify: bool = True, read_tensors: bool = True
 ) -> tuple[QuantizationConfigBlock, CheckpointManifest]:
     """Check a quantmint checkpoint without building its model; returns its parsed quantization_config
-    and manifest (`quantmint.checkpoint_format`).
+    and manifest (`quantmint.formats.checkpoint_format`).
 
     Checked, each refused with a one-line `CheckpointError`: the manifest's structure and file names
     (plain names inside the directory, no symbolic links); config.json and the other files it covers

@@ -45,7 +45,7 @@ class ReportOptions:
 
 
 def _calibration_log(path: Path) -> dict[str, Any]:
-    from quantmint.checkpoint import CALIBRATION_NAME
+    from quantmint.formats.checkpoint import CALIBRATION_NAME
 
     log = path / CALIBRATION_NAME
     return json.loads(log.read_text()) if log.is_file() else {}
@@ -72,8 +72,8 @@ def _weight_bytes(model: nn.Module) -> int:
 def _cache_for(model: nn.Module) -> Any:
     from transformers import DynamicCache
 
+    from quantmint.algorithms.kv_cache import Int8KVCache
     from quantmint.algorithms.ptq import quant_state
-    from quantmint.kv_cache import Int8KVCache
 
     state = quant_state(model)
     if state is not None and state.kv_modules:
@@ -84,7 +84,7 @@ def _cache_for(model: nn.Module) -> Any:
 @torch.no_grad()
 def _decode_speed(model: nn.Module, tokenizer: Any, new_tokens: int) -> tuple[float, int]:
     """Greedy decode of `new_tokens` after a fixed prompt: (tokens per second, KV-cache bytes)."""
-    from quantmint.kv_cache import kv_cache_bytes
+    from quantmint.algorithms.kv_cache import kv_cache_bytes
 
     prompt = tokenizer("The history of the city begins", return_tensors="pt")["input_ids"]
     cache = _cache_for(model)
@@ -106,7 +106,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """All the figures for one model directory; also returns its Lee embeddings (encoders)."""
     from quantmint.eval import embedding_cosine, perplexity, read_documents, read_text, sentence_embeddings
-    from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
+    from quantmint.io.models import is_quantmint_checkpoint, load_model, load_tokenizer
 
     model = load_model(path)
     tokenizer = load_tokenizer(path)
@@ -324,7 +324,7 @@ def _plot_block_mse(report: dict[str, Any], path: Path) -> bool:
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write report.md, report.json and report.png (and block_mse.png for block-PTQ checkpoints) into
     `out_dir`; the plots need matplotlib."""
-    from quantmint.hf import staged_directory
+    from quantmint.formats.hf import staged_directory
 
     out = Path(out_dir)
     # A report directory (or an empty one) is replaced; the models compared are never written over.

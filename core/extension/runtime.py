@@ -2,7 +2,8 @@
 
 A runtime plugin registers a `Runtime` through the `register_runtimes` hook: its quantized-layer classes
 (`QuantizedLinear` cells, one per scheme), the torch device types it runs on, and a priority. For a
-scheme and a device, `quantmint.registry.cell_class` picks the highest-priority runtime that serves both;
+scheme and a device, `quantmint.extension.registry.cell_class` picks the highest-priority runtime that serves
+both;
 two runtimes of the same priority that both serve one are an error naming both (give one another
 priority, or leave one out with `QUANTMINT_PLUGINS`).
 """

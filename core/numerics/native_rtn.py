@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from quantmint import native, quant_math
+from quantmint.numerics import native, quant_math
 
 __all__ = ["quantize_weight_from_file", "rtn_channel"]
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from quantmint.checkpoint import parse_size, write_shard
 from quantmint.errors import ConfigError
-from quantmint.hf import staged_directory
-from quantmint.outdir import SYNTHETIC_KEY, prepare_output
-from quantmint.safetensors_io import INDEX_NAME, TensorSpec, plan_shards, shard_names
+from quantmint.formats.checkpoint import parse_size, write_shard
+from quantmint.formats.hf import staged_directory
+from quantmint.formats.safetensors_io import INDEX_NAME, TensorSpec, plan_shards, shard_names
+from quantmint.io.outdir import SYNTHETIC_KEY, prepare_output
 
 __all__ = ["make_synthetic_llama", "synthetic_llama_config"]
 
@@ -113,7 +113,7 @@ def make_synthetic_llama(
     prepare_output(out, [tokenizer_dir], overwrite)
     vocab = 32000
     if tokenizer_dir is not None:
-        from quantmint.models import load_tokenizer
+        from quantmint.io.models import load_tokenizer
 
         vocab = len(load_tokenizer(tokenizer_dir))
         vocab += -vocab % 64
@@ -145,7 +145,7 @@ def make_synthetic_llama(
             (tmp / INDEX_NAME).write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
-        # The marker lets `--overwrite` replace this directory later (quantmint.outdir).
+        # The marker lets `--overwrite` replace this directory later (quantmint.io.outdir).
         (tmp / "config.json").write_text(json.dumps({**cfg, SYNTHETIC_KEY: True}, indent=2) + "\n")
         if tokenizer_dir is not None:
             for file in _TOKENIZER_FILES:

@@ -307,7 +307,9 @@ def quantize_weight(
     gives the same integers and scales as the torch passes below (tested), which run everywhere else.
     """
     if strategy == "channel" and num_bits <= 8:
-        from quantmint import native_rtn  # ctypes lives there; imported here, it cannot import us back first
+        from quantmint.numerics import (
+            native_rtn,  # ctypes lives there; imported here, it cannot import us back first
+        )
 
         native = native_rtn.rtn_channel(weight, 2 ** (num_bits - 1) - 1)
         if native is not None:

@@ -7,9 +7,9 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quantmint.checkpoint import _read_manifest, read_quantization_config
-from quantmint.checkpoint_format import CheckpointManifest
 from quantmint.errors import CheckpointError
+from quantmint.formats.checkpoint import _read_manifest, read_quantization_config
+from quantmint.formats.checkpoint_format import CheckpointManifest
 
 __all__ = ["checkpoint_summary"]
 

@@ -1,6 +1,6 @@
 """Hooks a quantmint plugin can implement. The `register_*` hooks that fill a registry take a `register`
 callback built by the host, which validates what it is given and rejects duplicates in one place (see
-`quantmint.registry`); `register_commands` takes the CLI's sub-parsers."""
+`quantmint.extension.registry`); `register_commands` takes the CLI's sub-parsers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def register_model_families(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_runtimes(register: Callable[[Any], None]) -> None:
-    """Register `Runtime` objects (see `quantmint.runtime`): the quantized-layer classes of a backend, the
+    """Register `Runtime` objects (see `quantmint.extension.runtime`): the quantized-layer classes of a
+    backend, the
     schemes and devices it serves and its priority."""
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from quantmint.checkpoint import MANIFEST_NAME, load_quantized, read_config_dict
-from quantmint.checkpoint_format import claims_quantmint
 from quantmint.errors import QuantmintError
-from quantmint.hf import model_class
+from quantmint.formats.checkpoint import MANIFEST_NAME, load_quantized, read_config_dict
+from quantmint.formats.checkpoint_format import claims_quantmint
+from quantmint.formats.hf import model_class
 
 __all__ = ["is_quantmint_checkpoint", "load_float_model", "load_model", "load_tokenizer"]
 
@@ -151,7 +151,7 @@ def load_model(path: str | Path) -> nn.Module:
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    from quantmint.hf import refuse_custom_code
+    from quantmint.formats.hf import refuse_custom_code
 
     refuse_custom_code(path)  # an auto_map names Python in the directory: never imported
     try:

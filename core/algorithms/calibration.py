@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantmint.errors import ConfigError
-from quantmint.family import BlockLayout, ModelLayout
+from quantmint.extension.family import BlockLayout, ModelLayout
 
 __all__ = ["BlockCall", "CalibrationReport", "batch_samples", "capture_block_inputs", "run_sequential"]
 

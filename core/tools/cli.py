@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantmint.memory import peak_rss_mb
+from quantmint.tools.memory import peak_rss_mb
 
 __all__ = ["POSITIVE", "build_parser", "int_at_least", "main"]
 
@@ -25,34 +25,21 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def _with_algorithm_args(config: Any, option: str, **updates: Any) -> Any:
-    """`config` with these `algorithm_args` changed and the others kept; a usage error names `option`."""
-    try:
-        return config.with_updates(algorithm_args={**config.algorithm_args.model_dump(), **updates})
-    except ValueError as exc:
-        raise _usage_error(f"{option}: {exc}") from None
-
-
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from quantmint.algorithms.base import algorithm_for
     from quantmint.algorithms.ptq import quant_state, quantize
-    from quantmint.checkpoint import save_quantized
     from quantmint.config import PTQConfig, get_preset
-    from quantmint.models import load_float_model, load_tokenizer
+    from quantmint.formats.checkpoint import save_quantized
+    from quantmint.io.models import load_float_model, load_tokenizer
 
     config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.ignore:
         config = config.with_updates(ignore=[*config.ignore, *args.ignore])
-    if args.smooth_alpha is not None:
-        if config.outliers_suppression != "smooth":
-            raise _usage_error(
-                f"--smooth-alpha: this config does no SmoothQuant (outliers_suppression: "
-                f"{config.outliers_suppression}); pick a W8A8 preset or drop the option"
-            )
-        config = _with_algorithm_args(
-            config, "--smooth-alpha", smooth_alpha=args.smooth_alpha, smooth_alpha_grid=[]
-        )
-    if args.hadamard:
-        config = _with_algorithm_args(config, "--hadamard", hadamard=True)
+    for algorithm in _algorithms():  # each algorithm's own options (SmoothQuant's --smooth-alpha, ...)
+        try:
+            config = algorithm.apply_cli_options(config, args)
+        except ValueError as exc:
+            raise _usage_error(str(exc)) from None
     limits = _model_limits(Path(args.model))
     if args.calib_seq_len is None:  # the default: 512 tokens, fewer for a model that takes fewer
         args.calib_seq_len = min(512, limits["positions"] or 512)
@@ -65,7 +52,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
-    from quantmint.outdir import prepare_output
+    from quantmint.io.outdir import prepare_output
 
     prepare_output(out, [args.model], args.overwrite)  # before minutes of work: the -o rules
     start = time.perf_counter()
@@ -76,7 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = Path(args.model) if has_tokenizer else None
     calibration = None
     if args.calib:
-        from quantmint.data import calibration_samples
+        from quantmint.io.data import calibration_samples
 
         if tokenizer is None:
             raise _usage_error(f"--calib needs a tokenizer, and {args.model} has none")
@@ -90,10 +77,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
     loaded = time.perf_counter()
     work_dir = None
-    if config.block_ptq is not None:
+    if any(algorithm_for(step).resumable for step in config.recipe()):
         work_dir = Path(args.work_dir) if args.work_dir else out.parent / f".{out.name}.quantmint-work"
     if model is None:
-        from quantmint.streaming import quantize_checkpoint
+        from quantmint.algorithms.streaming import quantize_checkpoint
 
         streamed = quantize_checkpoint(
             args.model,
@@ -137,7 +124,7 @@ def _model_limits(model_dir: Path) -> dict[str, Any]:
     """The longest input (positions) and the vocabulary size config.json declares, None where it has none
     (a missing or broken config.json is left for loading to report)."""
     from quantmint.errors import QuantmintError
-    from quantmint.hf import read_config_json
+    from quantmint.formats.hf import read_config_json
 
     try:
         raw = read_config_json(model_dir)
@@ -159,8 +146,8 @@ def _is_count(value: Any) -> bool:
 def _too_big_for_memory(model_dir: Path) -> bool:
     """Whether the float checkpoint takes more than half the memory left: then it is streamed."""
     from quantmint.errors import QuantmintError
-    from quantmint.memory import available_memory_bytes
-    from quantmint.safetensors_io import CheckpointFiles
+    from quantmint.formats.safetensors_io import CheckpointFiles
+    from quantmint.tools.memory import available_memory_bytes
 
     try:
         size = sum(f.stat().st_size for f in CheckpointFiles(model_dir).files)
@@ -179,7 +166,7 @@ def _too_big_for_memory(model_dir: Path) -> bool:
 def _quantize_report(
     args: argparse.Namespace, out: Path, streamed: dict[str, Any] | None, start: float, loaded: float
 ) -> dict[str, Any]:
-    from quantmint.summary import checkpoint_summary
+    from quantmint.formats.summary import checkpoint_summary
 
     summary = checkpoint_summary(out)
     report = {
@@ -215,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         read_text,
         sentence_embeddings,
     )
-    from quantmint.models import is_quantmint_checkpoint, load_model, load_tokenizer
+    from quantmint.io.models import is_quantmint_checkpoint, load_model, load_tokenizer
 
     if not any((args.text, args.docs, args.squad, args.boolq, args.lee)):
         raise _usage_error(
@@ -303,7 +290,7 @@ def _is_causal_lm(model: Any) -> bool:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from quantmint.summary import checkpoint_summary
+    from quantmint.formats.summary import checkpoint_summary
 
     summary = checkpoint_summary(args.checkpoint)
     if args.json:
@@ -330,8 +317,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from quantmint.outdir import prepare_output
-    from quantmint.report import ReportOptions, build_report, to_markdown, write_report
+    from quantmint.io.outdir import prepare_output
+    from quantmint.tools.report import ReportOptions, build_report, to_markdown, write_report
 
     prepare_output(args.output, [args.float_model, *args.quantized], overwrite=True)
     options = ReportOptions(
@@ -352,20 +339,20 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from quantmint.export import export_checkpoint
+    from quantmint.formats.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, fmt=args.format, overwrite=args.overwrite)
     _print_json({"output": str(out), "format": args.format})
 
 
 def cmd_example_model(args: argparse.Namespace) -> None:
-    from quantmint.example_models import example_model_dir
+    from quantmint.tools.example_models import example_model_dir
 
     print(example_model_dir(args.name))
 
 
 def cmd_synth_model(args: argparse.Namespace) -> None:
-    from quantmint.synthetic import make_synthetic_llama
+    from quantmint.tools.synthetic import make_synthetic_llama
 
     start = time.perf_counter()
     info = make_synthetic_llama(
@@ -410,7 +397,7 @@ POSITIVE = int_at_least(1)
 
 def build_parser() -> argparse.ArgumentParser:
     from quantmint.config import PRESETS
-    from quantmint.example_models import EXAMPLE_MODELS
+    from quantmint.tools.example_models import EXAMPLE_MODELS
 
     parser = argparse.ArgumentParser(prog="quantmint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -427,18 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--ignore", action="append", metavar="PATTERN", help="also leave this module in float")
     q.add_argument("--family", help="force a model family instead of matching the architecture")
-    q.add_argument(
-        "--hadamard",
-        action="store_true",
-        help="W8A8: rotate the MLP down projection's input by a Hadamard matrix (algorithm_args.hadamard)",
-    )
-    q.add_argument(
-        "--smooth-alpha",
-        type=float,
-        metavar="ALPHA",
-        help="SmoothQuant: this alpha for every block, no per-block search (algorithm_args.smooth_alpha, "
-        "an empty smooth_alpha_grid)",
-    )
+    for algorithm in _algorithms():
+        algorithm.add_cli_options(q)
     q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
     q.add_argument("--calib-samples", type=POSITIVE, default=128, help="calibration samples (default 128)")
     q.add_argument(
@@ -543,10 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _algorithms() -> list[Any]:
+    """The registered algorithms, each once, in name order."""
+    from quantmint.algorithms.base import algorithms
+
+    unique = {id(a): a for _, a in sorted(algorithms().items())}
+    return list(unique.values())
+
+
 def _add_plugin_commands(sub: Any) -> None:
     """Commands that plugins add through the `register_commands` hook (a serving backend's `serve`)."""
-    from quantmint import registry
     from quantmint.errors import PluginError
+    from quantmint.extension import registry
 
     for impl in registry.get_plugin_manager().hook.register_commands.get_hookimpls():
         before = dict(sub.choices)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from quantmint.family import LinearAdapter
+    from quantmint.extension.family import LinearAdapter
 
 __all__ = [
     "apply_hadamard",

@@ -1,7 +1,7 @@
 """Quantizing a checkpoint without ever holding the model: for checkpoints larger than memory.
 
 Two paths, chosen by the config, both reading the float checkpoint's safetensors files one tensor
-at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for byte, as
+at a time (`quantmint.formats.safetensors_io`) and writing the same checkpoint, byte for byte, as
 `quantize` + `save_quantized` on the loaded model:
 
 - **Streaming RTN** (configs that need no calibration data): the model's structure is built on the
@@ -13,7 +13,7 @@ at a time (`quantmint.safetensors_io`) and writing the same checkpoint, byte for
   at once.
 - **Out-of-core calibration** (SmoothQuant, static activations, C8, block PTQ): the skeleton's
   embeddings, final norm and head are read in, every block stays on `meta`, and the sequential
-  engine (`quantmint.calibration`, or block PTQ's) reads one block's weights when it reaches it.
+  engine (`quantmint.algorithms.calibration`, or block PTQ's) reads one block's weights when it reaches it.
   A finished block is converted to its int8 cells, written to a block store on disk and moved back
   to `meta`. Peak memory is one block, the non-block weights and the calibration activations (which
   block PTQ can keep on disk: `block_ptq.cache`).
@@ -42,17 +42,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantmint import checkpoint, native_rtn
 from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
-from quantmint.checkpoint import write_shard
+from quantmint.algorithms.rotation import carry_rotation
 from quantmint.config import PTQConfig
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
-from quantmint.family import BlockLayout
-from quantmint.hf import build_skeleton, model_class, read_config_json, staged_directory
-from quantmint.memory import peak_rss_mb
-from quantmint.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
-from quantmint.rotation import carry_rotation
-from quantmint.safetensors_io import CheckpointFiles, ReadArena, SafetensorsFile, ShardWriter, TensorSpec
+from quantmint.extension.family import BlockLayout
+from quantmint.formats import checkpoint
+from quantmint.formats.checkpoint import write_shard
+from quantmint.formats.hf import build_skeleton, model_class, read_config_json, staged_directory
+from quantmint.formats.safetensors_io import (
+    CheckpointFiles,
+    ReadArena,
+    SafetensorsFile,
+    ShardWriter,
+    TensorSpec,
+)
+from quantmint.io.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
+from quantmint.numerics import native_rtn
+from quantmint.tools.memory import peak_rss_mb
 
 __all__ = ["BlockLoader", "BlockStore", "TensorSource", "empty_model", "quantize_checkpoint"]
 
@@ -380,7 +387,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _worker_main(job_file: str) -> None:
-    """One worker process of streaming RTN (`python -m quantmint.streaming JOB.json`): writes the
+    """One worker process of streaming RTN (`python -m quantmint.algorithms.streaming JOB.json`): writes the
     shards the job names and their manifest entries into JOB.json's `result`."""
     job = json.loads(Path(job_file).read_text())
     _die_with_parent(job["parent"])
@@ -398,7 +405,7 @@ def _worker_main(job_file: str) -> None:
 def _run_workers(
     path: Path, config: PTQConfig, family: str | None, groups: list[Planned], out: Path
 ) -> dict[str, dict[str, Any]]:
-    """Start one `python -m quantmint.streaming` process per group of shards and wait for all."""
+    """Start one `python -m quantmint.algorithms.streaming` process per group of shards and wait for all."""
     threads = max(1, torch.get_num_threads() // len(groups))
     procs = []
     for i, group in enumerate(groups):
@@ -413,7 +420,7 @@ def _run_workers(
             "shards": [(name, [s.name for s in specs]) for name, specs in group],
         }
         job_file.write_text(json.dumps(job))
-        command = [sys.executable, "-m", "quantmint.streaming", str(job_file)]
+        command = [sys.executable, "-m", "quantmint.algorithms.streaming", str(job_file)]
         procs.append((job_file, subprocess.Popen(command)))
     written: dict[str, dict[str, Any]] = {}
     failed = []
@@ -519,7 +526,7 @@ def quantize_checkpoint(
     if calibrated and not calibration:
         raise ConfigError(
             f"{config.scheme_name} calibrates (smoothing, static activations, C8 or block PTQ): pass "
-            "calibration=quantmint.data.calibration_samples(...) (CLI: --calib FILE)"
+            "calibration=quantmint.io.data.calibration_samples(...) (CLI: --calib FILE)"
         )
     with contextlib.ExitStack() as stack:
         stack.enter_context(output_errors(out))  # a full disk while writing blocks: one line

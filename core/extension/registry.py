@@ -16,10 +16,10 @@ import pluggy
 import torch
 from torch import nn
 
-from quantmint import hookspecs
 from quantmint.errors import NotSupportedError, PluginError, UnknownModelFamilyError
-from quantmint.family import ModelFamily
-from quantmint.runtime import ANY_DEVICE, Runtime
+from quantmint.extension import hookspecs
+from quantmint.extension.family import ModelFamily
+from quantmint.extension.runtime import ANY_DEVICE, Runtime
 
 __all__ = [
     "ENTRY_POINT_GROUP",

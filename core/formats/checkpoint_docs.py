@@ -1,7 +1,7 @@
 """The field tables of docs/checkpoint-format.md, generated from the checkpoint format's JSON schemas.
 
-    python -m quantmint.checkpoint_docs docs/checkpoint-format.md          # rewrite the tables
-    python -m quantmint.checkpoint_docs --check docs/checkpoint-format.md  # exit 1 if out of date
+    python -m quantmint.formats.checkpoint_docs docs/checkpoint-format.md          # rewrite the tables
+    python -m quantmint.formats.checkpoint_docs --check docs/checkpoint-format.md  # exit 1 if out of date
 
 Each table sits between `<!-- generated:NAME -->` and `<!-- end generated:NAME -->` lines of the page.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from quantmint.checkpoint_format import CheckpointManifest, FileEntry, QuantizationConfigBlock
+from quantmint.formats.checkpoint_format import CheckpointManifest, FileEntry, QuantizationConfigBlock
 
 __all__ = ["field_table", "generated_tables", "render_docs"]
 
@@ -74,9 +74,11 @@ def render_docs(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m quantmint.checkpoint_docs [--check] [PAGE]`: regenerate (or check) the field tables
+    """`python -m quantmint.formats.checkpoint_docs [--check] [PAGE]`: regenerate (or check) the field tables
     of docs/checkpoint-format.md from the schema."""
-    parser = argparse.ArgumentParser(prog="python -m quantmint.checkpoint_docs", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m quantmint.formats.checkpoint_docs", description=main.__doc__
+    )
     parser.add_argument("page", nargs="?", default="docs/checkpoint-format.md")
     parser.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
     args = parser.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render_docs(text)
     if args.check:
         if new != text:
-            print(f"{page} is out of date: run python -m quantmint.checkpoint_docs {page}")
+            print(f"{page} is out of date: run python -m quantmint.formats.checkpoint_docs {page}")
             return 1
         return 0
     page.write_text(new)
