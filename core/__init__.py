@@ -26,7 +26,7 @@ from quantmint.formats.checkpoint import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
-_moved.install()  # old module paths (quantmint.family, ...) still import
+_moved.install()  # the module paths of the flat layout still import (see quantmint._moved)
 
 __all__ = [
     # top-level API
