@@ -24,7 +24,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
 from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
-from quantmint.errors import CheckpointError
+from quantmint.errors import CheckpointError, UnknownModelFamilyError
 from quantmint.extension import registry
 from quantmint.formats.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
 
@@ -68,14 +68,10 @@ class QuantmintConfig(QuantizationConfig):
     def __init__(self, block: QuantizationConfigBlock) -> None:
         super().__init__()
         self.family: str = block.family
-        families = registry.model_families()
-        if block.family not in families:
-            raise QuantmintConfigError(
-                f"this quantmint checkpoint's model family {block.family!r} is not registered (registered: "
-                f"{', '.join(sorted(families)) or 'none'}): install the plugin that declares it (its "
-                f"declaration says how vLLM reads the family's layers), or check {registry.PLUGINS_ENV}"
-            )
-        serving = families[block.family].serving
+        try:  # the family's declaration says how vLLM reads its layers
+            serving = registry.family_named(block.family).serving
+        except UnknownModelFamilyError as exc:
+            raise QuantmintConfigError(f"this quantmint checkpoint: {exc}") from None
         self._renames = [(re.compile(r.pattern), r.replacement) for r in serving.renames(ENGINE)]
         self._transposed = [_components(name) for name in serving.transposed_linears]
         self.scheme: str = block.scheme

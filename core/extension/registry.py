@@ -257,15 +257,24 @@ def algorithms(validate: Any) -> dict[str, Any]:
     return _algorithms
 
 
+def family_named(name: str) -> ModelFamily:
+    """The registered family called `name` (a checkpoint's, a --family option's), else one line naming
+    what is registered and what to install."""
+    families = model_families()
+    if name not in families:
+        raise UnknownModelFamilyError(
+            f"unknown model family {name!r}: it is not registered (registered: "
+            f"{', '.join(sorted(families)) or 'none'}); install the plugin that declares it, or check "
+            f"{PLUGINS_ENV}"
+        )
+    return families[name]
+
+
 def find_family(model: nn.Module, name: str | None = None) -> ModelFamily:
     """The family that handles `model` (or the one called `name`), else a clear error."""
-    families = model_families()
     if name is not None:
-        if name not in families:
-            raise UnknownModelFamilyError(
-                f"unknown model family {name!r}; registered families: {sorted(families) or 'none'}"
-            )
-        return families[name]
+        return family_named(name)
+    families = model_families()
     for family in families.values():
         if family.matches(model):
             return family

@@ -64,14 +64,10 @@ def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
             "(algorithm_args.hadamard), which a compressed-tensors checkpoint cannot describe. Serve it with "
             "the quantmint plugin (quantmint serve), or quantize without hadamard to export"
         )
-    families = registry.model_families()
-    if block.family not in families:
-        raise QuantmintError(
-            f"{path} is a checkpoint of model family {block.family!r}, which is not registered (registered: "
-            f"{', '.join(sorted(families)) or 'none'}): install its plugin (its declaration says how engines "
-            f"read its layers), or check {registry.PLUGINS_ENV}"
-        )
-    transposed = families[block.family].serving.transposed_linears
+    try:  # the family's declaration says how engines read its layers
+        transposed = registry.family_named(block.family).serving.transposed_linears
+    except QuantmintError as exc:
+        raise QuantmintError(f"{path}: {exc}") from None
     if transposed:
         raise QuantmintError(
             f"{path}: model family {block.family!r} declares that its linears {', '.join(transposed)} store "
