@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from quantmint.algorithms.base import (
 )
 from quantmint.algorithms.builtin import RTN
 from quantmint.algorithms.ptq import PTQ, quant_state, quantize
-from quantmint.config import PRESETS, get_preset
+from quantmint.config import PRESETS, AlgorithmConfig, get_preset
 from quantmint.errors import ConfigError, PluginError
 from quantmint.extension.hookspecs import hookimpl
 from quantmint.numerics.quant_math import sqnr_db
@@ -290,3 +291,44 @@ def test_yaml_recipe_errors_are_one_config_error(
     config = PTQConfig.from_yaml("recipe: [{name: percentile_clip}, {name: rtn, weights: {}}]")
     with pytest.raises(ConfigError, match="cannot name the recipe's step"):
         config.to_mindformers()
+
+
+class _DataFreeStepConfig(AlgorithmConfig):
+    name: ClassVar[str] = "data_free_step"
+
+
+class _DataFreeStep(AlgorithmBase):
+    """Runs per block without calibration data (halves every weight before rounding)."""
+
+    config_type: ClassVar[type[AlgorithmConfig]] = _DataFreeStepConfig
+
+    def before_round(self, config: AlgorithmConfig, ctx: Any) -> None:
+        for module in ctx.block.linears.values():
+            ctx.steps.family.adapter.weight(module).data.mul_(0.5)
+
+
+class _DataFreePlugin:
+    @hookimpl
+    def register_algorithms(self, register: Any) -> None:
+        register(_DataFreeStep())
+
+
+def test_streamed_rtn_refuses_a_per_block_step_it_would_skip(
+    temporary_plugin: Callable[[object, str], None], tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from quantmint.algorithms.streaming import quantize_checkpoint
+    from quantmint.config import PTQConfig
+    from quantmint.errors import NotSupportedError
+
+    temporary_plugin(_DataFreePlugin(), "data_free_step")
+    config = PTQConfig.from_dict({"recipe": [{"name": "data_free_step"}, {"name": "rtn", "weights": {}}]})
+    with pytest.raises(NotSupportedError, match="data_free_step .*without --stream"):
+        quantize_checkpoint(tiny_model_dir("llama"), tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    model = build_tiny("llama")  # in memory, the step runs on every block
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    quantize(model, config)
+    state = quant_state(model)
+    assert state is not None
+    halved = model.model.layers[0].mlp.down_proj.dequantized_weight().float()
+    assert torch.allclose(halved, 0.5 * before, atol=before.abs().max().item() / 100)

@@ -59,6 +59,7 @@ __all__ = [
     "Rounding",
     "check_recipe",
     "recipe_from_data",
+    "per_block_steps",
     "recipe_rounding",
 ]
 
@@ -111,6 +112,13 @@ class Rounding(Protocol):
         name: str | None = None,
     ) -> FakeQuantLinear:
         """The fake-quantized twin of one float linear, given its input observer and smoothing."""
+        ...
+
+    @property
+    def file_rounding(self) -> tuple[str, int] | None:
+        """(strategy, bits) when a weight may be rounded straight from its file by the native per-channel
+        kernel (`quantmint.numerics.native_rtn.quantize_weight_from_file`) with the same result as
+        `fake_linear` (plain RTN); None otherwise, and the weight is read, then rounded."""
         ...
 
 
@@ -282,6 +290,18 @@ def check_recipe(recipe: list[AlgorithmConfig]) -> list[tuple[AlgorithmConfig, A
     for step, algorithm in pairs:
         algorithm.validate(step, recipe)
     return pairs
+
+
+def per_block_steps(pairs: list[tuple[AlgorithmConfig, Algorithm]]) -> list[str]:
+    """The steps that take part in the per-block pipeline (`run`, `before_block`, `before_round`,
+    `after_round`), by name: an algorithm not built on `AlgorithmBase` is counted in."""
+    hooks = ("run", "before_block", "before_round", "after_round")
+    return [
+        step.name
+        for step, alg in pairs
+        if not isinstance(alg, AlgorithmBase)
+        or any(getattr(type(alg), h) is not getattr(AlgorithmBase, h) for h in hooks)
+    ]
 
 
 def recipe_rounding(pairs: list[tuple[AlgorithmConfig, Algorithm]]) -> Rounding | None:

@@ -54,6 +54,10 @@ class RoundToNearest:
         return self.args.num_bits
 
     @property
+    def file_rounding(self) -> tuple[str, int] | None:
+        return (self.args.strategy, self.args.num_bits)
+
+    @property
     def static_input(self) -> bool:
         """Whether a W?A8 linear's input scale is static (measured on calibration data)."""
         return self.activations is not None and not self.activations.dynamic

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantmint.algorithms.base import per_block_steps
 from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
 from quantmint.algorithms.rotation import carry_rotation
 from quantmint.config import PTQConfig
-from quantmint.errors import CheckpointError, ConfigError, QuantmintError
+from quantmint.errors import CheckpointError, ConfigError, NotSupportedError, QuantmintError
 from quantmint.extension.family import BlockLayout
 from quantmint.formats import checkpoint
 from quantmint.formats.checkpoint import write_shard
@@ -313,6 +314,10 @@ class _RTNProducer:
         """The weight's (q, scale) rounded as it is read (`native_rtn.quantize_weight_from_file`), where
         nothing happens to it between the file and the rounding: stored as the module holds it (no
         transpose, no cast) and not rotated. None elsewhere: then it is read, then rounded."""
+        rounding = self.quant.rounding
+        file_rounding = getattr(rounding, "file_rounding", None) if rounding is not None else None
+        if file_rounding is None:  # the recipe's rounding is not plain per-channel RTN
+            return None
         if name in self.quant._rotated or self.family.adapter.weight(module) is not module.weight:
             return None
         found = self.source.locate(f"{name}.weight")
@@ -322,12 +327,12 @@ class _RTNProducer:
         if spec.shape != tuple(module.weight.shape) or spec.dtype != module.weight.dtype:
             return None
         path, offset = self.source.files.location(found)
-        weights = self.quant.config.weights
+        strategy, num_bits = file_rounding
         out = self._memory.take(spec.shape, torch.int8)
         fd = os.open(path, os.O_RDONLY)
         try:
             return native_rtn.quantize_weight_from_file(
-                fd, offset, spec.dtype, spec.shape, weights.strategy, weights.num_bits, out=out
+                fd, offset, spec.dtype, spec.shape, strategy, num_bits, out=out
             )
         finally:
             os.close(fd)
@@ -522,7 +527,15 @@ def quantize_checkpoint(
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
     prepare_output(out, [path], overwrite)
     max_bytes = checkpoint.parse_size(max_shard_size)
-    calibrated = PTQ(config, family=family).needs_calibration
+    ptq = PTQ(config, family=family)
+    calibrated = ptq.needs_calibration
+    per_block = per_block_steps(ptq.algorithms)
+    if not calibrated and per_block:
+        raise NotSupportedError(
+            f"step(s) {', '.join(per_block)} of this recipe run block by block without calibration data, "
+            "which streamed RTN does not do: quantize in memory (without --stream), or give the step "
+            "calibration data"
+        )
     if calibrated and not calibration:
         raise ConfigError(
             f"{config.scheme_name} calibrates (smoothing, static activations, C8 or block PTQ): pass "
