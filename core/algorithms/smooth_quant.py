@@ -16,6 +16,7 @@ from torch import nn
 
 from quantmint.algorithms.observers import InputObserver
 from quantmint.algorithms.rotation import is_rotated
+from quantmint.errors import ModelMappingError
 from quantmint.extension.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
 
 __all__ = ["SmoothQuant", "smoothing_scales"]
@@ -57,14 +58,13 @@ class SmoothQuant:
             if any(name not in observers or observers[name].absmax is None for name in names):
                 continue
             scales = self._smooth_pair(block.module, pair, family.adapter, observers[names[0]].absmax)
-            if scales is not None:
-                inputs.update(dict.fromkeys(names, scales[0]))
-                outputs[f"{block.name}.{pair.prev}"] = scales[1]
+            inputs.update(dict.fromkeys(names, scales[0]))
+            outputs[f"{block.name}.{pair.prev}"] = scales[1]
         return inputs, outputs
 
     def _smooth_pair(
         self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         prev = block.get_submodule(pair.prev)
         linears = [block.get_submodule(rel) for rel in pair.linears]
         weights = [adapter.weight(m).detach() for m in linears]
@@ -76,10 +76,17 @@ class SmoothQuant:
             if prev_out != x_absmax.numel():
                 # Grouped-query attention: each value head feeds `groups` query heads' slots of o_proj.
                 if self.head_dim is None or x_absmax.numel() % prev_out or prev_out % self.head_dim:
-                    return None
+                    raise ModelMappingError(
+                        f"smoothing pair {pair.prev!r} -> {pair.linears}: {pair.prev!r} has {prev_out} "
+                        f"output channels but its linears take {x_absmax.numel()} inputs (head_dim "
+                        f"{self.head_dim}); fix the family's pair or remove it"
+                    )
                 groups = x_absmax.numel() // prev_out
         elif getattr(prev, "weight", None) is None or prev.weight.numel() != x_absmax.numel():
-            return None
+            raise ModelMappingError(
+                f"smoothing pair {pair.prev!r} -> {pair.linears}: {pair.prev!r} is not a norm with "
+                f"{x_absmax.numel()} channels (the linears' input); fix the family's pair or remove it"
+            )
         if groups > 1:
             x_red = _reduce_groups(x_absmax, groups, self.head_dim)
             w_red = _reduce_groups(w_absmax, groups, self.head_dim)
