@@ -16,7 +16,7 @@ import pluggy
 import torch
 from torch import nn
 
-from quantmint.errors import NotSupportedError, PluginError, UnknownModelFamilyError
+from quantmint.errors import NotSupportedError, PluginError, QuantmintError, UnknownModelFamilyError
 from quantmint.extension import hookspecs
 from quantmint.extension.family import ModelFamily
 from quantmint.extension.runtime import ANY_DEVICE, Runtime
@@ -31,6 +31,7 @@ __all__ = [
     "get_plugin_manager",
     "kv_cache_class",
     "model_families",
+    "plugins_info",
     "refresh",
     "runtimes",
 ]
@@ -43,6 +44,8 @@ _pm: pluggy.PluginManager | None = None
 _families: dict[str, ModelFamily] | None = None
 _runtimes: dict[str, Runtime] | None = None
 _algorithms: dict[str, Any] | None = None
+_entry_points: dict[str, Any] = {}  # entry-point name -> its EntryPoint
+_owners: dict[str, dict[Any, str]] = {}  # hook name -> registered key -> the plugin that registered it
 
 
 def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -56,10 +59,7 @@ def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         try:
             pm.check_pending()  # a hook implementation whose name no hookspec has: a misspelt hook
         except pluggy.PluginValidationError as exc:
-            raise PluginError(
-                f"{exc}: is its name misspelt? quantmint's hooks are "
-                f"{', '.join(sorted(n for n in dir(hookspecs) if n.startswith('register_')))}"
-            ) from None
+            raise PluginError(_validation_message(pm, exc)) from None
         _pm = pm
     return _pm
 
@@ -80,7 +80,86 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 f"plugin {ep.name!r} ({ep.value}, from package {dist}) failed to import: {exc}; "
                 f"fix or uninstall it, or leave it out of {PLUGINS_ENV}"
             ) from exc
-        pm.register(plugin, name=ep.name)
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(_validation_message(pm, exc, ep.name, dist)) from None
+        _entry_points[ep.name] = ep
+        if not pm.get_hookcallers(plugin):
+            raise PluginError(
+                f"plugin {ep.name!r} ({ep.value}, from package {dist}) registered no family, algorithm, "
+                "runtime or command (missing @hookimpl?): decorate its hook functions with "
+                f"quantmint.hookimpl ({_hook_names()}), or uninstall it"
+            )
+
+
+def _hook_names() -> str:
+    return ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
+
+
+def _validation_message(
+    pm: pluggy.PluginManager, exc: pluggy.PluginValidationError, name: str | None = None, dist: str = "?"
+) -> str:
+    """A pluggy validation error in one line: the plugin, its hook, what is wrong and the fix."""
+    if name is None:
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        ep = _entry_points.get(name)
+        if ep is not None and ep.dist is not None:
+            dist = ep.dist.name
+    text = " ".join(str(exc).split())
+    unknown = text.startswith("unknown hook")
+    fix = (
+        f"is its name misspelt? quantmint's hooks are {_hook_names()}"
+        if unknown
+        else "a hook function takes only the arguments of quantmint's hook of that name "
+        f"({_hook_signatures()})"
+    )
+    return f"plugin {name!r} (package {dist}): {text}; {fix}"
+
+
+def _hook_signatures() -> str:
+    import inspect
+
+    return ", ".join(
+        f"{n}{inspect.signature(getattr(hookspecs, n)).replace(return_annotation=inspect.Signature.empty)}"
+        for n in sorted(n for n in dir(hookspecs) if n.startswith("register_"))
+    )
+
+
+def plugins_info() -> list[dict[str, Any]]:
+    """Each loaded plugin: entry-point name, module, distribution (name, version) and what it registered
+    (families, algorithms, runtimes, commands), in entry-point name order."""
+    import argparse
+
+    pm = get_plugin_manager()
+    from quantmint.algorithms.base import algorithms as registered_algorithms
+
+    model_families(), registered_algorithms(), runtimes()  # collected, so each one's owner is known
+    kinds = {
+        "families": "register_model_families",
+        "algorithms": "register_algorithms",
+        "runtimes": "register_runtimes",
+    }
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin()):
+        ep = _entry_points.get(name)
+        dist = ep.dist if ep is not None else None
+        row: dict[str, Any] = {
+            "name": name,
+            "module": ep.value if ep is not None else getattr(plugin, "__name__", repr(plugin)),
+            "distribution": dist.name if dist is not None else None,
+            "version": dist.version if dist is not None else None,
+        }
+        for kind, hook in kinds.items():
+            row[kind] = sorted(k for k, owner in _owners.get(hook, {}).items() if owner == name)
+        row["commands"] = []
+        for impl in pm.hook.register_commands.get_hookimpls():
+            if impl.plugin_name == name:
+                sub = argparse.ArgumentParser(prog="quantmint").add_subparsers()
+                impl.function(subparsers=sub)
+                row["commands"] = sorted(sub.choices)
+        rows.append(row)
+    return rows
 
 
 def refresh() -> None:
@@ -110,7 +189,16 @@ def _collect(hook_name: str, key: Any, validate: Any) -> dict[str, Any]:
             found[k] = obj
             owner[k] = _plugin
 
-        impl.function(register=register)
+        try:
+            impl.function(**dict.fromkeys(impl.argnames, register))
+        except QuantmintError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {plugin_name!r}: its hook {hook_name} failed: {type(exc).__name__}: {exc}; fix or "
+                f"uninstall the plugin, or leave it out of {PLUGINS_ENV}"
+            ) from exc
+    _owners[hook_name] = owner
     return found
 
 
