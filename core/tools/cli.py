@@ -351,6 +351,21 @@ def cmd_example_model(args: argparse.Namespace) -> None:
     print(example_model_dir(args.name))
 
 
+def cmd_plugins(args: argparse.Namespace) -> None:
+    from quantmint.extension import registry
+
+    rows = registry.plugins_info()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        package = f"{row['distribution']} {row['version']}" if row["distribution"] else "no package"
+        print(f"{row['name']}  ({row['module']}, {package})")
+        for kind in ("families", "algorithms", "runtimes", "commands"):
+            if row[kind]:
+                print(f"  {kind}: {', '.join(row[kind])}")
+
+
 def cmd_synth_model(args: argparse.Namespace) -> None:
     from quantmint.tools.synthetic import make_synthetic_llama
 
@@ -516,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB", help="split safetensors shards above this size")
     s.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     s.set_defaults(func=cmd_synth_model)
+
+    pl = sub.add_parser("plugins", help="list installed plugins, their packages and what each registered")
+    pl.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    pl.set_defaults(func=cmd_plugins)
     _add_plugin_commands(sub)
     return parser
 
