@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,43 @@ def test_plugins_command_lists_packages_and_registrations(capsys: pytest.Capture
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "llama  (quantmint.plugins.llama, quantmint " in text and "  families: llama" in text
+
+
+# --- check-family -------------------------------------------------------------------------------------
+
+
+def test_check_family_command_passes_a_builtin_family(
+    tiny_model_dir: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantmint.tools.cli import main
+
+    assert main(["check-family", str(tiny_model_dir("llama"))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["ok", "ok", "ok", "skip"]
+    assert "vllm round trip" in lines[-1]
+
+
+def test_check_family_refuses_a_broken_family(
+    temporary_plugin: Callable[[object, str], None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantmint.extension.hookspecs import hookimpl
+    from quantmint.testing import check_family
+
+    model = build_tiny("gpt2")
+    broken = dataclasses.replace(
+        registry.find_family(model),
+        name="broken_gpt2",
+        architectures=("NoSuchModel",),
+        smooth_pairs=(SmoothPair("mlp.c_fc", ("mlp.c_proj",)),),
+    )
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_model_families(register: Callable[[object], None]) -> None:
+            register(broken)
+
+    temporary_plugin(Plugin, "broken_gpt2")
+    results = check_family(model, family="broken_gpt2")
+    assert [(r.name, r.status) for r in results] == [("resolve", "fail")]
+    assert "SmoothPair('mlp.c_fc'" in results[0].detail and "not exact" in results[0].detail

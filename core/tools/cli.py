@@ -366,6 +366,18 @@ def cmd_plugins(args: argparse.Namespace) -> None:
                 print(f"  {kind}: {', '.join(row[kind])}")
 
 
+def cmd_check_family(args: argparse.Namespace) -> None:
+    from quantmint.errors import QuantmintError, one_line
+    from quantmint.testing import check_family
+
+    results = check_family(args.model, family=args.family)
+    for result in results:
+        print(one_line(result.line()))
+    failed = [r.name for r in results if r.status == "fail"]
+    if failed:
+        raise QuantmintError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+
+
 def cmd_synth_model(args: argparse.Namespace) -> None:
     from quantmint.tools.synthetic import make_synthetic_llama
 
@@ -535,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins, their packages and what each registered")
     pl.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     pl.set_defaults(func=cmd_plugins)
+
+    cf = sub.add_parser("check-family", help="check that a model family plugin fits a float model directory")
+    cf.add_argument("model", help="float Hugging Face model directory")
+    cf.add_argument("--family", help="check this family instead of the one matching the model's class")
+    cf.set_defaults(func=cmd_check_family)
     _add_plugin_commands(sub)
     return parser
 
