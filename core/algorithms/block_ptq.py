@@ -65,10 +65,6 @@ _ZETA, _GAMMA = 1.1, -0.1
 PROGRESS_NAME = "progress.json"
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 class LearnableQuantLinear(nn.Module):
     """The training-time twin of a `FakeQuantLinear`: learned rounding and scales.
 
@@ -120,11 +116,9 @@ class LearnableQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        if self.quantize_input:
-            scale = self.act_scale()
-            if scale is None:
-                scale = quant_math.qparams_from_absmax(x.detach().float().abs().amax(dim=-1, keepdim=True))
-            x = torch.clamp(_round_ste(x / scale), -127, 127) * scale
+        if self.quantize_input:  # the int8 activation rounding, with gradients straight through it
+            q, scale = quant_math.quantize_activation(x, self.act_scale(), torch.float32, ste=True)
+            x = q * scale
         s = quant_math.expand_weight_scale(self.weight_scale(), self.w.shape, self.group_size)
         return F.linear(x, self.int_weight() * s, self.bias).to(dtype)
 

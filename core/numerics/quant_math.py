@@ -209,21 +209,30 @@ def fake_quantize(x: torch.Tensor, granularity: Granularity, num_bits: int = 8) 
 
 
 def quantize_activation(
-    x: torch.Tensor, input_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.int8
+    x: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.int8,
+    ste: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round activations x [..., in] onto the symmetric int8 grid [-127, 127]: per token when
     `input_scale` is None (dynamic; scale = absmax of the row / 127, [..., 1]), else with the static
     per-tensor scale (a 1-element float32 tensor, returned as [1, ..., 1]).
 
     Returns (q as `dtype`, scale float32). The one activation rounding of quantmint: the int8 cells pass
-    int8, the fake-quant layers float32 (then `q * scale` is the activation they compute with).
+    int8, the fake-quant layers float32 (then `q * scale` is the activation they compute with). With
+    `ste`, gradients pass straight through the rounding to x and to a static `input_scale` (block PTQ
+    learns that scale through it); a dynamic scale is a constant of the graph.
     """
     xf = x if x.dtype == torch.float32 else x.float()
     if input_scale is None:
-        scale = qparams_from_absmax(torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True))
+        absmax = torch.linalg.vector_norm(xf.detach(), ord=float("inf"), dim=-1, keepdim=True)
+        scale = qparams_from_absmax(absmax)
     else:
         scale = input_scale.reshape((1,) * xf.dim())
-    return (xf / scale).round_().clamp_(-127, 127).to(dtype), scale
+    y = xf / scale
+    if ste:
+        return torch.clamp(y + (torch.round(y) - y).detach(), -127, 127).to(dtype), scale
+    return y.round_().clamp_(-127, 127).to(dtype), scale
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
