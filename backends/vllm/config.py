@@ -1,12 +1,21 @@
 """The `quantmint` quantization method for vLLM: reads a quantmint checkpoint's `quantization_config`.
 
 vLLM names layers its own way: it fuses q/k/v and gate/up into one layer (`qkv_proj`, `gate_up_proj`,
-BERT's `query`/`key`/`value` into `qkv_proj`) and may nest the model under another root (`model.` for a
-BERT embedding model). A vLLM layer is matched to the checkpoint's quantized modules by applying the
-family's declared renames (`ServingNeeds.engine_module_names` for engine `vllm`), expanding a fused name
-through the model's `packed_modules_mapping`, then by whole dotted components, the checkpoint's name being
-a suffix of vLLM's or the other way round. What else this reads from the family's `ServingNeeds`: which
-linears vLLM transposes on load (`transposed_linears`).
+BERT's `query`/`key`/`value` into `qkv_proj`), may nest the model under another root (`model.` for a
+BERT embedding model), and a model class that renames checkpoint weights (vLLM's Transformers modeling
+backend, for every architecture vLLM has no class of its own for: `gpt_neox.layers.0...` becomes
+`model.layers.0...`) hands its weight-name mapping to the quantization config (`apply_vllm_mapper`).
+The checkpoint's module names (quantized, rotated, KV-cached) are first mapped through it. A vLLM layer
+is then matched to them by applying the family's declared renames (`ServingNeeds.engine_module_names`
+for engine `vllm`), expanding a fused name through the model's `packed_modules_mapping`, then by whole
+dotted components, the checkpoint's name being a suffix of vLLM's or the other way round. What else this
+reads from the family's `ServingNeeds`: which linears vLLM transposes on load (`transposed_linears`).
+
+Every quantized checkpoint module must be matched by a vLLM layer: once vLLM has built the model and
+starts loading weights (or, for a model whose loader never asks, when the first layer is processed
+after loading), a module no layer asked for is refused in one line naming its checkpoint name and the
+name it was looked for as, instead of vLLM loading int8 tensors into a float layer and failing on a
+parameter it does not have.
 """
 
 from __future__ import annotations
@@ -75,11 +84,15 @@ class QuantmintConfig(QuantizationConfig):
         self._renames = [(re.compile(r.pattern), r.replacement) for r in serving.renames(ENGINE)]
         self._transposed = [_components(name) for name in serving.transposed_linears]
         self.scheme: str = block.scheme
-        self.modules: dict[str, str] = dict(block.modules)
+        self.modules: dict[str, str] = dict(block.modules)  # keyed by vLLM-side names once mapped
         self.kv_cache_modules: list[str] = list(block.kv_cache_modules)
-        self._rotated = [_components(name) for name in block.rotated_modules]
+        self.rotated_modules: list[str] = list(block.rotated_modules)
+        # vLLM-side name -> the checkpoint's own name (equal until a model's mapper renames it)
+        self.checkpoint_names: dict[str, str] = {name: name for name in self.modules}
+        self._served: set[str] = set()  # vLLM-side names of the modules some vLLM layer asked for
+        self._served_checked = False
+        self._reindex()
         self.static_input = not block.config.activations.dynamic
-        self._index = [(_components(name), scheme) for name, scheme in self.modules.items()]
         unserved = sorted(set(self.modules.values()) - {"w8a8", "w8a16"})
         strategy = block.config.weights.strategy
         if unserved or strategy not in ("channel", "tensor"):
@@ -133,19 +146,44 @@ class QuantmintConfig(QuantizationConfig):
             return None  # attention keeps vLLM's own cache (C8 is refused or opted out above)
         scheme = self.scheme_for(prefix)
         if scheme is None:
-            return UnquantizedLinearMethod()
+            return _FloatLinearMethod(self)
         transposed = self.is_transposed(prefix)
         rotate = self.is_rotated(prefix)
+        method: W8A8LinearMethod | W8A16LinearMethod
         if scheme == "w8a8":
-            return W8A8LinearMethod(
+            method = W8A8LinearMethod(
                 static_input=self.static_input, transposed=transposed, rotate_input=rotate
             )
-        if scheme == "w8a16":
-            return W8A16LinearMethod(transposed=transposed, rotate_input=rotate)
-        raise ValueError(
-            f"layer {prefix} is quantized with scheme {scheme!r}, which quantmint's vLLM backend does not "
-            "serve (it serves w8a8 and w8a16): serve it with quantmint's torch runtime"
-        )
+        elif scheme == "w8a16":
+            method = W8A16LinearMethod(transposed=transposed, rotate_input=rotate)
+        else:
+            raise ValueError(
+                f"layer {prefix} is quantized with scheme {scheme!r}, which quantmint's vLLM backend does "
+                "not serve (it serves w8a8 and w8a16): serve it with quantmint's torch runtime"
+            )
+        method.before_processing = self.check_every_module_served
+        return method
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
+        """Rename the checkpoint's module names as the model class renames its weights (vLLM calls this
+        before it builds the layers; the Transformers backend's mapper moves a base-model prefix such as
+        `gpt_neox.` to `model.`). A name the mapper drops keeps its own: it must still be served."""
+
+        def mapped(name: str) -> str:
+            new = hf_to_vllm_mapper.map_name(name)
+            return name if new is None else new
+
+        self.checkpoint_names = {mapped(name): original for name, original in self.checkpoint_names.items()}
+        self.modules = {mapped(name): scheme for name, scheme in self.modules.items()}
+        self.kv_cache_modules = [mapped(name) for name in self.kv_cache_modules]
+        self.rotated_modules = [mapped(name) for name in self.rotated_modules]
+        self._reindex()
+
+    def get_checkpoint_weight_mapper(self) -> WeightsMapper:  # type: ignore[override]
+        """Called as vLLM starts loading weights, after it built every layer: refuse a quantized module
+        no layer asked for before its int8 tensors reach a float layer."""
+        self.check_every_module_served()
+        return super().get_checkpoint_weight_mapper()
 
     def get_cache_scale_mapper(self) -> WeightsMapper:  # type: ignore[override]
         """Drop the C8 K/V scales (per channel, which vLLM's float-cache scales are not) when opted out."""
@@ -156,6 +194,38 @@ class QuantmintConfig(QuantizationConfig):
         return mapper
 
     # ------------------------------------------------------------------ layer lookup
+
+    def _reindex(self) -> None:
+        self._index = [(_components(name), name, scheme) for name, scheme in self.modules.items()]
+        self._rotated = [_components(name) for name in self.rotated_modules]
+
+    def check_every_module_served(self) -> None:
+        """Refuse, in one line, a quantized checkpoint module that no vLLM layer matched (once all layers
+        are built). Skipped under pipeline parallelism, where each rank builds only its own layers."""
+        if self._served_checked:
+            return
+        self._served_checked = True
+        try:
+            from vllm.distributed import get_pp_group
+
+            if get_pp_group().world_size > 1:
+                return
+        except (AssertionError, ImportError):  # no distributed state: a single process
+            pass
+        unserved = [name for name in self.modules if name not in self._served]
+        if not unserved:
+            return
+        shown = "; ".join(
+            f"{self.checkpoint_names.get(name, name)!r} (looked for as {name!r})" for name in unserved[:3]
+        )
+        more = f" and {len(unserved) - 3} more" if len(unserved) > 3 else ""
+        raise QuantmintConfigError(
+            f"quantmint: {len(unserved)} quantized module(s) of this {self.family!r} checkpoint match no "
+            f"linear layer of the vLLM model: {shown}{more}; vLLM would load their int8 weights into float "
+            "layers. Check that vLLM runs this architecture with the layer names the family declares (a "
+            f"name vLLM spells otherwise is declared in the family's ServingNeeds.engine_module_names), "
+            "or leave these modules in float (--ignore)"
+        )
 
     def _renamed(self, prefix: str) -> str:
         for pattern, replacement in self._renames:
@@ -191,8 +261,24 @@ class QuantmintConfig(QuantizationConfig):
 
     def _lookup(self, name: str) -> str | None:
         wanted = _components(name)
-        hits = [(parts, scheme) for parts, scheme in self._index if _suffix_match(parts, wanted)]
+        hits = [(full, scheme) for parts, full, scheme in self._index if _suffix_match(parts, wanted)]
         if len(hits) > 1:
-            names = ", ".join(".".join(parts) for parts, _ in hits)
+            names = ", ".join(full for full, _ in hits)
             raise ValueError(f"vLLM layer {name} matches several checkpoint modules ({names})")
-        return hits[0][1] if hits else None
+        if not hits:
+            return None
+        self._served.add(hits[0][0])
+        return hits[0][1]
+
+
+class _FloatLinearMethod(UnquantizedLinearMethod):
+    """vLLM's float linear, which first checks that every quantized module found its layer (for model
+    classes whose weight loading never asks the quantization config for a weight mapper)."""
+
+    def __init__(self, config: QuantmintConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self._config.check_every_module_served()
+        super().process_weights_after_loading(layer)

@@ -69,6 +69,9 @@ class _Int8WeightsMethod(LinearMethodBase):
 
     def __init__(self, transposed: bool = False, rotate_input: bool = False) -> None:
         self.transposed = transposed
+        # Called before the weights are processed (the quantization config checks there that every
+        # quantized checkpoint module found its layer, for model classes that never ask it earlier).
+        self.before_processing: Callable[[], None] = lambda: None
         # The checkpoint folded a Hadamard matrix into this layer's weight (`quantmint.algorithms.rotation`):
         # its input is rotated the same way before the int8 matmul.
         self.rotate_input = rotate_input
@@ -196,6 +199,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
         layer.register_parameter("azp_adj", None)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.before_processing()
         if self.static_input:
             replace_parameter(layer, "input_scale", layer.input_scale.data.max().reshape(1))
         out_features, in_features = layer.weight.shape
@@ -233,6 +237,7 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     """
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.before_processing()
         weight = layer.weight.data.contiguous()
         layer.quantmint_amx = amx_woq_supported(weight, layer.quantmint_dtype)
         if layer.quantmint_amx:
