@@ -105,13 +105,34 @@ def _without_timings(record):
     return record
 
 
+def _without_provider_version(config_json: bytes) -> bytes:
+    """config.json with the recorded provider's version (`quantization_config.family_provider.version`,
+    quantmint's own for the built-in families) replaced by a placeholder: every release bump would change
+    every digest otherwise. The distribution name stays in the digest."""
+    config = json.loads(config_json)
+    provider = config["quantization_config"].get("family_provider")
+    if provider is not None:
+        provider["version"] = "<version>"
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _dir_digest(out: Path) -> str:
     digest = hashlib.sha256()
+    config = _without_provider_version((out / "config.json").read_bytes())
     for file in sorted(p for p in out.rglob("*") if p.is_file()):
         digest.update(file.relative_to(out).as_posix().encode() + b"\0")
         data = file.read_bytes()
         if file.name == "quantmint_calibration.json":  # a run record: its timings and RSS vary by run
             data = json.dumps(_without_timings(json.loads(data)), sort_keys=True).encode()
+        elif file.name == "config.json":  # the provider's version left out (see _without_provider_version)
+            data = config
+        elif file.name == "quantmint_manifest.json":  # its config.json entry follows the normalised file
+            manifest = json.loads(data)
+            manifest["files"]["config.json"] = {
+                "sha256": hashlib.sha256(config).hexdigest(),
+                "bytes": len(config),
+            }
+            data = (json.dumps(manifest, indent=2) + "\n").encode()
         digest.update(hashlib.sha256(data).digest())
     return digest.hexdigest()
 

@@ -27,10 +27,13 @@ __all__ = [
     "algorithms",
     "cell_class",
     "cell_classes",
+    "family_distribution",
+    "family_named",
     "find_family",
     "get_plugin_manager",
     "kv_cache_class",
     "model_families",
+    "note_recorded_provider",
     "plugins_info",
     "refresh",
     "runtimes",
@@ -46,6 +49,9 @@ _runtimes: dict[str, Runtime] | None = None
 _algorithms: dict[str, Any] | None = None
 _entry_points: dict[str, Any] = {}  # entry-point name -> its EntryPoint
 _owners: dict[str, dict[Any, str]] = {}  # hook name -> registered key -> the plugin that registered it
+# family name -> (distribution, version) a checkpoint read in this process recorded as its provider: only
+# for the message of `family_named` when that family is not registered (see `note_recorded_provider`)
+_recorded_providers: dict[str, tuple[str, str]] = {}
 
 
 def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -345,15 +351,65 @@ def algorithms(validate: Any) -> dict[str, Any]:
     return _algorithms
 
 
+def family_distribution(name: str) -> tuple[str, str] | None:
+    """The distribution (package name, version) whose entry point registered family `name`; None for a
+    family registered without an entry point (a plugin registered in-process, as tests do) or when no
+    family is called `name`."""
+    model_families()  # collected, so each family's owner is known
+    plugin = _owners.get("register_model_families", {}).get(name)
+    ep = _entry_points.get(plugin) if plugin is not None else None
+    if ep is None or ep.dist is None:
+        return None
+    return ep.dist.name, ep.dist.version
+
+
+def note_recorded_provider(family: str, distribution: str, version: str) -> None:
+    """Remember that a checkpoint being read records `distribution` `version` as the provider of `family`,
+    so that `family_named` can say which package to install if that family is not registered. Called by
+    `QuantizationConfigBlock.from_block`, which every checkpoint reader goes through; used for that
+    message only, never to choose a family."""
+    _recorded_providers[family] = (distribution, version)
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+def _missing_family_fix(name: str, registered: str) -> str:
+    """What to do about an unregistered family: the recorded provider's package when a checkpoint
+    named one, else the generic advice."""
+    recorded = _recorded_providers.get(name)
+    if recorded is None:
+        return (
+            f"it is not registered (registered: {registered}); install the plugin that declares it, or "
+            f"check {PLUGINS_ENV}"
+        )
+    dist, version = recorded
+    made = f"this checkpoint was made with the family from {dist} {version}"
+    installed = _installed_version(dist)
+    if installed is None:
+        return f"{made}; pip install {dist} (registered families: {registered})"
+    other = "" if installed == version else f", or pip install '{dist}=={version}'"
+    return (
+        f"{made}, and {dist} {installed} is installed but registers no family {name!r} (registered: "
+        f"{registered}): check {PLUGINS_ENV}{other}"
+    )
+
+
 def family_named(name: str) -> ModelFamily:
     """The registered family called `name` (a checkpoint's, a --family option's), else one line naming
-    what is registered and what to install."""
+    what is registered and what to install (the recorded provider's package, for a checkpoint that
+    records one)."""
     families = model_families()
     if name not in families:
+        registered = ", ".join(sorted(families)) or "none"
         raise UnknownModelFamilyError(
-            f"unknown model family {name!r}: it is not registered (registered: "
-            f"{', '.join(sorted(families)) or 'none'}); install the plugin that declares it, or check "
-            f"{PLUGINS_ENV}"
+            f"unknown model family {name!r}: {_missing_family_fix(name, registered)}"
         )
     return families[name]
 

@@ -34,11 +34,13 @@ from torch import nn
 
 from quantmint.algorithms.ptq import PTQ, STATE_ATTR, quant_state
 from quantmint.errors import CheckpointError, ConfigError, QuantmintError
+from quantmint.extension import registry
 from quantmint.formats.checkpoint_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     QUANT_METHOD,
     CheckpointManifest,
+    FamilyProvider,
     FileEntry,
     QuantizationConfigBlock,
     _one_line,
@@ -138,11 +140,15 @@ def quantization_config_block(model: nn.Module) -> QuantizationConfigBlock:
     """The `quantization_config` entry of config.json for a converted model."""
     state = quant_state(model)
     assert state is not None
+    provider = registry.family_distribution(state.family)  # None: registered in-process, nothing recorded
     return QuantizationConfigBlock(
         quant_method=QUANT_METHOD,
         format_version=FORMAT_VERSION,
         scheme=state.config.scheme_name,
         family=state.family,
+        family_provider=None
+        if provider is None
+        else FamilyProvider(distribution=provider[0], version=provider[1]),
         config=state.config.with_updates(mode="deploy"),
         modules=dict(state.modules),
         kv_cache_modules=list(state.kv_modules),

@@ -16,7 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from quantmint.formats.checkpoint_format import CheckpointManifest, FileEntry, QuantizationConfigBlock
+from quantmint.formats.checkpoint_format import (
+    CheckpointManifest,
+    FamilyProvider,
+    FileEntry,
+    QuantizationConfigBlock,
+)
 
 __all__ = ["field_table", "generated_tables", "render_docs"]
 
@@ -57,6 +62,7 @@ def generated_tables() -> dict[str, str]:
     """The tables docs/checkpoint-format.md holds between `<!-- generated:NAME -->` markers."""
     return {
         "quantization_config": field_table(QuantizationConfigBlock),
+        "family-provider": field_table(FamilyProvider),
         "manifest": field_table(CheckpointManifest),
         "manifest-entry": field_table(FileEntry),
     }

@@ -8,7 +8,10 @@ every validation error into a one-line `CheckpointError` naming the field and th
 Unknown keys:
 - `quantization_config` is closed (`extra="forbid"`): it decides how every tensor is read, so a key this
   release does not know means a checkpoint it cannot interpret (edited, or written by a later format),
-  and is refused. A writer that adds a key must bump `FORMAT_VERSION`.
+  and is refused. A writer that adds a key changing how a tensor is read must bump `FORMAT_VERSION`; an
+  optional key that only describes the checkpoint and whose absence means "unknown" (`family_provider`)
+  is added within version 1: an earlier reader refuses it in one line, never misreads (see
+  docs/checkpoint-format.md, Versioning).
 - the manifest is open (`extra="ignore"`): it only lists files and their digests, so an added key (a
   comment, a later release's bookkeeping) changes nothing a reader relies on and is ignored.
 
@@ -33,6 +36,7 @@ __all__ = [
     "MANIFEST_NAME",
     "QUANT_METHOD",
     "CheckpointManifest",
+    "FamilyProvider",
     "FileEntry",
     "QuantizationConfigBlock",
     "claims_quantmint",
@@ -138,11 +142,33 @@ _BLOCK_EXPECTED = {
     "format_version": f"the integer {FORMAT_VERSION}",
     "scheme": 'a string (the config\'s scheme name, e.g. "w8a16")',
     "family": 'a string (the model family, e.g. "llama")',
+    "family_provider": 'null or an object {"distribution": a package name, "version": a version string}',
     "config": "an object: the quantization config (PTQConfig)",
     "modules": "an object mapping module names to scheme names",
     "kv_cache_modules": "a list of module names",
     "rotated_modules": "a list of module names",
 }
+
+
+# A distribution name as PEP 508 spells it, and a version string: both end up in a `pip install` hint, so
+# nothing else (spaces, quotes, shell characters) is accepted from a checkpoint.
+_DIST_NAME = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$"
+_VERSION = r"^[A-Za-z0-9](?:[A-Za-z0-9.+!_-]{0,62}[A-Za-z0-9])?$"
+
+
+class FamilyProvider(BaseModel):
+    """The installed distribution whose entry point registered the checkpoint's family."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, title="family_provider")
+
+    distribution: str = Field(
+        pattern=_DIST_NAME,
+        description="The distribution (pip package) name, e.g. `quantmint` for a built-in family, "
+        "`quantmint-opt` for a plugin's.",
+    )
+    version: str = Field(
+        pattern=_VERSION, description="Its installed version when the checkpoint was written."
+    )
 
 
 class QuantizationConfigBlock(BaseModel):
@@ -163,6 +189,14 @@ class QuantizationConfigBlock(BaseModel):
     family: str = Field(
         description="The model family that mapped the model (`llama`, `gpt2`, `bert`, or a plugin's). "
         "The loader maps the rebuilt model with the same family."
+    )
+    family_provider: FamilyProvider | None = Field(
+        default=None,
+        description="The distribution that registered `family`, by entry point: {`distribution`, `version`} "
+        "(`quantmint` for the built-in families). Absent when the family was registered without a package "
+        "(in-process) and in checkpoints written before it was recorded. For people and for the message "
+        "naming the package to install when `family` is not registered; loading never depends on it (a "
+        "different installed version loads silently).",
     )
     config: PTQConfig = Field(
         description="The quantization config the checkpoint was made with, in deploy mode "
@@ -200,16 +234,24 @@ class QuantizationConfigBlock(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         """The block as written into config.json (the inverse of `from_block`)."""
-        return {
+        out: dict[str, Any] = {
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "scheme": self.scheme,
             "family": self.family,
-            "config": self.config.to_dict(),
-            "modules": dict(self.modules),
-            "kv_cache_modules": list(self.kv_cache_modules),
-            "rotated_modules": list(self.rotated_modules),
         }
+        if self.family_provider is not None:  # left out when unknown, as in earlier checkpoints
+            out["family_provider"] = {
+                "distribution": self.family_provider.distribution,
+                "version": self.family_provider.version,
+            }
+        out.update(
+            config=self.config.to_dict(),
+            modules=dict(self.modules),
+            kv_cache_modules=list(self.kv_cache_modules),
+            rotated_modules=list(self.rotated_modules),
+        )
+        return out
 
     @classmethod
     def from_block(
@@ -221,9 +263,15 @@ class QuantizationConfigBlock(BaseModel):
         """Parse a `quantization_config` value; anything else than a quantmint block of this format
         version with well-typed fields is `error`, in one line naming the field and the fix."""
         try:
-            return cls.model_validate(block)
+            parsed = cls.model_validate(block)
         except ValidationError as exc:
             raise error(_block_message(exc, block, where)) from None
+        if parsed.family_provider is not None:  # so that a missing family names the package to install
+            from quantmint.extension import registry
+
+            provider = parsed.family_provider
+            registry.note_recorded_provider(parsed.family, provider.distribution, provider.version)
+        return parsed
 
     @classmethod
     def from_config_json(
