@@ -305,5 +305,14 @@ class KVCacheCalibration(AlgorithmBase):
 
 @hookimpl
 def register_algorithms(register: Any) -> None:
-    for algorithm in (HadamardRotation, SmoothQuantAlgorithm, RTN, BlockPTQAlgorithm, KVCacheCalibration):
+    from quantmint.algorithms.gptq import GPTQ  # it builds on RTN below: imported once this module is
+
+    for algorithm in (
+        HadamardRotation,
+        SmoothQuantAlgorithm,
+        RTN,
+        GPTQ,
+        BlockPTQAlgorithm,
+        KVCacheCalibration,
+    ):
         register(algorithm())

@@ -1,10 +1,10 @@
-"""Named configs: the seeds' combination list and the block PTQ and 4-bit presets."""
+"""Named configs: the seeds' combination list and the block PTQ, GPTQ and 4-bit presets."""
 
 from __future__ import annotations
 
 from quantmint.config.base import QuantArgs
 from quantmint.config.ptq_config import PTQConfig
-from quantmint.config.steps import AlgorithmArgs, BlockPTQArgs
+from quantmint.config.steps import AlgorithmArgs, BlockPTQArgs, GPTQArgs
 from quantmint.errors import ConfigError
 
 # The seeds' combination list: RTN W8A16, SmoothQuant W8A8, C8, W8A16+C8, SmoothQuant+C8.
@@ -39,6 +39,9 @@ PRESETS: dict[str, PTQConfig] = {
     ),
     "w8a16-ptq": PTQConfig(weight_dtype="int8", block_ptq=BlockPTQArgs()),
     "w4a16-ptq": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS, block_ptq=BlockPTQArgs()),
+    # GPTQ's rounding on the same grids as RTN's w4a16 (groups of 128) and w8a16 (per channel).
+    "w4a16-gptq": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS, gptq=GPTQArgs()),
+    "w8a16-gptq": PTQConfig(weight_dtype="int8", gptq=GPTQArgs()),
 }
 
 

@@ -21,6 +21,8 @@ from quantmint.config.steps import (
     AlgorithmArgs,
     AlgorithmConfig,
     BlockPTQArgs,
+    GPTQArgs,
+    GPTQConfig,
     HadamardConfig,
     KVCacheConfig,
     RoundToNearestConfig,
@@ -62,6 +64,8 @@ class PTQConfig(StrictConfig):
     algorithm_args: AlgorithmArgs = AlgorithmArgs()
     # Set: block-sequential PTQ tunes every block's rounding and scales (see `BlockPTQArgs`).
     block_ptq: BlockPTQArgs | None = None
+    # Set: the weights are rounded by GPTQ instead of round-to-nearest (see `GPTQArgs`).
+    gptq: GPTQArgs | None = None
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], max_length=10_000)
 
     _dtype_fields: ClassVar[tuple[str, ...]] = ("weight_dtype", "activation_dtype", "kvcache_dtype")
@@ -176,6 +180,8 @@ class PTQConfig(StrictConfig):
             raise ValueError("activations are quantized per 'token' (dynamic) or per 'tensor'")
         if self.kvcache.dynamic or self.kvcache.strategy == "token":
             raise ValueError("the kv cache uses static scales per 'channel', 'head' or 'tensor'")
+        if self.gptq is not None and not self.weight_dtype:
+            raise ValueError("gptq rounds weights: set weight_dtype (int8 or int4), or drop gptq")
         recipe = self.recipe()
         for step in recipe:
             step.check(recipe)
@@ -203,13 +209,15 @@ class PTQConfig(StrictConfig):
                 )
             )
         if self.weight_dtype:
-            steps.append(
-                RoundToNearestConfig(
-                    weights=self.weights,
-                    activations=self.activations if self.activation_dtype else None,
-                    w8a16_outlier_ratio=args.w8a16_outlier_ratio,
-                )
+            rounding = dict(
+                weights=self.weights,
+                activations=self.activations if self.activation_dtype else None,
+                w8a16_outlier_ratio=args.w8a16_outlier_ratio,
             )
+            if self.gptq is not None:
+                steps.append(GPTQConfig(**rounding, **self.gptq.model_dump()))
+            else:
+                steps.append(RoundToNearestConfig(**rounding))
         if self.kvcache_dtype:
             steps.append(KVCacheConfig(kvcache=self.kvcache))
         if self.block_ptq is not None:
@@ -232,7 +240,8 @@ class PTQConfig(StrictConfig):
     def to_dict(self) -> dict[str, Any]:
         """Plain data that `from_dict` reads back: every key, or `mode`, `ignore` and the `recipe`."""
         if self._steps is None:
-            return self.model_dump(mode="json")
+            # `gptq` is written only when set: configs without it keep the bytes they had before it existed
+            return self.model_dump(mode="json", exclude=None if self.gptq is not None else {"gptq"})
         return {
             "mode": self.mode,
             "ignore": list(self.ignore),

@@ -216,6 +216,55 @@ class RoundToNearestConfig(AlgorithmConfig):
         return fields
 
 
+class GPTQArgs(StrictConfig):
+    """GPTQ's knobs (Frantar et al., 2022), the `gptq:` key of a `PTQConfig` (see `GPTQConfig`).
+
+    | key | meaning |
+    | --- | ------- |
+    | block_size | columns per lazy batch update (the paper's B = 128) |
+    | damp_percent | dampening added to the Hessian's diagonal, as a share of its mean diagonal |
+    | actorder | quantize columns in order of decreasing Hessian diagonal (static groups: the scales are
+      those of the original column order, so the checkpoint layout stays ordinary) |
+    | sequential | the next block calibrates on this block's quantized outputs (GPTQ's own flow) |
+    | batch_size | calibration samples per forward pass while GPTQ drives calibration |
+    """
+
+    block_size: int = Field(default=128, ge=1, le=1 << 16)
+    damp_percent: float = Field(default=0.01, gt=0.0, le=10.0)
+    actorder: bool = False
+    sequential: bool = True
+    batch_size: int = Field(default=8, ge=1, le=1 << 16)
+
+    def gptq_args(self) -> GPTQArgs:
+        """The GPTQ knobs alone (of a `GPTQConfig` too)."""
+        return GPTQArgs(**{key: getattr(self, key) for key in GPTQArgs.model_fields})
+
+
+class GPTQConfig(RoundToNearestConfig, GPTQArgs):
+    """GPTQ: the weights rounded column by column, each column's rounding error spread over the columns
+    not yet rounded through the inverse Hessian of the layer's calibration inputs (see
+    `quantmint.algorithms.gptq`). It takes the place of `rtn` in a recipe (same `weights`, `activations`
+    and scheme: the checkpoint is an ordinary RTN-format one, only the integers differ)."""
+
+    name: ClassVar[str] = "gptq"
+    # MindFormers' quant_method is rtn, smooth_quant or ptq (the seeds' guide): none names GPTQ.
+    mindformers_method: ClassVar[str | None] = None
+
+    def check(self, recipe: list[AlgorithmConfig]) -> None:
+        if any(isinstance(s, BlockPTQArgs) for s in recipe):
+            raise ValueError("gptq and block_ptq both choose the rounding of the weights: keep one of them")
+        if not self.weights.symmetric:
+            raise ValueError(
+                "quantmint's int4/int8 weights are symmetric (no zero point): set weights.symmetric: true"
+            )
+
+    def scheme_tag(self) -> str:
+        return f"{super().scheme_tag()}-gptq"
+
+    def ptq_fields(self) -> dict[str, Any]:
+        return {**super().ptq_fields(), "gptq": self.gptq_args().model_dump(mode="json")}
+
+
 class KVCacheConfig(AlgorithmConfig):
     """Static int8 K/V cache scales, measured on calibration data."""
 
