@@ -53,7 +53,7 @@ def _samples() -> list[torch.Tensor]:
 
 
 def test_builtins_are_registered_by_entry_point() -> None:
-    assert {"hadamard", "smooth_quant", "rtn", "block_ptq", "kv_cache"} <= set(algorithms())
+    assert {"hadamard", "smooth_quant", "rtn", "block_ptq", "kv_cache", "gptq"} <= set(algorithms())
     for name, config in PRESETS.items():
         assert [step for step, _ in check_recipe(config.recipe())] == config.recipe(), name
 
@@ -97,8 +97,8 @@ def test_toy_algorithm_validates_against_the_recipe(
 
 
 def test_unknown_algorithm_is_one_config_error(toy: ModuleType) -> None:
-    with pytest.raises(ConfigError, match="unknown algorithm 'gptq'; registered algorithms: ") as exc:
-        algorithm_for("gptq")
+    with pytest.raises(ConfigError, match="unknown algorithm 'awq'; registered algorithms: ") as exc:
+        algorithm_for("awq")
     assert "\n" not in str(exc.value)
     # a step whose plugin is not registered (the toy module is imported, not registered)
     with pytest.raises(ConfigError, match="unknown algorithm 'percentile_clip'"):
@@ -113,8 +113,8 @@ def test_recipe_from_yaml_data(toy: ModuleType, temporary_plugin: Callable[[obje
     )
     recipe = recipe_from_data(data)
     assert recipe == [toy.PercentileClipConfig(percentile=97.5), *get_preset("w8a16").recipe()]
-    with pytest.raises(ConfigError, match="unknown algorithm 'gptq'"):
-        recipe_from_data([{"name": "gptq"}])
+    with pytest.raises(ConfigError, match="unknown algorithm 'awq'"):
+        recipe_from_data([{"name": "awq"}])
     with pytest.raises(ConfigError, match="unknown key 'percentil'"):
         recipe_from_data([{"name": "percentile_clip", "percentil": 97.5}])
     with pytest.raises(ConfigError, match="percentile_clip clips weights before they are rounded"):
@@ -274,7 +274,7 @@ def test_yaml_recipe_errors_are_one_config_error(
 
     temporary_plugin(toy, "percentile_clip")
     cases = {
-        "recipe: [{name: gptq}]": "recipe: unknown algorithm 'gptq'; registered algorithms: ",
+        "recipe: [{name: awq}]": "recipe: unknown algorithm 'awq'; registered algorithms: ",
         "recipe: [{name: percentile_clip, percentil: 90}, {name: rtn, weights: {}}]": (
             r"recipe: step 0 \(percentile_clip\): PercentileClipConfig: unknown key 'percentil'"
         ),

@@ -118,7 +118,8 @@ def test_mindformers_smooth_quant_maps_alpha_and_blacklist() -> None:
     assert PTQConfig.from_mindformers(config.to_mindformers()) == config
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+# MindFormers' quant_method (rtn / smooth_quant / ptq) has no GPTQ: those presets are refused (test_gptq.py)
+@pytest.mark.parametrize("preset", [name for name in PRESETS if PRESETS[name].gptq is None])
 def test_mindformers_round_trip_of_presets(preset: str) -> None:
     config = get_preset(preset)
     block = config.to_mindformers()

@@ -1,0 +1,239 @@
+"""GPTQ (`quantmint.algorithms.gptq`): measured against RTN on tiny seeded models, its config, presets,
+checkpoint round trip and composition with SmoothQuant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from quantmint import PTQ, ConfigError, PTQConfig, load_quantized, quantize, save_quantized
+from quantmint.algorithms.gptq import GPTQRounding, gptq_quantize
+from quantmint.cells import FakeQuantLinear
+from quantmint.config import QuantArgs, get_preset
+from quantmint.config.steps import GPTQArgs, GPTQConfig
+from quantmint.extension import registry
+from quantmint.extension.family import resolve_layout
+from quantmint.numerics import quant_math
+from quantmint.numerics.quant_math import sqnr_db
+from tests.conftest import VOCAB, build_tiny, model_output
+
+GRIDS = {
+    "int4-g128": dict(weight_dtype="int4", weights={"strategy": "group", "group_size": 128}),
+    "int4-g32": dict(weight_dtype="int4", weights={"strategy": "group", "group_size": 32}),
+    "int8-channel": dict(weight_dtype="int8", weights={"strategy": "channel"}),
+}
+
+
+def _calibration(n: int = 16, length: int = 32, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (length,), generator=g) for _ in range(n)]
+
+
+def _linear_inputs(model: torch.nn.Module, calibration: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every family linear's input over the calibration samples, in the float model: [tokens, in]."""
+    layout = resolve_layout(model, registry.find_family(model))
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, []).append(
+                args[0].reshape(-1, args[0].shape[-1])
+            )
+        )
+        for name, module in layout.linears()
+    ]
+    with torch.no_grad():
+        for sample in calibration:
+            model(input_ids=sample[None])
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(xs).double() for name, xs in seen.items()}
+
+
+def _layer_errors(family: str, grid: dict, actorder: bool) -> dict[str, tuple[float, float]]:
+    """Per target linear: (||X W^T - X Q^T|| of GPTQ, the same of RTN) on the float model's calibration
+    inputs (GPTQ with float inputs to every block, so each layer saw exactly these inputs)."""
+    calibration = _calibration()
+    float_model = build_tiny(family)
+    inputs = _linear_inputs(float_model, calibration)
+    adapter = registry.find_family(float_model).adapter
+    weights = {n: adapter.weight(float_model.get_submodule(n)).detach().double() for n in inputs}
+    gptq = build_tiny(family)
+    config = PTQConfig(**grid, gptq=GPTQArgs(actorder=actorder, sequential=False))
+    PTQ(config).apply(gptq, calibration=calibration)
+    rtn = build_tiny(family)
+    PTQ(PTQConfig(**grid)).apply(rtn, calibration=calibration)
+    errors = {}
+    for name, x in inputs.items():
+        fake_g, fake_r = gptq.get_submodule(name), rtn.get_submodule(name)
+        if not isinstance(fake_g, FakeQuantLinear):
+            continue  # ignored (lm_head)
+        ref = x @ weights[name].T
+        errors[name] = tuple(
+            float((ref - x @ fake.weight.detach().double().T).norm()) for fake in (fake_g, fake_r)
+        )
+    return errors
+
+
+@pytest.mark.parametrize("actorder", [False, True], ids=["plain", "actorder"])
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gptq_beats_rtn_on_every_layer(family: str, grid: str, actorder: bool) -> None:
+    errors = _layer_errors(family, GRIDS[grid], actorder)
+    assert errors
+    ratios = {name: g / r for name, (g, r) in errors.items()}
+    print(family, grid, actorder, {k.split(".", 2)[-1]: round(v, 3) for k, v in ratios.items()})
+    worse = {name: ratio for name, ratio in ratios.items() if not ratio < 1.0}
+    assert not worse, f"GPTQ's output error is not below RTN's on {worse}"
+    assert sum(ratios.values()) / len(ratios) < 0.9
+
+
+def test_gptq_quantize_unit_properties() -> None:
+    """On quantmint's grid (same scale shapes as RTN), integers in range, a dead column gives no NaN,
+    and the layer's output error beats RTN's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 96, generator=g, dtype=torch.float64) @ torch.randn(
+        96, 96, generator=g, dtype=torch.float64
+    )
+    x[:, 7] = 0.0  # a dead input column
+    weight = torch.randn(48, 96, generator=g)
+    hessian = 2.0 / x.shape[0] * x.T @ x
+    for args in (
+        QuantArgs(num_bits=4, strategy="group", group_size=32),
+        QuantArgs(num_bits=8, strategy="channel"),
+        QuantArgs(num_bits=4, strategy="tensor"),
+    ):
+        for actorder in (False, True):
+            q, scale = gptq_quantize(weight, hessian, args, block_size=32, actorder=actorder)
+            q_rtn, scale_rtn = quant_math.quantize_weight(
+                weight, args.strategy, args.num_bits, args.group_size
+            )
+            assert q.dtype == torch.int8 and q.shape == weight.shape and scale.shape == scale_rtn.shape
+            qmax = 2 ** (args.num_bits - 1) - 1
+            assert int(q.abs().max()) <= qmax
+            assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+            assert int(q[:, 7].abs().max()) == 0  # the dead column's weight is dropped, as in the reference
+            deq = quant_math.dequantize_weight(q, scale, torch.float64, args.group_size)
+            deq_rtn = quant_math.dequantize_weight(q_rtn, scale_rtn, torch.float64, args.group_size)
+            ref = x @ weight.double().T
+            assert (ref - x @ deq.T).norm() < 0.9 * (ref - x @ deq_rtn.T).norm()
+
+
+def test_dead_input_channel_in_a_model_gives_no_nan() -> None:
+    model = build_tiny("llama")
+    with torch.no_grad():  # channel 5 of the MLP's input is always zero: gate/up get a dead column
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight[5] = 0.0
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = model_output(model, ids)
+    PTQ("w4a16-gptq").apply(model, calibration=_calibration(8))
+    out = model_output(model, ids)
+    assert bool(torch.isfinite(out).all())
+    assert sqnr_db(reference, out) > 10.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["w4a16-gptq", "w8a16-gptq"])
+def test_saved_checkpoint_loads_with_in_memory_outputs(tmp_path, family: str, preset: str) -> None:
+    model = build_tiny(family)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    reference = model_output(model, ids)
+    quantized = quantize(model, preset, calibration=_calibration(8))
+    expected = model_output(quantized, ids)
+    loaded = load_quantized(save_quantized(quantized, tmp_path / "q"))
+    got = model_output(loaded, ids)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert sqnr_db(reference, got) > (15.0 if preset.startswith("w4") else 35.0)
+
+
+def test_gptq_with_smoothquant_w8a8_beats_rtn_at_the_logits() -> None:
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
+    calibration = _calibration()
+    reference = model_output(build_tiny("llama"), ids)
+    w8a8 = dict(weight_dtype="int8", activation_dtype="int8", outliers_suppression="smooth")
+    rtn = build_tiny("llama")
+    PTQ(PTQConfig(**w8a8)).apply(rtn, calibration=calibration)
+    gptq = build_tiny("llama")
+    ptq = PTQ(PTQConfig(**w8a8, gptq=GPTQArgs()))
+    assert [s.name for s in ptq.recipe] == ["smooth_quant", "gptq"]
+    ptq.apply(gptq, calibration=calibration)
+    assert gptq.model.layers[0].self_attn.q_proj.scheme == "w8a8"
+    sqnr_rtn, sqnr_gptq = (
+        sqnr_db(reference, model_output(rtn, ids)),
+        sqnr_db(reference, model_output(gptq, ids)),
+    )
+    print(f"W8A8 SmoothQuant logits SQNR: RTN {sqnr_rtn:.2f} dB, GPTQ {sqnr_gptq:.2f} dB")
+    assert sqnr_gptq > sqnr_rtn + 0.5
+
+
+def test_gptq_with_hadamard_rotation_runs() -> None:
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    model = build_tiny("llama")
+    reference = model_output(model, ids)
+    config = PTQConfig(
+        weight_dtype="int8",
+        activation_dtype="int8",
+        outliers_suppression="smooth",
+        algorithm_args={"hadamard": True},
+        gptq=GPTQArgs(),
+    )
+    PTQ(config).apply(model, calibration=_calibration(8))
+    assert sqnr_db(reference, model_output(model, ids)) > 20.0
+
+
+def test_config_yaml_round_trip_and_recipe() -> None:
+    config = PTQConfig(
+        weight_dtype="int4",
+        weights={"strategy": "group", "group_size": 64},
+        gptq={"actorder": True, "damp_percent": 0.05, "block_size": 64},
+    )
+    again = PTQConfig.from_yaml(config.to_yaml())
+    assert again == config and again.gptq == config.gptq
+    (step,) = again.recipe()
+    assert isinstance(step, GPTQConfig) and step.actorder and step.damp_percent == 0.05
+    assert again.scheme_name == "w4a16-gptq"
+    # the same config as a recipe list
+    listed = PTQConfig.from_yaml(
+        "recipe:\n  - {name: gptq, weights: {num_bits: 4, strategy: group, group_size: 64}, actorder: true}\n"
+    )
+    assert listed.gptq is not None and listed.gptq.actorder and listed.weight_dtype == "int4"
+    assert PTQConfig.from_yaml(listed.to_yaml()).recipe() == listed.recipe()
+    # configs without gptq are written as before (no `gptq` key)
+    assert "gptq" not in get_preset("w8a16").to_dict()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"weight_dtype": "int8", "gptq": {"damp_precent": 0.1}},
+            "gptq: GPTQArgs: unknown key 'damp_precent'",
+        ),
+        ({"weight_dtype": "int8", "gptq": {"damp_percent": 0}}, "damp_percent"),
+        ({"weight_dtype": None, "kvcache_dtype": "int8", "gptq": {}}, "gptq rounds weights"),
+        ({"weight_dtype": "int8", "gptq": {}, "block_ptq": {}}, "keep one of them"),
+    ],
+)
+def test_bad_gptq_configs_are_refused_in_one_line(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        PTQConfig.from_dict(data)
+    assert "\n" not in str(info.value)
+
+
+def test_presets_and_mindformers() -> None:
+    assert get_preset("w4a16-gptq").weights.group_size == 128 and get_preset("w4a16-gptq").gptq is not None
+    assert get_preset("w8a16-gptq").weights.strategy == "channel"
+    # MindFormers' quant_method is rtn / smooth_quant / ptq: it cannot name GPTQ
+    with pytest.raises(ConfigError, match="cannot name the recipe's step"):
+        get_preset("w8a16-gptq").to_mindformers()
+    with pytest.raises(ConfigError, match="invalid quant_method"):
+        PTQConfig.from_yaml("quant_method: gptq\nweight_dtype: int8\n")
+
+
+def test_gptq_rounding_is_not_file_rounding() -> None:
+    rounding = PTQ("w8a16-gptq").rounding
+    assert (
+        isinstance(rounding, GPTQRounding) and rounding.file_rounding is None and rounding.scheme == "w8a16"
+    )
+    assert not math.isnan(rounding.gptq.damp_percent)
