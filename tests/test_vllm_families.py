@@ -16,8 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_example_gptneox import install_example, make_tiny_gptneox, plugin_env, run_python
-from test_vllm import HAVE_VLLM, PROMPTS, agreement, run_vllm
+from test_vllm import (
+    HAVE_VLLM,
+    PROMPTS,
+    agreement,
+    reference_generate,
+    run_vllm,
+    tiny_checkpoint,  # noqa: F401  (a fixture, used by name)
+)
+
+from quantmint.formats.checkpoint import load_quantized
 
 pytestmark = [
     pytest.mark.vllm,
@@ -183,6 +193,35 @@ def test_gptneox_greedy_tokens_from_vllm_equal_the_torch_runtimes(
     served = [x for row in out["results"][1]["value"] for x in row]
     exact = [x for row in want["logprobs"] for x in row]
     drift = sorted(abs(a - b) for a, b in zip(served, exact, strict=True))
+    assert drift[len(drift) // 2] <= 2e-3 and drift[-1] <= 0.1, drift
+
+
+@pytest.mark.slow
+def test_llama_through_vllms_transformers_backend_agrees(
+    tiny_checkpoint: Any,  # noqa: F811  (test_vllm.py's fixture)
+    tmp_path: Path,
+) -> None:
+    """The same W8A8 Llama checkpoint that vLLM's own LlamaForCausalLM serves (tests/test_vllm.py), served
+    by the Transformers backend instead: it fuses q/k/v and gate/up (QKVParallelLinear,
+    MergedColumnParallelLinear) and loads each part's int8 rows and scales into the fused layer."""
+    path = tiny_checkpoint("llama", "w8a8")
+    tasks = [
+        {"kind": "generate", "prompts": PROMPTS, "max_tokens": 16},
+        {"kind": "prompt_logprobs", "prompts": PROMPTS},
+    ]
+    out = run_vllm({"model": str(path), "model_impl": "transformers", "tasks": tasks}, tmp_path)
+    assert "error" not in out, out.get("traceback", out)
+    model = load_quantized(path)
+    want = reference_generate(model, PROMPTS, 16)
+    got = out["results"][0]["value"]
+    assert [g[0] for g in got] == [w[0] for w in want] and agreement(got, want) >= 0.75, (got, want)
+    drift = []
+    for ids, served in zip(PROMPTS, out["results"][1]["value"], strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        exact = logits[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        drift += (torch.tensor(served) - exact).abs().tolist()
+    drift.sort()
     assert drift[len(drift) // 2] <= 2e-3 and drift[-1] <= 0.1, drift
 
 

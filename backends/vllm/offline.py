@@ -4,6 +4,7 @@
     -> last stdout line: {"start_s": ..., "results": [...]}
 
 JOB: {"model": dir, "dtype": "float32", "max_model_len": 256, "runner": "generate" | "pooling",
+      "model_impl": "auto" | "vllm" | "transformers",   # vLLM's own model class or its Transformers backend
       "tasks": [{"kind": "generate", "prompts": [...], "max_tokens": 16},
                 {"kind": "prompt_logprobs", "prompts": [...]},   # log p(prompt[i] | prompt[:i])
                 {"kind": "prompt_top1", "prompts": [...]},       # argmax p(. | prompt[:i])
@@ -39,6 +40,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "seed": 0,
         "trust_remote_code": False,  # never run Python shipped in a model directory
     }
+    if "model_impl" in job:
+        kwargs["model_impl"] = job["model_impl"]
     if job.get("runner") == "pooling":
         kwargs["runner"] = "pooling"
         if "pooling" in job:
