@@ -237,3 +237,22 @@ def test_gptq_rounding_is_not_file_rounding() -> None:
         isinstance(rounding, GPTQRounding) and rounding.file_rounding is None and rounding.scheme == "w8a16"
     )
     assert not math.isnan(rounding.gptq.damp_percent)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_out_of_core_gptq_gives_the_in_memory_checkpoint(tiny_model_dir, tmp_path, family: str) -> None:
+    from quantmint.algorithms.streaming import quantize_checkpoint
+    from quantmint.io.models import load_float_model
+
+    src = tiny_model_dir(family)
+    calibration = _calibration(8)
+    model = load_float_model(src)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    reference = model_output(model, ids)
+    save_quantized(quantize(model, "w4a16-gptq", calibration=calibration), tmp_path / "memory")
+    report = quantize_checkpoint(src, tmp_path / "stream", "w4a16-gptq", calibration=calibration)
+    assert report["mode"] == "calibrated"
+    memory = model_output(load_quantized(tmp_path / "memory"), ids)
+    stream = model_output(load_quantized(tmp_path / "stream"), ids)
+    assert torch.allclose(stream, memory, rtol=1e-4, atol=1e-4 * float(memory.abs().max()))
+    assert sqnr_db(reference, stream) > 15.0
