@@ -232,3 +232,27 @@ def test_another_installed_version_loads_silently(opt: dict[str, Path]) -> None:
     last = excluded.stderr.strip().splitlines()[-1]
     assert "quantmint-opt 0.2.0 is installed but registers no family 'opt'" in last, last
     assert last.endswith("check QUANTMINT_PLUGINS, or pip install 'quantmint-opt==0.1.0'"), last
+
+
+def test_a_release_that_selects_other_modules_is_named(opt: dict[str, Path]) -> None:
+    """quantmint-opt 0.2.0 that no longer quantizes fc2: the checkpoint made with 0.1.0 is refused in one
+    line naming both versions and the one to install, not called corrupt."""
+    site = opt["root"] / "site-0.2.0-nofc2"
+    shutil.copytree(opt["site"], site)
+    (info,) = site.glob("quantmint_opt-*.dist-info")
+    metadata = info / "METADATA"
+    metadata.write_text(metadata.read_text().replace("Version: 0.1.0", "Version: 0.2.0"))
+    module = site / "quantmint_opt.py"
+    source = module.read_text()
+    edited = source.replace('"self_attn.out_proj", "fc1", "fc2")', '"self_attn.out_proj", "fc1")')
+    edited = edited.replace('hadamard_linears=("fc2",),', "")
+    assert edited.count("fc2") == 0, edited
+    module.write_text(edited)
+    result = _python(LOAD, str(opt["ckpt"]), site=site)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the quantized modules listed in config.json do not match" in last, last
+    assert (
+        "it was made with the family from quantmint-opt 0.1.0 and family 'opt' now comes from quantmint-opt "
+        "0.2.0, whose declaration selects other modules: pip install 'quantmint-opt==0.1.0'" in last
+    ), last

@@ -304,6 +304,22 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 # --- loading --------------------------------------------------------------------------------------
+def _mismatch_cause(block: QuantizationConfigBlock) -> str:
+    """Why the installed family may select other modules than a checkpoint lists: another version (or
+    package) of the family than the one it recorded, else an edited or corrupt checkpoint."""
+    recorded = block.family_provider
+    current = registry.family_distribution(block.family)
+    if recorded is None or current is None or current == (recorded.distribution, recorded.version):
+        return "the checkpoint was edited or is corrupt"
+    made = f"{recorded.distribution} {recorded.version}"
+    return (
+        f"it was made with the family from {made} and family {block.family!r} now comes from {current[0]} "
+        f"{current[1]}, whose declaration selects other modules: pip install "
+        f"'{recorded.distribution}=={recorded.version}', or re-quantize with the installed one (or the "
+        "checkpoint was edited)"
+    )
+
+
 class UncoveredFilesWarning(UserWarning):
     """The checkpoint's manifest predates `files`: its config.json is not covered by a sha256."""
 
@@ -560,20 +576,20 @@ def load_quantized(
     if list(state.kv_modules) != block.kv_cache_modules:
         raise CheckpointError(
             f"{path}: the kv-cache modules listed in config.json do not match the model's attention modules; "
-            "the checkpoint was edited or is corrupt"
+            f"{_mismatch_cause(block)}"
         )
     if state.modules != saved_modules:
         built = set(state.modules)
         raise CheckpointError(
             f"{path}: the quantized modules listed in config.json do not match what its config selects in "
             f"{model_cls.__name__} (only in checkpoint: {sorted(set(saved_modules) - built)[:3]}, only "
-            f"selected: {sorted(built - set(saved_modules))[:3]}); the checkpoint was edited or is corrupt"
+            f"selected: {sorted(built - set(saved_modules))[:3]}); {_mismatch_cause(block)}"
         )
     if sorted(state.rotated) != sorted(block.rotated_modules):
         raise CheckpointError(
             f"{path}: the rotated modules listed in config.json ({len(block.rotated_modules)}) do not "
-            f"match what its config (algorithm_args.hadamard) rotates ({len(state.rotated)}); the "
-            "checkpoint was edited or is corrupt"
+            f"match what its config (algorithm_args.hadamard) rotates ({len(state.rotated)}); "
+            f"{_mismatch_cause(block)}"
         )
     loaded = dict(_iter_tensors(path, manifest))
     aliases = manifest.aliases
