@@ -42,41 +42,44 @@ def _random_ids(model: nn.Module, tokens: int = 8) -> torch.Tensor:
 
 
 def _kv_check(model: nn.Module, layout: Any) -> FamilyCheck:
+    from quantmint.algorithms.kv_cache import KVObserver, attention_module_name, kv_features
+
     kv = layout.family.kv
     if kv is None:
-        return FamilyCheck("kv capture", "skip", "the family declares no K/V projections")
+        return FamilyCheck("kv capture", "skip", "the family declares no K/V projections (no C8)")
     block = layout.blocks[0]
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for role, rel in (("key", kv.key), ("value", kv.value)):
-        module = block.module.get_submodule(rel)
-        handles.append(module.register_forward_hook(lambda _m, _i, out, r=role: seen.__setitem__(r, out)))
+    observer = KVObserver(block, kv)  # exactly what C8 calibration attaches
     try:
         _output(model, _random_ids(model))
     finally:
-        for handle in handles:
-            handle.remove()
-    missing = [r for r in ("key", "value") if r not in seen]
-    if missing:
+        observer.remove()
+    attention = f"{block.name}.{attention_module_name(kv)}"
+    if observer.cached:
+        k, v = observer.absmax()
+        expected = kv_features(getattr(model, "config", None))
+        if expected is not None and (k.numel() != expected or v.numel() != expected):
+            return FamilyCheck(
+                "kv capture",
+                "fail",
+                f"{block.name} caches {k.numel()} key / {v.numel()} value channels per token, not "
+                f"kv_heads x head_dim = {expected} as its config says",
+            )
         return FamilyCheck(
-            "kv capture", "fail", f"{block.name}: {' and '.join(missing)} never ran on input_ids"
+            "kv capture",
+            "ok",
+            f"{block.name} hands its K/V to the cache ({k.numel()} channels per token, after any rotary "
+            f"embedding); C8 observes them there and stores the scales on {attention}",
         )
-    width = seen["key"].shape[-1]
-    if kv.fused and width % 3:
+    if observer.k_absmax is None or observer.v_absmax is None:
         return FamilyCheck(
-            "kv capture", "fail", f"fused {kv.key!r} gives {width} channels, not [q | k | v] in equal thirds"
+            "kv capture", "fail", f"{block.name}: neither a cache nor {kv.key!r} / {kv.value!r} saw K/V"
         )
-    config = getattr(model, "config", None)
-    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
-    if not kv.fused and heads and width % heads:
-        return FamilyCheck(
-            "kv capture", "fail", f"{kv.key!r} gives {width} channels, not a multiple of {heads}"
-        )
+    width = observer.k_absmax.numel()
     return FamilyCheck(
         "kv capture",
         "ok",
-        f"{kv.key!r} and {kv.value!r} ran in {block.name} ({width} channels); the cached K/V themselves "
-        "are not compared",
+        f"{block.name} caches no K/V (an encoder): C8 reads {width} channels each at the declared "
+        f"{kv.key!r} / {kv.value!r}{' ([q | k | v] thirds)' if kv.fused else ''}, scales on {attention}",
     )
 
 

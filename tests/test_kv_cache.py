@@ -6,24 +6,29 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 from quantmint import (
     PTQ,
     ConfigError,
+    KVProjections,
     ModelFamily,
+    ModelMappingError,
     NotSupportedError,
+    SmoothPair,
+    hookimpl,
     load_quantized,
     quant_state,
     quantize,
     save_quantized,
 )
-from quantmint.algorithms.kv_cache import kv_cache_bytes
+from quantmint.algorithms.kv_cache import KVObserver, KVRangeCache, kv_cache_bytes
 from quantmint.backends.torch.kv_cache import Int8KVCache, Int8KVCacheLayer
 from quantmint.extension import registry
-from quantmint.extension.family import ModelLayout
-from quantmint.numerics.quant_math import sqnr_db
-from tests.conftest import VOCAB, build_tiny
+from quantmint.extension.family import ModelLayout, resolve_layout
+from quantmint.numerics.quant_math import qparams_from_absmax, sqnr_db
+from tests.conftest import VOCAB, build_tiny, model_output
 
 
 @pytest.fixture
@@ -82,7 +87,7 @@ def test_rotary_keys_are_never_clipped(calibration) -> None:
     cache = Int8KVCache.for_model(model)
     with torch.no_grad():
         model(input_ids=torch.stack(calibration[:2]), past_key_values=cache, use_cache=True)
-    # keys are cached after rotation; the pair bound keeps every calibration key inside the grid
+    # keys are observed as cached, after rotation: every calibration key is inside the grid
     assert cache.layers[0].q_keys.abs().max() <= 127
     assert cache.layers[0].q_keys.abs().amax() >= 64  # and the grid is used, not wasted
 
@@ -163,3 +168,124 @@ def test_the_int8_cache_is_the_torch_runtimes_found_by_capability() -> None:
     # the names core kept importable resolve through the registry (core imports no backend)
     assert calibration_side.Int8KVCache is Int8KVCache
     assert calibration_side.Int8KVCacheLayer is Int8KVCacheLayer
+
+
+# ---------------------------------------------------------------- where C8 observes K/V: the cache
+
+
+def _neox_family() -> ModelFamily:
+    """GPT-NeoX: one fused QKV whose rows are interleaved per head ([q_h | k_h | v_h] for each head) and
+    rotary over a quarter of each head. Its `kv` names only the attention module (`attention`); read as
+    [q | k | v] thirds, its fused projection would give the wrong rows."""
+    return ModelFamily(
+        name="neox-test",
+        architectures=("GPTNeoXForCausalLM",),
+        blocks="layers",
+        linears=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        smooth_pairs=(SmoothPair("input_layernorm", ("attention.query_key_value",)),),
+        kv=KVProjections(key="attention.query_key_value", value="attention.query_key_value", fused=True),
+    )
+
+
+def _tiny_neox() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+    )
+    return transformers.GPTNeoXForCausalLM(config).eval()
+
+
+class _NeoXPlugin:
+    @hookimpl
+    def register_model_families(self, register) -> None:
+        register(_neox_family())
+
+
+def _cached_maxima(model, samples: list[torch.Tensor]) -> KVRangeCache:
+    cache = KVRangeCache()
+    with torch.no_grad():
+        model(input_ids=torch.stack(samples), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("preset", ["c8", "w8a8-c8"])
+def test_c8_scales_are_the_maxima_of_what_the_model_caches(name, preset, calibration, temporary_plugin):
+    """Llama: grouped-query heads, keys rotated over the whole head. GPT2: fused QKV in thirds. GPT-NeoX:
+    fused QKV interleaved per head, keys rotated over a quarter of each head. Per channel, the scale is
+    the maximum of what the float model caches over the calibration set (w8a8-c8 smooths no pair that
+    starts at a value projection in GPT2/NeoX; Llama's v_proj -> o_proj pair divides V by its scales)."""
+    if name == "neox":
+        temporary_plugin(_NeoXPlugin(), "neox-test")
+        model = _tiny_neox()
+    else:
+        model = build_tiny(name)
+    expected = _cached_maxima(model, calibration)
+    quantized = quantize(model, preset, calibration=calibration)
+    state = quant_state(quantized)
+    assert len(state.kv_modules) == 2
+    for layer, attention in enumerate(state.kv_modules):
+        module = quantized.get_submodule(attention)
+        k_scale = qparams_from_absmax(expected.k_absmax[layer])
+        torch.testing.assert_close(module.k_scale, k_scale, rtol=1e-5, atol=0)
+        if name == "llama" and preset == "w8a8-c8":
+            continue  # V divided by the v_proj -> o_proj smoothing scales, below
+        v_scale = qparams_from_absmax(expected.v_absmax[layer])
+        torch.testing.assert_close(module.v_scale, v_scale, rtol=1e-5, atol=0)
+
+
+def test_c8_values_follow_the_smoothing_folded_into_v_proj(calibration) -> None:
+    """w8a8-c8 on Llama folds smoothing scales into v_proj's outputs, so the values the quantized model
+    caches are the float ones divided by them: v_scale follows (within the weights' int8 rounding: 0.6%
+    here, while the undivided float maxima are 0.4x to 2.9x off)."""
+    model = build_tiny("llama")
+    quantized = quantize(model, "w8a8-c8", calibration=calibration)
+    cache = _cached_maxima(quantized, calibration)
+    for layer, attention in enumerate(quant_state(quantized).kv_modules):
+        v_scale = quantized.get_submodule(attention).v_scale
+        cached = qparams_from_absmax(cache.v_absmax[layer])
+        # the quantized model's values are the smoothed float ones plus int8 rounding noise
+        assert torch.allclose(v_scale, cached, rtol=0.1), (v_scale / cached).aminmax()
+
+
+def test_handing_the_calibration_cache_leaves_each_block_unchanged(temporary_plugin) -> None:
+    """The cache stores nothing and returns the states it is given: every block computes what it does
+    without one (the calibration engine's later blocks see the same inputs)."""
+    temporary_plugin(_NeoXPlugin(), "neox-test")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    for model in (build_tiny("llama"), build_tiny("gpt2"), build_tiny("bert"), _tiny_neox()):
+        layout = resolve_layout(model, registry.find_family(model))
+        reference = model_output(model, ids)
+        observers = [KVObserver(block, layout.family.kv) for block in layout.blocks]
+        try:
+            observed = model_output(model, ids)
+        finally:
+            for observer in observers:
+                observer.remove()
+        assert all(observer.cached for observer in observers), type(model).__name__
+        torch.testing.assert_close(observed, reference, rtol=0, atol=0)
+
+
+def test_a_value_projection_not_cached_in_order_is_refused() -> None:
+    """Smoothing scales folded into `value` map onto the cache's channels only if the cache holds
+    `value`'s outputs in order; otherwise the pair is refused by name rather than scaled wrongly."""
+    model = build_tiny("llama")
+    layout = resolve_layout(model, registry.find_family(model))
+    observer = KVObserver(layout.blocks[0], layout.family.kv)
+    observer.remove()
+    channels = torch.arange(1.0, 33.0)
+    observer.cache.update(channels.view(1, 2, 1, 16), channels.view(1, 2, 1, 16), 0)
+    observer.k_absmax, observer.v_absmax = channels, channels.flip(0)  # another channel order
+    refused = r"model\.layers\.0: the values cached are not 'self_attn\.v_proj'"
+    with pytest.raises(ModelMappingError, match=refused):
+        observer.scales("channel", 16, v_divisor=torch.ones(32))
+    observer.v_absmax = channels.clone()  # in order: accepted
+    _, v_scale = observer.scales("channel", 16, v_divisor=torch.full((32,), 2.0))
+    torch.testing.assert_close(v_scale, qparams_from_absmax(channels / 2))

@@ -263,12 +263,17 @@ class KVCacheCalibration(AlgorithmBase):
         """Empty k_scale / v_scale buffers on every attention module, sized by the kv strategy."""
         import torch
 
+        from quantmint.algorithms.kv_cache import kv_features
+
         assert isinstance(config, KVCacheConfig)
         layout = steps.layout
         kv = layout.family.kv
+        # Sized like the cache (kv_heads x head_dim), which is where C8 observes K/V (`kv_features`).
+        features = kv_features(getattr(steps.model, "config", None))
         for name, block in self.kv_cache_modules(config, layout).items():
-            key = block.module.get_submodule(kv.key)
-            features = layout.family.adapter.weight(key).shape[0] // (3 if kv.fused else 1)
+            if features is None:  # a config without head counts: the projection's width
+                key = block.module.get_submodule(kv.key)
+                features = layout.family.adapter.weight(key).shape[0] // (3 if kv.fused else 1)
             strategy = config.kvcache.strategy
             if strategy == "head" and not steps.head_dim:
                 raise NotSupportedError(

@@ -72,11 +72,17 @@ class SmoothPair:
 
 @dataclass(frozen=True)
 class KVProjections:
-    """The modules whose outputs are the attention keys and values.
+    """The attention module whose keys and values C8 quantizes, named through its K/V projections.
 
-    With `fused=True`, `key` and `value` name one fused QKV projection (GPT2's `c_attn`) whose output
-    is [q | k | v] in equal thirds. `rotary=True` says keys are rotated (RoPE, rotate-half layout)
-    before they are cached.
+    C8 observes K/V where the model caches them (a calibration `Cache` handed to each block; see
+    `quantmint.algorithms.kv_cache`), so rotary embeddings, fused or interleaved QKV rows and grouped-query
+    heads need no declaration. What is still read from here:
+    - the attention module that holds `k_scale` / `v_scale`: the parent of `key` (`self_attn`);
+    - for a block that caches nothing (an encoder): the K/V values themselves, at `key` and `value`;
+      with `fused=True` both name one QKV projection read as [q | k | v] in equal thirds, and
+      `rotary=True` bounds each key channel by its rotate-half pair's range;
+    - a smoothing pair that starts at `value` divides the cached values by its scales: the cached values
+      must be `value`'s outputs in order (checked during calibration, refused otherwise).
     """
 
     key: str
