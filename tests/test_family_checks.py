@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from quantmint.errors import ModelMappingError
 from quantmint.extension import family as family_mod
@@ -175,10 +176,40 @@ def test_check_family_command_passes_a_builtin_family(
 ) -> None:
     from quantmint.tools.cli import main
 
-    assert main(["check-family", str(tiny_model_dir("llama"))]) == 0
+    assert main(["check-family", str(tiny_model_dir("llama")), "--skip-vllm"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["ok", "ok", "ok", "skip"]
-    assert "vllm round trip" in lines[-1]
+    assert "kv capture: model.layers.0 hands its K/V to the cache (32 channels" in lines[1]
+    assert lines[-1].endswith("vllm round trip: not asked for")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_check_family_serves_the_checkpoint_with_vllm() -> None:
+    """With vLLM installed, check-family serves its w8a16 checkpoint and compares greedy tokens with the
+    torch runtime (a model with vLLM CPU's head size, 64)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if os.environ.get("QUANTMINT_REQUIRE_VLLM") == "1":
+            raise
+        pytest.skip("vLLM is not installed: pip install 'quantmint[vllm]'")
+    from quantmint.testing import check_family
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=256,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
+    results = check_family(transformers.LlamaForCausalLM(config).eval())
+    assert [r.status for r in results] == ["ok"] * 4, [r.line() for r in results]
+    assert "greedy tokens served by vLLM agree" in results[-1].detail
 
 
 def test_check_family_refuses_a_broken_family(

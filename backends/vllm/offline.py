@@ -5,6 +5,7 @@
 
 JOB: {"model": dir, "dtype": "float32", "max_model_len": 256, "runner": "generate" | "pooling",
       "model_impl": "auto" | "vllm" | "transformers",   # vLLM's own model class or its Transformers backend
+      "skip_tokenizer_init": false,
       "tasks": [{"kind": "generate", "prompts": [...], "max_tokens": 16},
                 {"kind": "prompt_logprobs", "prompts": [...]},   # log p(prompt[i] | prompt[:i])
                 {"kind": "prompt_top1", "prompts": [...]},       # argmax p(. | prompt[:i])
@@ -39,6 +40,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "enforce_eager": True,
         "seed": 0,
         "trust_remote_code": False,  # never run Python shipped in a model directory
+        # prompts given as token ids need no tokenizer (a checkpoint saved without one)
+        "skip_tokenizer_init": bool(job.get("skip_tokenizer_init", False)),
     }
     if "model_impl" in job:
         kwargs["model_impl"] = job["model_impl"]

@@ -370,7 +370,7 @@ def cmd_check_family(args: argparse.Namespace) -> None:
     from quantmint.errors import QuantmintError, one_line
     from quantmint.testing import check_family
 
-    results = check_family(args.model, family=args.family)
+    results = check_family(args.model, family=args.family, vllm=False if args.skip_vllm else None)
     for result in results:
         print(one_line(result.line()))
     failed = [r.name for r in results if r.status == "fail"]
@@ -551,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("check-family", help="check that a model family plugin fits a float model directory")
     cf.add_argument("model", help="float Hugging Face model directory")
     cf.add_argument("--family", help="check this family instead of the one matching the model's class")
+    cf.add_argument(
+        "--skip-vllm",
+        action="store_true",
+        help="skip serving the w8a16 checkpoint with vLLM (run when vLLM is installed; about a minute)",
+    )
     cf.set_defaults(func=cmd_check_family)
     _add_plugin_commands(sub)
     return parser
