@@ -1,8 +1,9 @@
 """The second example plugin (examples/quantmint-gptneox), installed as its own package: GPT-NeoX, a fused
 `query_key_value` interleaved per head, partial rotary and a parallel residual. It passes `check-family`,
-every preset quantizes a tiny seeded model with a sensible SQNR, and each checkpoint loads back with the
-in-memory quantized model's outputs. Each check runs in a subprocess that sees the installed plugin (the
-test process never imports it, so its registry stays as it is).
+every preset quantizes a tiny seeded model with a sensible SQNR (C8: every K/V scale is the maximum of
+what the model caches), and each checkpoint loads back with the in-memory quantized model's outputs.
+Each check runs in a subprocess that sees the installed plugin (the test process never imports it, so
+its registry stays as it is).
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ SQNR_FLOOR = {
     "w8a8-ptq": 31.0,
     "w8a16-ptq": 36.0,
     "w4a16-ptq": 12.5,
+    "w4a16-gptq": 13.0,  # measured 16.1 (RTN's w4a16: 14.0)
+    "w8a16-gptq": 38.0,  # measured 41.3 (RTN's w8a16: 38.8)
 }
-FAST_PRESETS = ["w8a16", "w8a8", "c8", "w8a16-c8", "w8a8-c8", "w4a16"]
+# measured 48.5, 37.8 and 33.8 dB (4 dB of margin)
+SQNR_DECODED_FLOOR = {"c8": 44.0, "w8a16-c8": 34.0, "w8a8-c8": 30.0}
+FAST_PRESETS = ["w8a16", "w8a8", "c8", "w8a16-c8", "w8a8-c8", "w4a16", "w4a16-gptq", "w8a16-gptq"]
 PTQ_PRESETS = ["w8a8-ptq", "w8a16-ptq", "w4a16-ptq"]  # block PTQ: slower, run in CI
 
 MAKE_MODEL = """
@@ -64,7 +69,9 @@ QUANTIZE = """
 import sys, json, torch, quantmint
 from quantmint.config import get_preset
 from quantmint.io.models import load_float_model
-from quantmint.numerics.quant_math import sqnr_db
+from quantmint.numerics.quant_math import qparams_from_absmax, sqnr_db
+from quantmint.algorithms.kv_cache import KVRangeCache
+from transformers import DynamicCache
 model_dir, out_root, presets, loops = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
 from quantmint.extension import registry
 torch.manual_seed(1)
@@ -82,12 +89,19 @@ def decoded(model, cache):  # prefill 16 tokens, then decode 8 one at a time thr
 def int8_cache(model):
     return registry.kv_cache_class("cpu").for_model(model)
 
+def cached_maxima(model):  # what the float model caches over the calibration set, per layer and channel
+    cache = KVRangeCache()
+    with torch.no_grad():
+        model(input_ids=torch.stack(calibration), past_key_values=cache, use_cache=True)
+    return cache
+
 results = {}
 for preset in presets:
     model = load_float_model(model_dir)
     with torch.no_grad():
         ref = model(ids).logits
-    ref_decoded = decoded(model, None)
+    ref_decoded = decoded(model, DynamicCache())
+    cached = cached_maxima(model)
     config = get_preset(preset)
     if config.block_ptq is not None and loops:  # the preset's recipe, a shorter schedule
         config = config.with_updates(block_ptq={**config.block_ptq.model_dump(), "n_outer_loops": loops})
@@ -99,8 +113,17 @@ for preset in presets:
     with torch.no_grad():
         back = loaded(ids).logits
     roundtrip = (back - got).abs().max().item() / got.abs().max().item()
-    sqnr_decoded = None
-    if quantmint.quant_state(model).kv_modules:  # C8: decode through the int8 KV cache too
+    sqnr_decoded = scale_error = None
+    kv_modules = quantmint.quant_state(model).kv_modules
+    if kv_modules:  # C8: every scale is the maximum of what the float model caches
+        scale_error = 0.0
+        for layer, name in enumerate(kv_modules):
+            attention = model.get_submodule(name)
+            pairs = [(attention.k_scale, cached.k_absmax[layer]), (attention.v_scale, cached.v_absmax[layer])]
+            for scale, amax in pairs:
+                expected = qparams_from_absmax(amax)
+                scale_error = max(scale_error, ((scale - expected).abs() / expected).max().item())
+    if kv_modules:  # C8: decode through the int8 KV cache too
         got_decoded, back_decoded = decoded(model, int8_cache(model)), decoded(loaded, int8_cache(loaded))
         sqnr_decoded = sqnr_db(ref_decoded, got_decoded)
         moved = (back_decoded - got_decoded).abs().max().item() / got_decoded.abs().max().item()
@@ -108,6 +131,7 @@ for preset in presets:
     results[preset] = {
         "sqnr": sqnr_db(ref, got),
         "sqnr_decoded": sqnr_decoded,
+        "scale_error": scale_error,
         "roundtrip": roundtrip,
         "modules": len(quantmint.quant_state(model).modules),
         "family": json.load(open(f"{path}/config.json"))["quantization_config"]["family"],
@@ -176,7 +200,7 @@ def test_the_presets_here_are_every_preset() -> None:
 def test_check_family_passes(installed_gptneox: Path, tiny_gptneox: Path) -> None:
     result = run_python(
         installed_gptneox, "import sys; from quantmint.tools.cli import main; sys.exit(main())",
-        "check-family", str(tiny_gptneox),
+        "check-family", str(tiny_gptneox), "--skip-vllm",  # vLLM CPU takes no head size 16
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     status = {line.split()[1].rstrip(":"): line.split()[0] for line in result.stdout.splitlines() if line}
@@ -191,7 +215,7 @@ def test_check_family_passes_without_the_parallel_residual(installed_gptneox: Pa
     model = make_tiny_gptneox(installed_gptneox, tmp_path / "model", use_parallel_residual=False)
     result = run_python(
         installed_gptneox, "import sys; from quantmint.tools.cli import main; sys.exit(main())",
-        "check-family", str(model),
+        "check-family", str(model), "--skip-vllm",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
 
@@ -228,15 +252,22 @@ def test_every_quick_preset_quantizes_and_round_trips(quick_presets: dict[str, A
     assert all((r["sqnr_decoded"] is not None) == ("c8" in p) for p, r in quick_presets.items())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="C8 today calibrates K/V at the fused projection's output as [q | k | v] in thirds; GPT-NeoX "
-    "interleaves them per head and rotates part of each key (measured: 8.8 dB decoding through the "
-    "int8 cache). Calibrating where the model caches K/V (issue 18 part 1, in progress in core) fixes it",
-)
+@pytest.mark.parametrize("preset", ["c8", "w8a16-c8", "w8a8-c8"])
+def test_c8_scales_are_the_maxima_of_what_the_model_caches(
+    preset: str, quick_presets: dict[str, Any]
+) -> None:
+    """GPT-NeoX interleaves q/k/v per head in one projection and rotates a quarter of each key: C8
+    observes K/V where the model caches them, so every k_scale / v_scale is the maximum of what the float
+    model caches over the calibration set (read as [q | k | v] thirds at the projection they were 46-69%
+    off, clipping cached channels)."""
+    assert quick_presets[preset]["scale_error"] <= 1e-5, quick_presets[preset]
+
+
 @pytest.mark.parametrize("preset", ["c8", "w8a16-c8", "w8a8-c8"])
 def test_c8_decoding_through_the_int8_cache_tracks_float(preset: str, quick_presets: dict[str, Any]) -> None:
-    assert quick_presets[preset]["sqnr_decoded"] >= 25.0, quick_presets[preset]
+    """Prefill and decode through the int8 cache against the float model decoding through a float
+    cache."""
+    assert quick_presets[preset]["sqnr_decoded"] >= SQNR_DECODED_FLOOR[preset], quick_presets[preset]
 
 
 @pytest.mark.slow
