@@ -69,3 +69,30 @@ def test_without_the_example_opt_is_unknown() -> None:
     code = "from quantmint import registry; print('opt' in registry.model_families())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+CHECK = """
+import sys, torch, transformers
+from quantmint.tools.cli import main
+torch.manual_seed(0)
+cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64)
+transformers.OPTForCausalLM(cfg).eval().save_pretrained(sys.argv[1])
+sys.exit(main(["check-family", sys.argv[1], "--skip-vllm"]))  # vLLM CPU takes no head size 16
+"""
+
+
+def test_example_plugin_passes_check_family(installed_example: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("QUANTMINT_PLUGINS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK, str(tmp_path / "opt")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    status = [line.split()[0] for line in result.stdout.splitlines() if line]
+    assert status == ["ok", "ok", "ok", "skip"], result.stdout
+    assert "family 'opt': 2 blocks, 6 linears per block" in result.stdout
+    assert "kv capture: model.decoder.layers.0 hands its K/V to the cache" in result.stdout
