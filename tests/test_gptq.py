@@ -256,3 +256,22 @@ def test_out_of_core_gptq_gives_the_in_memory_checkpoint(tiny_model_dir, tmp_pat
     stream = model_output(load_quantized(tmp_path / "stream"), ids)
     assert torch.allclose(stream, memory, rtol=1e-4, atol=1e-4 * float(memory.abs().max()))
     assert sqnr_db(reference, stream) > 15.0
+
+
+def test_gptq_with_c8_and_static_activations_round_trips(tmp_path) -> None:
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    static = PTQConfig(
+        weight_dtype="int8",
+        activation_dtype="int8",
+        activations={"strategy": "tensor", "dynamic": False},
+        gptq={},
+    )
+    for i, config in enumerate((get_preset("w8a8-c8").with_updates(gptq={}), static)):
+        model = build_tiny("llama")
+        reference = model_output(model, ids)
+        quantized = quantize(model, config, calibration=_calibration(8))
+        expected = model_output(quantized, ids)
+        loaded = load_quantized(save_quantized(quantized, tmp_path / f"q{i}"))
+        got = model_output(loaded, ids)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        assert sqnr_db(reference, got) > 25.0
