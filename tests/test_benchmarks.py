@@ -184,6 +184,40 @@ def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
     assert plan["children"][2]["python"] == "/nonexistent/venv/bin/python"
 
 
+def test_gptq_vs_llmcompressor_dry_run_prints_the_plan() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gptq_vs_llmcompressor.py"),
+            "--dry-run",
+            "--samples",
+            "8",
+            "--venv",
+            "/nonexistent/venv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    plan = json.loads(lines[0])
+    assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
+    children = {c["name"]: c for c in plan["children"]}
+    assert plan["children"][0]["kind"] == "float"
+    assert children["quantmint_w4a16_g128"]["spec"]["preset"] == "w4a16-gptq"
+    assert children["llmcompressor_w4a16_g128"]["spec"]["scheme"] == "W4A16"
+    assert children["llmcompressor_w4a16_g128"]["python"] == "/nonexistent/venv/bin/python"
+    assert children["llmcompressor_w4a16_asym_g32"]["spec"]["weights"] == {
+        "num_bits": 4,
+        "symmetric": False,
+        "group_size": 32,
+    }
+    # quantmint's grid is symmetric only: the asymmetric rows are llm-compressor's alone
+    assert not any(n.startswith("quantmint") and "asym" in n for n in children)
+
+
 # --- scale: streaming RTN vs raw I/O on a small synthetic checkpoint --------------------------------------
 
 
