@@ -275,3 +275,24 @@ def test_gptq_with_c8_and_static_activations_round_trips(tmp_path) -> None:
         got = model_output(loaded, ids)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
         assert sqnr_db(reference, got) > 25.0
+
+
+def test_cli_gptq_flag_turns_a_presets_rounding_into_gptq(tmp_path, tiny_model_dir, capsys) -> None:
+    from quantmint.tools.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and more{i % 11}" for i in range(800)) + "\n", encoding="utf-8")
+    model = str(tiny_model_dir("llama"))
+    calib = ["--calib", str(text), "--calib-samples", "4", "--calib-seq-len", "32"]
+    code = main(["quantize", model, "--preset", "w8a8", "--gptq", *calib, "-o", str(tmp_path / "q")])
+    assert code == 0, capsys.readouterr().err
+    config = load_quantized(tmp_path / "q")._quantmint_state.config
+    assert config.gptq is not None and config.scheme_name == "w8a8-gptq"
+    assert [s.name for s in config.recipe()] == ["smooth_quant", "gptq"]
+    capsys.readouterr()
+    for preset, fragment in (("c8", "rounds no weights"), ("w8a16-ptq", "block PTQ")):
+        with pytest.raises(SystemExit) as exit_info:  # a usage error: argparse's exit status 2
+            main(["quantize", model, "--preset", preset, "--gptq", *calib, "-o", str(tmp_path / preset)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code != 0 and "--gptq: this config" in err
+        assert fragment in err and len(err.splitlines()) == 1

@@ -38,12 +38,14 @@ from quantmint.algorithms.builtin import RTN
 from quantmint.algorithms.calibration import run_sequential
 from quantmint.algorithms.rtn import RoundToNearest
 from quantmint.cells.fake_quant import FakeQuantLinear
-from quantmint.config import AlgorithmConfig, QuantArgs
+from quantmint.config import AlgorithmConfig, PTQConfig, QuantArgs
 from quantmint.config.steps import GPTQArgs, GPTQConfig
 from quantmint.errors import QuantmintError
 from quantmint.numerics import quant_math
 
 if TYPE_CHECKING:
+    import argparse
+
     from quantmint.algorithms.calibration import CalibrationReport
     from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
@@ -275,6 +277,34 @@ class GPTQ(RTN):
     calibration inputs (see the module docstring)."""
 
     config_type: ClassVar[type[AlgorithmConfig]] = GPTQConfig
+
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--gptq",
+            action="store_true",
+            help="round the weights by GPTQ instead of round-to-nearest, on the preset's grid (gptq: {}); "
+            "calibrates, so it needs --calib",
+        )
+
+    def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
+        if not getattr(args, "gptq", False) or config.gptq is not None:
+            return config
+        if "recipe" in config.to_dict():
+            raise ValueError(
+                "--gptq: this config lists its steps as a recipe: write its rtn step as {name: gptq, ...} "
+                "there instead"
+            )
+        if config.weight_dtype is None:
+            raise ValueError(
+                "--gptq: this config rounds no weights (weight_dtype: null): pick a preset with weights, "
+                "or drop --gptq"
+            )
+        if config.block_ptq is not None:
+            raise ValueError(
+                "--gptq: this config tunes the rounding by block PTQ: pick a preset without -ptq, or "
+                "drop --gptq"
+            )
+        return config.with_updates(gptq={})
 
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
