@@ -9,6 +9,9 @@ process. It registers the quantization method `quantmint`, which vLLM then picks
   does not (x86 CPUs without VNNI add pairs of int8 products in saturating int16), the layer runs
   quantmint's exact int8 x int8 -> int32 matmul instead.
 - W8A16 layers run on quantmint's int8-weight matmul (vLLM has no int8 weight-only kernel on CPU).
+- W4A16 layers run on vLLM's mixed-precision kernel selection (`choose_mp_linear_kernel`: CPUWNA16 on CPU,
+  Machete or Marlin on CUDA); where the selected kernel cannot run the activation dtype (vLLM 0.32's
+  CPUWNA16 in float32), on quantmint's int4 matmul. W4A8 is refused with the alternatives.
 - Layers the checkpoint left float stay float.
 - C8 (int8 KV cache) checkpoints are refused unless `QUANTMINT_VLLM_KV_CACHE=float` asks for a float cache:
   vLLM 0.32's attention backends store int8 K/V nowhere.

@@ -32,7 +32,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
-from quantmint.backends.vllm.linear import W8A8LinearMethod, W8A16LinearMethod
+from quantmint.backends.vllm.linear import W4A16LinearMethod, W8A8LinearMethod, W8A16LinearMethod
 from quantmint.errors import CheckpointError, UnknownModelFamilyError
 from quantmint.extension import registry
 from quantmint.formats.checkpoint_format import QUANT_METHOD, QuantizationConfigBlock
@@ -70,9 +70,50 @@ def _suffix_match(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return n > 0 and a[-n:] == b[-n:]
 
 
+SERVED_SCHEMES = ("w8a8", "w8a16", "w4a16")
+_TORCH_RUNTIME = "quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
+
+
+def _refuse_unserved(scheme: str, schemes: set[str], strategy: str, symmetric: bool) -> None:
+    """Refuse, in one line with the alternative, a checkpoint with layers no vLLM kernel of ours serves."""
+    if "w4a8" in schemes:
+        raise ValueError(
+            f"this quantmint checkpoint ({scheme}) has w4a8 layers (4-bit weights, int8 activations), which "
+            "quantmint's vLLM backend does not serve: vLLM's int4 x int8 kernels take other layouts. "
+            "Requantize as w4a16 (4-bit weights, float activations: served with vLLM's mixed-precision "
+            f"kernels) or w8a8, or run this one with {_TORCH_RUNTIME}"
+        )
+    unserved = sorted(schemes - set(SERVED_SCHEMES))
+    if unserved:
+        raise ValueError(
+            f"this quantmint checkpoint ({scheme}) has schemes {', '.join(unserved)}, which quantmint's "
+            f"vLLM backend does not serve (it serves {', '.join(SERVED_SCHEMES)}); run it with "
+            f"{_TORCH_RUNTIME}"
+        )
+    four_bit = "w4a16" in schemes
+    if four_bit and strategy not in ("channel", "group"):
+        raise ValueError(
+            f"this quantmint checkpoint ({scheme}) has 4-bit weights with one scale per {strategy}, which "
+            "vLLM's mixed-precision kernels do not take (they take a scale per channel or per group): "
+            f"requantize with weights.strategy channel or group, or run it with {_TORCH_RUNTIME}"
+        )
+    if four_bit and not symmetric:
+        raise ValueError(
+            f"this quantmint checkpoint ({scheme}) has asymmetric 4-bit weights (zero points), which "
+            "quantmint's vLLM backend does not serve yet: requantize with weights.symmetric: true, or run "
+            f"it with {_TORCH_RUNTIME}"
+        )
+    if not four_bit and strategy == "group":
+        raise ValueError(
+            f"this quantmint checkpoint ({scheme}) has grouped int8 weight scales, which quantmint's vLLM "
+            f"backend does not serve (int8 weights per channel); run it with {_TORCH_RUNTIME}"
+        )
+
+
 @register_quantization_config(QUANT_METHOD)
 class QuantmintConfig(QuantizationConfig):
-    """A quantmint checkpoint as vLLM sees it: which layer is W8A8, W8A16 or float, and the KV cache."""
+    """A quantmint checkpoint as vLLM sees it: which layer is W8A8, W8A16, W4A16 or float (a method per
+    layer, so mixed checkpoints serve), and the KV cache."""
 
     def __init__(self, block: QuantizationConfigBlock) -> None:
         super().__init__()
@@ -93,15 +134,9 @@ class QuantmintConfig(QuantizationConfig):
         self._served_checked = False
         self._reindex()
         self.static_input = not block.config.activations.dynamic
-        unserved = sorted(set(self.modules.values()) - {"w8a8", "w8a16"})
-        strategy = block.config.weights.strategy
-        if unserved or strategy not in ("channel", "tensor"):
-            raise ValueError(
-                f"this quantmint checkpoint ({self.scheme}, weights per {strategy}) has "
-                f"{'schemes ' + ', '.join(unserved) if unserved else 'grouped weight scales'}, which "
-                "quantmint's vLLM backend does not serve yet (it serves int8 weights per channel: w8a8, "
-                "w8a16); run it with quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
-            )
+        weights = block.config.weights
+        self.group_size: int | None = weights.group_size if weights.strategy == "group" else None
+        _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy, weights.symmetric)
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
         if self.kv_cache_modules and not self.float_kv_cache:
             raise ValueError(
@@ -149,8 +184,16 @@ class QuantmintConfig(QuantizationConfig):
             return _FloatLinearMethod(self)
         transposed = self.is_transposed(prefix)
         rotate = self.is_rotated(prefix)
-        method: W8A8LinearMethod | W8A16LinearMethod
-        if scheme == "w8a8":
+        method: W8A8LinearMethod | W8A16LinearMethod | W4A16LinearMethod
+        if scheme == "w4a16":  # vLLM's own mixed-precision kernel selection
+            if rotate:
+                raise ValueError(
+                    f"layer {prefix} is w4a16 with a Hadamard-rotated input, which quantmint's vLLM backend "
+                    f"does not serve (vLLM's mixed-precision kernels take the input as it is): run it with "
+                    f"{_TORCH_RUNTIME}, or quantize without algorithm_args.hadamard"
+                )
+            method = W4A16LinearMethod(self.group_size, prefix)
+        elif scheme == "w8a8":
             method = W8A8LinearMethod(
                 static_input=self.static_input, transposed=transposed, rotate_input=rotate
             )
@@ -159,7 +202,7 @@ class QuantmintConfig(QuantizationConfig):
         else:
             raise ValueError(
                 f"layer {prefix} is quantized with scheme {scheme!r}, which quantmint's vLLM backend does "
-                "not serve (it serves w8a8 and w8a16): serve it with quantmint's torch runtime"
+                "not serve (it serves w8a8, w8a16 and w4a16): serve it with quantmint's torch runtime"
             )
         method.before_processing = self.check_every_module_served
         return method

@@ -1,5 +1,6 @@
-"""vLLM linear methods for quantmint's int8 layers (tensor names as in the checkpoint: `weight` int8
-[out, in], `weight_scale` float32 [out, 1], `input_scale` float32 [1] for static activations)."""
+"""vLLM linear methods for quantmint's layers (tensor names as in the checkpoint: `weight` int8 [out, in],
+`weight_scale` float32 [out, 1], `input_scale` float32 [1] for static activations; 4-bit: `weight_packed`
+int32 [out, in / 8], `weight_scale` float32 [out, groups], `weight_shape` int64 [2])."""
 
 from __future__ import annotations
 
@@ -10,16 +11,25 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
-from vllm.model_executor.kernels.linear import init_int8_linear_kernel
+from vllm.model_executor.kernels.linear import (
+    MPLinearLayerConfig,
+    choose_mp_linear_kernel,
+    init_int8_linear_kernel,
+)
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
+    BasevLLMParameter,
     ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
     ModelWeightParameter,
+    PackedvLLMParameter,
     PerTensorScaleParameter,
 )
 from vllm.model_executor.utils import replace_parameter
+from vllm.scalar_type import scalar_types
 
 from quantmint.algorithms.rotation import apply_hadamard, hadamard_factors_for
+from quantmint.backends.torch.int4_linear import int4_linear
 from quantmint.backends.torch.int8_linear import int8_linear
 from quantmint.backends.torch.int8_weight_only import (
     amx_woq_linear,
@@ -28,7 +38,7 @@ from quantmint.backends.torch.int8_weight_only import (
     pack_weight_for_amx,
 )
 
-__all__ = ["W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
+__all__ = ["W4A16LinearMethod", "W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's "vllm" logger, whose handler prints info lines
 
@@ -272,6 +282,229 @@ class W8A16LinearMethod(_Int8WeightsMethod):
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)
 
 
+# ---------------------------------------------------------------- W4A16
+
+W4_WEIGHT_TYPE = scalar_types.uint4b8
+"""How vLLM's mixed-precision kernels name quantmint's 4-bit codes: unsigned nibbles with a bias of 8, eight
+to an int32 along the input, element j in nibble j % 8 (low first) of word j // 8. quantmint packs exactly
+that (`quant_math.pack_int4`: code + 8, its codes in [-7, 7]), so the checkpoint's words go to the kernel
+unchanged: no conversion at load."""
+
+_TORCH_RUNTIME = "serve it with quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def w4a16_kernel_for(
+    layer_name: str,
+    input_size: int,
+    output_size: int,
+    input_size_per_partition: int,
+    output_size_per_partition: int,
+    group_size: int | None,
+    act_type: torch.dtype,
+) -> tuple[Any, MPLinearLayerConfig]:
+    """vLLM's mixed-precision kernel class for one W4A16 layer (`choose_mp_linear_kernel`: CPUWNA16 on CPU,
+    Machete or Marlin on CUDA) and its layer config; ValueError, one line naming the layer and what to do,
+    for a layout no kernel takes."""
+    if group_size is not None and input_size % group_size:
+        last = input_size % group_size
+        raise ValueError(
+            f"quantmint: W4A16 layer {layer_name} has {input_size} input features in groups of {group_size}, "
+            f"so its last group holds {last} columns, which vLLM's mixed-precision kernels cannot take "
+            f"(every group must be whole): requantize with a group_size that divides {input_size} "
+            f"(or strategy: channel), or {_TORCH_RUNTIME}"
+        )
+    if group_size is not None and input_size_per_partition % group_size:
+        raise ValueError(
+            f"quantmint: W4A16 layer {layer_name}: tensor parallelism splits its {input_size} input features "
+            f"into {input_size_per_partition} per rank, not a whole number of groups of {group_size}: serve "
+            "with a smaller tensor_parallel_size, or requantize with a group_size that divides the split"
+        )
+    config = MPLinearLayerConfig(
+        full_weight_shape=(input_size, output_size),
+        partition_weight_shape=(input_size_per_partition, output_size_per_partition),
+        weight_type=W4_WEIGHT_TYPE,
+        act_type=act_type,
+        group_size=-1 if group_size is None else group_size,
+        zero_points=False,
+    )
+    try:
+        kernel = choose_mp_linear_kernel(config)
+    except ValueError as exc:
+        reasons = _one_line(str(exc)).replace(
+            "Failed to find a kernel that can implement the WNA16 linear layer. Reasons: ;", ""
+        )
+        groups = "per channel" if group_size is None else f"groups of {group_size}"
+        raise ValueError(
+            f"quantmint: no vLLM mixed-precision kernel serves W4A16 layer {layer_name} "
+            f"({input_size_per_partition} inputs x {output_size_per_partition} outputs, {groups}, "
+            f"{act_type}): {reasons.strip()}. Leave this layer in float (--ignore), or {_TORCH_RUNTIME}"
+        ) from None
+    return kernel, config
+
+
+def _w4_probe_layer(
+    kernel_type: Any, config: MPLinearLayerConfig, packed: torch.Tensor, scale: torch.Tensor
+) -> Any:
+    """A layer holding the kernel's parameters as vLLM's loader leaves them (plain parameters with the
+    layout attributes the kernels read: vLLM's parameter classes need its distributed state)."""
+    layer = torch.nn.Module()
+    for name, data, dims in (
+        ("weight_packed", packed, {"input_dim": 1, "output_dim": 0, "packed_dim": 1, "packed_factor": 8}),
+        ("weight_scale", scale, {"input_dim": 1, "output_dim": 0}),
+    ):
+        param = torch.nn.Parameter(data, requires_grad=False)
+        for key, value in dims.items():
+            setattr(param, key, value)
+        layer.register_parameter(name, param)
+    layer.register_parameter("bias", None)
+    kernel = kernel_type(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
+    kernel.process_weights_after_loading(layer)
+    return kernel, layer
+
+
+@functools.cache
+def vllm_w4a16_kernel_runs(kernel_type: Any, group_size: int | None, dtype: torch.dtype) -> bool:
+    """Whether vLLM's selected mixed-precision kernel runs W4A16 with `dtype` activations and gives
+    quantmint's dequantized product (codes in [-7, 7] packed as code + 8, the uint4b8 convention): a small
+    layer with every code and per-group scales, against `int4_linear` in float32. vLLM 0.32's CPUWNA16
+    kernel, for one, is selected for float32 layers but implements bf16 and fp16 only."""
+    from quantmint.numerics import quant_math
+
+    in_features = 256 if group_size is None else group_size * (1 if group_size % 32 == 0 else 32)
+    out_features = 32
+    groups = 1 if group_size is None else in_features // group_size
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-7, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(out_features, groups, generator=gen) + 0.5) / 64
+    packed = quant_math.pack_int4(q)
+    config = MPLinearLayerConfig(
+        full_weight_shape=(in_features, out_features),
+        partition_weight_shape=(in_features, out_features),
+        weight_type=W4_WEIGHT_TYPE,
+        act_type=dtype,
+        group_size=-1 if group_size is None else group_size,
+        zero_points=False,
+    )
+    x = torch.randn(3, in_features, generator=gen).to(dtype)
+    want = int4_linear(x.float(), packed, scale, in_features, False, group_size=group_size)
+    try:
+        device = torch.empty(0).device  # where vLLM is building the model
+        kernel, layer = _w4_probe_layer(kernel_type, config, packed.to(device), scale.to(device, dtype))
+        got = kernel.apply_weights(layer, x.to(device), None).float().cpu()
+    except (RuntimeError, NotImplementedError) as exc:
+        logger.warning_once(
+            f"quantmint W4A16: vLLM's {kernel_type.__name__} cannot run {dtype} activations "
+            f"({_one_line(str(exc))[:200]}): these layers run quantmint's int4 matmul (unpack to the "
+            "activation dtype, scale per group, F.linear); serve in bfloat16 for vLLM's kernel"
+        )
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    if error > tol:
+        raise ValueError(
+            f"quantmint W4A16: vLLM's {kernel_type.__name__} does not give quantmint's int4 product on a "
+            f"probe layer ({dtype}, relative error {error:.3g}): its 4-bit convention differs from "
+            "uint4b8 (code + 8, low nibble first) on this vLLM; serve with quantmint's torch runtime"
+        )
+    return True
+
+
+@register_weight_loader_v2_supported_method
+class W4A16LinearMethod(LinearMethodBase):
+    """4-bit weights (symmetric, codes in [-7, 7]) per output channel or in groups of `group_size` input
+    columns, float activations, served by the kernel vLLM selects for mixed-precision linears
+    (`choose_mp_linear_kernel`): on CPU its CPUWNA16 kernel, on CUDA Machete or Marlin.
+
+    The parameters are those of compressed-tensors' pack-quantized layers, which quantmint's checkpoint
+    tensors already are: `weight_packed` int32 [out, in / 8] (packed along the input), `weight_scale`
+    [out, groups] (per channel: [out, 1]) and `weight_shape` [2]. They load as vLLM loads them for a
+    compressed-tensors checkpoint, fused layers and tensor-parallel shards included. vLLM's GPT2 transposes
+    only tensors named `.weight`, so the 4-bit tensors of its Conv1D layers arrive as stored ([out, in]).
+    """
+
+    def __init__(self, group_size: int | None, layer_name: str) -> None:
+        self.group_size = group_size
+        self.layer_name = layer_name
+        self.before_processing: Callable[[], None] = lambda: None
+        self.kernel: Any = None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        weight_loader = extra_weight_attrs["weight_loader"]
+        out = sum(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        layer.input_size_per_partition = input_size_per_partition
+        layer.output_size_per_partition = out
+        kernel_type, config = w4a16_kernel_for(
+            self.layer_name, input_size, output_size, input_size_per_partition, out, self.group_size,
+            params_dtype,
+        )  # fmt: skip
+        layer.quantmint_in_features = input_size_per_partition
+        if vllm_w4a16_kernel_runs(kernel_type, self.group_size, params_dtype):
+            logger.info_once(
+                f"quantmint W4A16: {params_dtype} layers run vLLM's {kernel_type.__name__} "
+                "(choose_mp_linear_kernel, vLLM's mixed-precision kernel selection)"
+            )
+        else:
+            kernel_type = None
+        weight = PackedvLLMParameter(
+            data=torch.empty(out, -(-input_size_per_partition // 8), dtype=torch.int32),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=8,
+            weight_loader=weight_loader,
+        )
+        if self.group_size is None:  # one scale per output row, whichever way the layer is split
+            scale: BasevLLMParameter = ChannelQuantScaleParameter(
+                data=torch.empty(out, 1, dtype=params_dtype), output_dim=0, weight_loader=weight_loader
+            )
+        else:
+            scale = GroupQuantScaleParameter(
+                data=torch.empty(out, input_size_per_partition // self.group_size, dtype=params_dtype),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=weight_loader,
+            )
+        shape = BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader)
+        layer.register_parameter("weight_packed", weight)
+        layer.register_parameter("weight_scale", scale)
+        layer.register_parameter("weight_shape", shape)
+        if kernel_type is not None:
+            self.kernel = kernel_type(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.before_processing()
+        if self.kernel is not None:
+            self.kernel.process_weights_after_loading(layer)
+            return
+        # quantmint's int4 matmul: the packed words as loaded, float32 scales [out, groups]
+        replace_parameter(layer, "weight_packed", layer.weight_packed.data.contiguous())
+        replace_parameter(layer, "weight_scale", layer.weight_scale.data.float().contiguous())
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.apply_weights(layer, x, bias)
+        return int4_linear(
+            x, layer.weight_packed, layer.weight_scale, layer.quantmint_in_features, False, None, bias,
+            self.group_size,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------- timing, for benchmarks
 def _time_applies(prefix: str) -> None:
     """Time every quantmint linear's `apply` in this process and write {"Method:rows x out x in":
@@ -305,6 +538,7 @@ def _time_applies(prefix: str) -> None:
 
     timed(W8A8LinearMethod)
     timed(W8A16LinearMethod)
+    timed(W4A16LinearMethod)
     atexit.register(dump)
 
 
