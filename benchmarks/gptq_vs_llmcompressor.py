@@ -15,7 +15,11 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
 
 * ``w4a16_g128``: quantmint preset ``w4a16-gptq`` (int4, symmetric, groups of 128) vs
   ``GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])`` (compressed-tensors' W4A16
-  preset: int4, symmetric, groups of 128, as ``check.weight_args`` shows);
+  preset: int4, symmetric, groups of 128, as ``check.weight_args`` shows; SmolLM2's 576 input columns are
+  4.5 groups of 128, which llm-compressor refuses unless ``bypass_divisibility_checks=True``, set here
+  for every llm-compressor run: the last group holds 64 columns, as in quantmint);
+* ``w4a16_g128_actorder``: quantmint ``w4a16-gptq`` with ``gptq.actorder: true`` (static groups), against
+  the same llm-compressor run (whose ``GPTQModifier`` default is ``actorder="static"``);
 * ``w4a16_g32``: quantmint ``w4a16-gptq`` with ``group_size: 32`` vs ``GPTQModifier(config_groups=...)``
   with int4 symmetric groups of 32;
 * ``w8a8``: GPTQ + SmoothQuant on both sides: quantmint ``get_preset("w8a8").with_updates(gptq={})``
@@ -29,7 +33,9 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
   ``w8a16-gptq`` (for "W8A16 GPTQ at or below RTN").
 
 Both tools keep their GPTQ defaults otherwise (dampening 0.01 of the mean diagonal, blocks of 128
-columns; the activation-ordering default of each is in ``settings`` and in the runs' configs). quantmint
+columns; act-order: quantmint off, llm-compressor "static", in each run's ``config`` / ``gptq_args``).
+``--partial FILE`` rewrites the report so far after every child (a long run cut short still reports the
+pairs it finished); a failed child is reported with its ``error`` and the others still run. quantmint
 calibrates in batches of 8, llm-compressor in batches of ``--llmc-batch-size`` (1, its default).
 
 ``comparison`` holds per pair each tool's ``ppl_delta_pct`` vs float, ``time_ratio`` (llm-compressor
