@@ -15,9 +15,12 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
 
 * ``w4a16_g128``: quantmint preset ``w4a16-gptq`` (int4, symmetric, groups of 128) vs
   ``GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])`` (compressed-tensors' W4A16
-  preset: int4, symmetric, groups of 128, as ``check.weight_args`` shows; SmolLM2's 576 input columns are
-  4.5 groups of 128, which llm-compressor refuses unless ``bypass_divisibility_checks=True``, set here
-  for every llm-compressor run: the last group holds 64 columns, as in quantmint);
+  preset: int4, symmetric, groups of 128, as ``check.weight_args`` shows). SmolLM2's 576 input columns
+  are 4.5 groups of 128: llm-compressor 0.14 refuses them at initialization unless
+  ``bypass_divisibility_checks=True`` (set here for every llm-compressor run), and with it fails in its
+  weight observer (``unflatten: Provided sizes [-1, 128] don't multiply up to ... (576)``) after the
+  first block's calibration, so on this model the child reports that error and only quantmint has a
+  g128 row (its last group holds 64 columns); ``w4a16_g32`` (576 = 18 x 32) is the grid both run;
 * ``w4a16_g128_actorder``: quantmint ``w4a16-gptq`` with ``gptq.actorder: true`` (static groups), against
   the same llm-compressor run (whose ``GPTQModifier`` default is ``actorder="static"``);
 * ``w4a16_g32``: quantmint ``w4a16-gptq`` with ``group_size: 32`` vs ``GPTQModifier(config_groups=...)``
