@@ -238,14 +238,16 @@ def assemble(results: dict[str, dict[str, Any]], meta: dict[str, Any], pairs: li
         goals["w8a16_gptq_at_or_below_0.21pct"] = bool(
             rtn.get("w8a16_gptq") is not None and rtn["w8a16_gptq"] <= RTN_W8A16_DELTA_PCT
         )
-    goals["every_ppl_finite"] = all(_finite(run) for run in results.values())
+    ok = {name: run for name, run in results.items() if "error" not in run}
+    goals["every_ppl_finite"] = all(_finite(run) for run in ok.values())
     report["goals"] = goals
-    calib_hashes = {run["calib_sha256"] for run in results.values() if "calib_sha256" in run}
+    report["failed"] = {name: run["error"] for name, run in results.items() if "error" in run}
+    calib_hashes = {run["calib_sha256"] for run in ok.values() if "calib_sha256" in run}
     report["calibration"] = {
         **meta["calibration"],
         "same_ids_in_every_child": calib_hashes == {meta["calibration"]["sha256"]},
     }
-    eval_hashes = {run.get("eval_sha256") for run in results.values()}
+    eval_hashes = {run.get("eval_sha256") for run in ok.values()}
     report["eval"] = {
         **meta["eval"],
         "same_ids_in_every_child": len(eval_hashes) == 1 and None not in eval_hashes,
