@@ -86,12 +86,39 @@ def test_export_refuses_a_corrupt_shard(tmp_path: Path) -> None:
     assert not (tmp_path / "ct").exists()
 
 
-def test_export_refuses_four_bit_checkpoints(tmp_path: Path) -> None:
+def test_export_writes_w4a16_as_pack_quantized(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from quantmint.config import get_preset
     from quantmint.formats.export import export_checkpoint
 
-    src = _checkpoint(tmp_path, "llama", "w4a16")
-    with pytest.raises(QuantmintError, match="4-bit"):
+    torch.manual_seed(0)
+    # groups of 32 divide the tiny Llama's 64 and 128 input features
+    config = get_preset("w4a16").with_updates(weights={"strategy": "group", "group_size": 32})
+    src = save_quantized(quantize(build_tiny("llama"), config), tmp_path / "w4", tokenizer=byte_tokenizer())
+    out = export_checkpoint(src, tmp_path / "ct")
+    ct = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert ct["format"] == "pack-quantized" and ct["ignore"] == ["lm_head"]
+    weights = ct["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["symmetric"]) == (
+        4, "group", 32, True,
+    )  # fmt: skip
+    assert ct["config_groups"]["group_0"]["input_activations"] is None
+    with safe_open(out / "model.safetensors", "pt") as f:
+        name = "model.layers.0.mlp.down_proj"
+        assert f.get_tensor(f"{name}.weight_packed").shape == (64, 16)  # [out, in / 8] int32
+        assert f.get_tensor(f"{name}.weight_scale").shape == (64, 4)  # [out, in / 32]
+        assert f.get_tensor(f"{name}.weight_shape").tolist() == [64, 128]
+
+
+def test_export_refuses_ragged_four_bit_groups_and_w4a8(tmp_path: Path) -> None:
+    from quantmint.formats.export import export_checkpoint
+
+    src = _checkpoint(tmp_path, "llama", "w4a16")  # groups of 128 over 64 input features
+    with pytest.raises(QuantmintError, match=r"with 64 input features, end in a group shorter than "
+                       r"group_size 128.*group_size that divides") as refused:  # fmt: skip
         export_checkpoint(src, tmp_path / "ct")
+    assert "\n" not in str(refused.value)
     assert not (tmp_path / "ct").exists()
 
 

@@ -541,6 +541,44 @@ def test_compressed_tensors_export_loads_in_plain_vllm_and_transformers(
     assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.995
 
 
+@pytest.mark.slow
+def test_w4a16_export_loads_in_plain_vllm_and_transformers(
+    tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """The exported W4A16 tiny Llama (pack-quantized, groups of 128) in vLLM with no plugin (its
+    CompressedTensorsWNA16 scheme, CPUWNA16 kernel, fp16) and in transformers with compressed-tensors."""
+    from quantmint.formats.export import export_checkpoint
+
+    src = tiny_checkpoint("llama", "w4a16")
+    out = export_checkpoint(src, tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    job = {"model": str(out), "dtype": "float16", "tasks": [{"kind": "generate", "prompts": PROMPTS}]}
+    native = vllm_ok(job, tmp_path, env={"VLLM_PLUGINS": ""})
+    assert not native["quantmint_log"] or not any("quantmint W4A16" in x for x in native["quantmint_log"])
+    model = load_quantized(src)
+    want = reference_generate(model.to(torch.float16), PROMPTS, 16)
+    got = native["results"][0]["value"]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert agreement(got, want) >= 0.75, (got, want)
+
+    code = (
+        "import sys, json, torch, transformers;"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r});"
+        f"x = torch.tensor([{PROMPTS[3]!r}]);"
+        "print(json.dumps({'logits': m(x).logits[0, -1].tolist(),"
+        " 'quantmint': any(k.startswith('quantmint') for k in sys.modules)}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["quantmint"]
+    with torch.no_grad():
+        ours = load_quantized(src)(torch.tensor([PROMPTS[3]])).logits[0, -1]
+    # compressed-tensors decompresses the same codes and scales: float32 logits agree to rounding
+    torch.testing.assert_close(torch.tensor(result["logits"]), ours, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("family", "preset", "reason"), [
     ("llama", "w8a8-c8", "int8 KV cache"),
     ("llama", "w8a16", "w8a16 layers"),

@@ -1,15 +1,18 @@
 """Export a quantmint checkpoint to the compressed-tensors format, which plain vLLM (no plugin) and
 transformers (with the `compressed-tensors` package) load with no quantmint installed.
 
-quantmint already stores its int8 tensors under compressed-tensors names (`weight` int8 [out, in],
-`weight_scale` float32 [out, 1], `input_scale` [1]), so the shards are copied unchanged (after checking
-their sha256 against the manifest) and only config.json's `quantization_config` is rewritten: one
-config group for the W8A8 layers (`format: int-quantized`, per-channel weights, per-token dynamic or
-per-tensor static activations), every other linear layer in `ignore`.
+quantmint already stores its tensors under compressed-tensors names (`weight` int8 [out, in],
+`weight_scale` float32 [out, 1], `input_scale` [1]; 4-bit: `weight_packed` int32 [out, ceil(in / 8)] packed
+as compressed-tensors' `pack_to_int32` packs, `weight_scale` [out, groups], `weight_shape`), so the shards
+are copied unchanged (after checking their sha256 against the manifest) and only config.json's
+`quantization_config` is rewritten: one config group for the W8A8 layers (`format: int-quantized`,
+per-channel weights, per-token dynamic or per-tensor static activations) or for the W4A16 layers (`format:
+pack-quantized`, 4-bit symmetric weights per group or channel), every other linear layer in `ignore`.
 
 Refused, with the reason: C8 (vLLM accepts only an fp8 KV-cache scheme), W8A16 layers (compressed-tensors
 describes them only in its packed int32 layout, which vLLM runs on GPU kernels alone: serve the quantmint
-checkpoint through the plugin instead), and families whose declaration lists transposed linears
+checkpoint through the plugin instead), W4A8, 4-bit layers whose last group is shorter than group_size,
+per-tensor 4-bit scales, and families whose declaration lists transposed linears
 (`ServingNeeds.transposed_linears`, GPT2's Conv1D: not `Linear` to compressed-tensors, and vLLM transposes
 their weights on load).
 """
@@ -38,9 +41,9 @@ EXPORT_FORMATS = ("compressed-tensors",)
 _INT8 = {"num_bits": 8, "type": "int", "symmetric": True}
 
 
-def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
-    """Names of every `nn.Linear` of the checkpoint's architecture, from a skeleton with its parameters on
-    the meta device."""
+def _linear_names(path: Path, config: dict[str, Any]) -> dict[str, int]:
+    """Every `nn.Linear` of the checkpoint's architecture -> its input features, from a skeleton with its
+    parameters on the meta device."""
     import transformers
 
     cls = model_class(config.get("architectures"), path, CheckpointError)
@@ -48,7 +51,8 @@ def _linear_names(path: Path, config: dict[str, Any]) -> list[str]:
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     skeleton = build_skeleton(cls, hf_config, on_meta=True)
-    return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
+    modules = skeleton.named_modules()
+    return {name: module.in_features for name, module in modules if isinstance(module, nn.Linear)}
 
 
 def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
@@ -75,26 +79,94 @@ def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
             "reads them as Linear and vLLM transposes them on load. Serve it with the quantmint plugin "
             "(quantmint serve)"
         )
-    four_bit = sorted({s for s in block.modules.values() if s.startswith("w4")})
-    if four_bit:
+    schemes = set(block.modules.values())
+    if "w4a8" in schemes:
         raise QuantmintError(
-            f"{path} has {', '.join(four_bit)} layers: quantmint does not export 4-bit checkpoints yet "
-            "(compressed-tensors' pack-quantized format would hold them, but quantmint's [-7, 7] values "
-            "with ragged last groups are not checked against vLLM's kernels). Use the torch runtime"
+            f"{path} has w4a8 layers (4-bit weights, int8 activations), which compressed-tensors checkpoints "
+            "vLLM serves cannot hold. Export a w4a16 or w8a8 checkpoint, or run this one with quantmint's "
+            "torch runtime (quantmint eval, quantmint.load_quantized)"
         )
-    other = sorted({s for s in block.modules.values() if s != "w8a8"})
+    if "w4a16" in schemes:
+        weights = block.config.weights
+        if schemes != {"w4a16"}:
+            raise QuantmintError(
+                f"{path} mixes w4a16 layers with {', '.join(sorted(schemes - {'w4a16'}))} layers, which one "
+                "compressed-tensors config group cannot describe. Serve it with the quantmint plugin "
+                "(quantmint serve)"
+            )
+        if weights.strategy not in ("group", "channel"):
+            raise QuantmintError(
+                f"{path} has 4-bit weights with one scale per {weights.strategy}: compressed-tensors' "
+                "pack-quantized layers that vLLM serves take a scale per channel or per group. Requantize "
+                "with weights.strategy channel or group"
+            )
+        return
+    other = sorted(s for s in schemes if s != "w8a8")
     if other:
         raise QuantmintError(
             f"{path} has {', '.join(other)} layers: compressed-tensors describes int8 weight-only layers "
-            "only in its packed int32 layout, which vLLM runs on GPU kernels alone. Export a w8a8 "
+            "only in its packed int32 layout, which vLLM runs on GPU kernels alone. Export a w8a8 or w4a16 "
             "checkpoint, or serve this one with the quantmint plugin (quantmint serve)"
         )
     if not block.modules:
         raise QuantmintError(f"{path} has no quantized layers to export")
 
 
+def _refuse_ragged_groups(path: Path, block: QuantizationConfigBlock, linears: dict[str, int]) -> None:
+    """compressed-tensors' groups (and vLLM's kernels) must tile each row: refuse a shorter last group."""
+    group_size = block.config.weights.group_size
+    if block.config.weights.strategy != "group" or group_size is None:
+        return
+    ragged = {name: linears[name] for name in block.modules if name in linears and linears[name] % group_size}
+    if ragged:
+        name, features = next(iter(ragged.items()))
+        raise QuantmintError(
+            f"{path}: {len(ragged)} w4a16 layer(s), e.g. {name} with {features} input features, end in a "
+            f"group shorter than group_size {group_size} ({features % group_size} columns), which "
+            "compressed-tensors' pack-quantized format and vLLM's kernels cannot describe. Requantize with a "
+            "group_size that divides every layer's input features (or strategy: channel), or serve this "
+            "checkpoint with the quantmint plugin (quantmint serve) or quantmint's torch runtime"
+        )
+
+
 def compressed_tensors_config(block: QuantizationConfigBlock, linear_names: list[str]) -> dict[str, Any]:
-    """The compressed-tensors `quantization_config` equivalent to a quantmint W8A8 block."""
+    """The compressed-tensors `quantization_config` equivalent to a quantmint W8A8 or W4A16 block."""
+    quantized = set(block.modules)
+    common = {
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "ignore": [name for name in linear_names if name not in quantized],
+        "kv_cache_scheme": None,
+        "producer": {"name": "quantmint", "scheme": block.scheme, "family": block.family},
+    }
+    if set(block.modules.values()) == {"w4a16"}:
+        # quantmint's 4-bit tensors are compressed-tensors' pack-quantized ones: `weight_packed` int32
+        # [out, ceil(in / 8)] (code + 8, element j in nibble j % 8 of word j // 8), `weight_scale`
+        # [out, groups], `weight_shape` [2]; symmetric, so no zero point.
+        weights = block.config.weights
+        group = weights.strategy == "group"
+        return {
+            **common,
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": weights.strategy,
+                        "group_size": weights.group_size if group else None,
+                        "dynamic": False,
+                        "observer": "minmax",
+                        "actorder": None,
+                    },
+                    "input_activations": None,
+                    "output_activations": None,
+                    "format": "pack-quantized",
+                }
+            },
+        }
     dynamic = block.config.activations.dynamic
     input_activations = {
         **_INT8,
@@ -102,7 +174,6 @@ def compressed_tensors_config(block: QuantizationConfigBlock, linear_names: list
         "dynamic": dynamic,
         **({} if dynamic else {"observer": "minmax"}),
     }
-    quantized = set(block.modules)
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -143,7 +214,9 @@ def export_checkpoint(
     manifest = _read_manifest(src)
     _read_shards(src, manifest, verify=True)  # sha256 and tensor checks: never export a damaged checkpoint
     config = read_config_json(src, CheckpointError)
-    config["quantization_config"] = compressed_tensors_config(block, _linear_names(src, config))
+    linears = _linear_names(src, config)
+    _refuse_ragged_groups(src, block, linears)
+    config["quantization_config"] = compressed_tensors_config(block, list(linears))
     with staged_directory(out, overwrite=overwrite, inputs=[src]) as tmp:
         for item in src.iterdir():
             if item.name in (MANIFEST_NAME, "config.json") or item.name.startswith("."):
