@@ -251,7 +251,10 @@ class W8A16LinearMethod(_Int8WeightsMethod):
         weight = layer.weight.data.contiguous()
         layer.quantmint_amx = amx_woq_supported(weight, layer.quantmint_dtype)
         if layer.quantmint_amx:
-            logger.info_once("quantmint W8A16: bf16 layers run the AMX kernel (csrc/woq.c)")
+            logger.info_once(
+                "quantmint W8A16: bf16 layers run the AMX kernel (csrc/woq.c): vLLM's mixed-precision "
+                "kernels on CPU take no int8 weight-only layer (CPUWNA16 refuses uint8b128)"
+            )
             out_features = weight.shape[0]
             replace_parameter(layer, "weight", pack_weight_for_amx(weight))
             scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
@@ -260,7 +263,8 @@ class W8A16LinearMethod(_Int8WeightsMethod):
             return
         logger.info_once(
             f"quantmint W8A16: {layer.quantmint_dtype} layers run torch's int8-weight matmul "
-            "(the AMX kernel takes bf16 on CPUs with AMX-BF16)"
+            "(the AMX kernel takes bf16 on CPUs with AMX-BF16; vLLM's mixed-precision kernels on CPU take "
+            "no int8 weight-only layer: CPUWNA16 refuses uint8b128)"
         )
         replace_parameter(layer, "weight", weight)
         scale = layer.weight_scale.data.reshape(-1).to(layer.quantmint_dtype)
