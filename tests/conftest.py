@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,3 +122,25 @@ def temporary_plugin() -> Iterator[Callable[[object, str], None]]:
         for plugin in added:
             pm.unregister(plugin)
         registry.refresh()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def install_example(name: str, target: Path) -> Path:
+    """pip-install the example plugin examples/`name` into `target` (no dependencies, no build isolation),
+    as a user installs a third-party plugin; run code that should see it with `plugin_env(target)`."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "--target", str(target), str(EXAMPLES / name)],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+def plugin_env(site: Path) -> dict[str, str]:
+    """The environment of a subprocess that imports the plugins installed in `site` (all of them)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QUANTMINT_PLUGINS", None)
+    return env

@@ -160,11 +160,12 @@ def test_smoothquant_vs_llmcompressor_refuses_torch_and_cuda_in_the_venv() -> No
     ]
 
 
-def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
+def _dry_run_plan(script: str) -> dict:
+    """The one JSON line a benchmark's --dry-run prints (8 samples, a venv that does not exist)."""
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "smoothquant_vs_llmcompressor.py"),
+            str(ROOT / "benchmarks" / script),
             "--dry-run",
             "--samples",
             "8",
@@ -180,30 +181,17 @@ def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
     assert len(lines) == 1
     plan = json.loads(lines[0])
     assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
+    return plan
+
+
+def test_smoothquant_vs_llmcompressor_dry_run_prints_the_plan() -> None:
+    plan = _dry_run_plan("smoothquant_vs_llmcompressor.py")
     assert [c["kind"] for c in plan["children"]] == ["float", "quantmint", "llmcompressor", "quantmint"]
     assert plan["children"][2]["python"] == "/nonexistent/venv/bin/python"
 
 
 def test_gptq_vs_llmcompressor_dry_run_prints_the_plan() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gptq_vs_llmcompressor.py"),
-            "--dry-run",
-            "--samples",
-            "8",
-            "--venv",
-            "/nonexistent/venv",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
-    plan = json.loads(lines[0])
-    assert plan["dry_run"] is True and plan["calibration"]["samples"] == 8
+    plan = _dry_run_plan("gptq_vs_llmcompressor.py")
     children = {c["name"]: c for c in plan["children"]}
     assert plan["children"][0]["kind"] == "float"
     assert children["quantmint_w4a16_g128"]["spec"]["preset"] == "w4a16-gptq"

@@ -9,7 +9,6 @@ its registry stays as it is).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any
 import pytest
 
 from quantmint.config.presets import PRESETS
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-gptneox"
+from tests.conftest import install_example as conftest_install
+from tests.conftest import plugin_env
 
 # A tiny seeded GPT-NeoX: head size 16, a quarter of it rotated (rotary_pct 0.25), parallel residual.
 TINY = {
@@ -141,30 +140,8 @@ print(json.dumps(results))
 
 
 def install_example(target: Path) -> Path:
-    """pip-install examples/quantmint-gptneox into `target` (no dependencies, no build isolation)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
-
-
-def plugin_env(site: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    env.pop("QUANTMINT_PLUGINS", None)
-    return env
+    """pip-install examples/quantmint-gptneox into `target`."""
+    return conftest_install("quantmint-gptneox", target)
 
 
 def run_python(site: Path, code: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

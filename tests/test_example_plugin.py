@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantmint-opt"
+from tests.conftest import install_example, plugin_env
 
 SCRIPT = """
 import torch, transformers, quantmint
@@ -32,32 +31,11 @@ print("sqnr", sqnr_db(ref, model(ids).logits))
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_example("quantmint-opt", tmp_path_factory.mktemp("site"))
 
 
 def test_example_plugin_is_discovered_and_used(installed_example: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("QUANTMINT_PLUGINS", None)
+    env = plugin_env(installed_example)
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split() for line in result.stdout.splitlines())
@@ -83,11 +61,7 @@ sys.exit(main(["check-family", sys.argv[1], "--skip-vllm"]))  # vLLM CPU takes n
 
 
 def test_example_plugin_passes_check_family(installed_example: Path, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("QUANTMINT_PLUGINS", None)
+    env = plugin_env(installed_example)
     result = subprocess.run(
         [sys.executable, "-c", CHECK, str(tmp_path / "opt")], env=env, capture_output=True, text=True
     )
