@@ -15,7 +15,7 @@ from quantmint.config import QuantArgs, get_preset
 from quantmint.config.steps import GPTQArgs, GPTQConfig
 from quantmint.extension import registry
 from quantmint.extension.family import resolve_layout
-from quantmint.numerics import quant_math
+from quantmint.numerics import native_gptq, quant_math
 from quantmint.numerics.quant_math import sqnr_db
 from tests.conftest import VOCAB, build_tiny, model_output
 
@@ -118,6 +118,45 @@ def test_gptq_quantize_unit_properties() -> None:
             deq_rtn = quant_math.dequantize_weight(q_rtn, scale_rtn, torch.float64, args.group_size)
             ref = x @ weight.double().T
             assert (ref - x @ deq.T).norm() < 0.9 * (ref - x @ deq_rtn.T).norm()
+
+
+@pytest.mark.skipif(native_gptq._fn() is None, reason="no C compiler here: GPTQ runs its torch loop only")
+@pytest.mark.parametrize(
+    "args",
+    [
+        QuantArgs(num_bits=4, strategy="group", group_size=32),  # dynamic groups inside each block
+        QuantArgs(num_bits=4, strategy="group", group_size=48),  # groups across blocks: the torch loop
+        QuantArgs(num_bits=8, strategy="channel"),
+        QuantArgs(num_bits=4, strategy="tensor"),
+    ],
+    ids=["g32", "g48", "channel", "tensor"],
+)
+@pytest.mark.parametrize("actorder", [False, True])
+def test_native_column_loop_gives_the_torch_loops_integers(
+    args: QuantArgs, actorder: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`numerics/csrc/gptq.c` rounds each product and difference as the torch loop does: the same
+    integers and scales on a weight whose columns span several blocks (the last one partial) and whose
+    rows are split among threads, with a dead column."""
+    ran: list[bool] = []
+    block = native_gptq.gptq_block
+    monkeypatch.setattr(native_gptq, "gptq_block", lambda *a: ran.append(block(*a)) or ran[-1])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 160, generator=g, dtype=torch.float64) * torch.rand(
+        160, generator=g, dtype=torch.float64
+    )
+    x[:, 3] = 0.0
+    weight = torch.randn(300, 160, generator=g) * 0.05
+    hessian = 2.0 / x.shape[0] * x.T @ x
+    native_q, native_scale = gptq_quantize(weight, hessian, args, block_size=64, actorder=actorder)
+    torch_q, torch_scale = gptq_quantize(
+        weight, hessian, args, block_size=64, actorder=actorder, use_native=False
+    )
+    # Groups of 48 straddle blocks of 64 (dynamic groups without act-order): the torch loop only.
+    assert ran == ([] if args.group_size == 48 and not actorder else [True] * 3)
+    assert torch.equal(native_scale, torch_scale)
+    same = (native_q == torch_q).float().mean().item()
+    assert same >= 0.999, f"{1 - same:.2%} of the integers differ between the native and the torch loop"
 
 
 def test_dead_input_channel_in_a_model_gives_no_nan() -> None:

@@ -41,7 +41,7 @@ from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import AlgorithmConfig, PTQConfig, QuantArgs
 from quantmint.config.steps import GPTQArgs, GPTQConfig
 from quantmint.errors import QuantmintError
-from quantmint.numerics import quant_math
+from quantmint.numerics import native_gptq, quant_math
 
 if TYPE_CHECKING:
     import argparse
@@ -123,12 +123,15 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     actorder: bool = False,
     name: str = "weight",
+    use_native: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's rounding of `weight` [out, in] given its input Hessian [in, in].
 
     Returns (q int8 [out, in], scale float32) on quantmint's grid (`args`: bits, strategy, group_size;
     symmetric), the same shapes as `quant_math.quantize_weight`'s, so `quant_math.dequantize_weight(q,
-    scale, dtype, group_size)` is the rounded weight.
+    scale, dtype, group_size)` is the rounded weight. The column loop runs in the native kernel
+    (`quantmint.numerics.native_gptq`) where it can, else (or with `use_native=False`) in torch; both give
+    the same integers.
     """
     if not args.symmetric:
         raise QuantmintError(f"GPTQ of {name}: only symmetric weights are supported; set weights.symmetric")
@@ -160,7 +163,7 @@ def gptq_quantize(
     H[range(columns), range(columns)] = diag + damp
     try:
         L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float().contiguous()
     except torch.linalg.LinAlgError:
         raise QuantmintError(
             f"GPTQ of {name}: its input Hessian is not positive definite after dampening by "
@@ -172,8 +175,25 @@ def gptq_quantize(
             "check the calibration data, or raise gptq.damp_percent"
         )
     Q = torch.zeros_like(W)
+    # The native kernel (`numerics/csrc/gptq.c`) runs a block's column loop row by row; it needs every
+    # dynamic group inside one block, and finite weights (the torch loop decides what NaN does).
+    native = use_native and (not dynamic_groups or block_size % group_size == 0)  # type: ignore[operator]
+    native = native and bool(torch.isfinite(W).all())
+    col_scale = col_scale.contiguous()
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
+        if native:
+            Err1 = torch.empty((W.shape[0], i2 - i1), dtype=W.dtype)
+            group = group_size if dynamic_groups else 0
+            if native_gptq.gptq_block(
+                W[:, i1:i2], Hinv[i1:i2, i1:i2], col_scale[:, i1:i2], Q[:, i1:i2], Err1, i1, group or 0, qmax
+            ):
+                if dynamic_groups:  # the block starts on a group: i1 is a multiple of block_size
+                    for j in range(i1, i2, group_size):  # type: ignore[arg-type]
+                        scale[:, j // group_size] = col_scale[:, j]  # type: ignore[operator]
+                W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                continue
+            native = False  # no kernel: the torch loop from here on
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
