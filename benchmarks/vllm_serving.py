@@ -1,5 +1,5 @@
-"""SmolLM2-135M served by vLLM, side by side in one run: float, native compressed-tensors W8A8, and
-quantmint's W8A16 and W8A8 through the quantmint plugin. Prints one JSON line.
+"""SmolLM2-135M served by vLLM, side by side in one run: float, native compressed-tensors W8A8 and W4A16,
+and quantmint's W8A16, W8A8 and W4A16 through the quantmint plugin. Prints one JSON line.
 
 Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults of `quantmint serve`):
 - `tok_s`: greedy decode throughput, `--prompts` prompts x `--tokens` new tokens (EOS ignored), all
@@ -9,15 +9,19 @@ Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults 
   windows of wikitext-2 test (the first token of each window is not scored), and for int8 variants
   `ppl_runtime`, the same windows through quantmint's own exact torch runtime (fp32), and
   `ppl_gap_pp = 100 * (ppl / ppl_runtime - 1)`;
-- ratios to fp32 and to native W8A8;
+- ratios to fp32, to bf16 and to native W8A8;
 - with `--time-linears`, for the plugin's bf16 variants, `linears` from one more generation run with
   every quantmint linear's `apply` timed in vLLM's worker (`QUANTMINT_VLLM_TIME_LINEARS`):
   `decode_s` / `prefill_s` (calls of at most / more than `--prompts` rows) and `per_call_us` per
   rows x out x in shape. Native W8A8 runs without the plugin; the plugin's W8A8 runs the same kernel.
 
-Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` reuse quantmint checkpoints; otherwise they are made here
-(W8A16: RTN; W8A8: the `w8a8` preset calibrated on `--calib`). The native W8A8 variant is the W8A8
-checkpoint exported with `quantmint export --format compressed-tensors`, served with `VLLM_PLUGINS=` empty.
+Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` / `--w4a16 DIR` reuse quantmint checkpoints; otherwise they
+are made here (W8A16: RTN; W8A8: the `w8a8` preset calibrated on `--calib`; W4A16: the `w4a16-gptq`
+preset in groups of `--w4a16-group-size` (default 64: SmolLM2's 576 columns are not whole groups of 128,
+which vLLM's 4-bit kernels need), calibrated on `--calib`). The native variants are the W8A8 and W4A16
+checkpoints exported with `quantmint export --format compressed-tensors` (W4A16: pack-quantized),
+served with `VLLM_PLUGINS=` empty. `--variants a,b` runs only those (fp32 and bf16 are always run: the
+ratios need them).
 
     python benchmarks/vllm_serving.py --text ../shared/data/wikitext-2/test.txt \\
         --calib ../shared/data/wikitext-2/valid.txt [--quick]
@@ -98,7 +102,10 @@ def time_linears(
     }
 
 
-def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple[Path, Path]:
+def make_checkpoints(
+    args: argparse.Namespace, source: str, work: Path
+) -> tuple[Path | None, Path | None, Path | None]:
+    """The W8A16, W8A8 and W4A16 checkpoints: given, made here, or None when no variant wanted uses it."""
     from quantmint.algorithms.ptq import quantize
     from quantmint.formats.checkpoint import save_quantized
     from quantmint.io.data import calibration_samples
@@ -106,13 +113,13 @@ def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple
 
     tokenizer = load_tokenizer(source)
     w8a16 = Path(args.w8a16) if args.w8a16 else None
-    if w8a16 is None:
+    if w8a16 is None and args.variants_wanted("w8a16"):
         log("quantizing W8A16")
         w8a16 = save_quantized(
             quantize(load_float_model(source), "w8a16"), work / "w8a16", tokenizer=tokenizer
         )
     w8a8 = Path(args.w8a8) if args.w8a8 else None
-    if w8a8 is None:
+    if w8a8 is None and args.variants_wanted("w8a8"):
         if not args.calib:
             raise SystemExit("--calib is needed to make the W8A8 checkpoint (or pass --w8a8 DIR)")
         log("quantizing W8A8 (SmoothQuant preset)")
@@ -122,7 +129,24 @@ def make_checkpoints(args: argparse.Namespace, source: str, work: Path) -> tuple
             work / "w8a8",
             tokenizer=tokenizer,
         )
-    return w8a16, w8a8
+    w4a16 = Path(args.w4a16) if args.w4a16 else None
+    if w4a16 is None and args.variants_wanted("w4a16"):
+        if not args.calib:
+            raise SystemExit("--calib is needed to make the W4A16 GPTQ checkpoint (or pass --w4a16 DIR)")
+        from quantmint.config import get_preset
+
+        log(f"quantizing W4A16 (GPTQ, groups of {args.w4a16_group_size})")
+        config = get_preset("w4a16-gptq")
+        config = config.with_updates(
+            weights={**config.to_dict()["weights"], "group_size": args.w4a16_group_size}
+        )
+        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
+        w4a16 = save_quantized(
+            quantize(load_float_model(source), config, calibration=samples),
+            work / "w4a16",
+            tokenizer=tokenizer,
+        )
+    return w8a16, w8a8, w4a16
 
 
 def main() -> None:
@@ -132,6 +156,11 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--w8a8", help="an existing quantmint W8A8 checkpoint of SmolLM2")
     parser.add_argument("--w8a16", help="an existing quantmint W8A16 checkpoint of SmolLM2")
+    parser.add_argument("--w4a16", help="an existing quantmint W4A16 checkpoint of SmolLM2")
+    parser.add_argument("--w4a16-group-size", type=int, default=64, help="group size of the W4A16 made here")
+    parser.add_argument(
+        "--variants", help="comma-separated variants to run besides fp32 and bf16 (default all)"
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ppl-windows", type=int, default=16)
@@ -143,6 +172,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.tokens, args.ppl_windows, args.calib_samples, args.repeats = 4, 16, 2, 16, 1
+    wanted = None if not args.variants else {v.strip() for v in args.variants.split(",") if v.strip()}
+    known = [
+        f"{kind}_{scheme}_{dtype}"
+        for scheme in ("w8a8", "w8a16", "w4a16")
+        for kind in ("native", "quantmint")
+        for dtype in ("bf16", "fp32")
+        if not (kind == "native" and (dtype == "fp32" or scheme == "w8a16"))
+    ]
+    if wanted is not None and wanted - set(known):
+        raise SystemExit(f"--variants: unknown {sorted(wanted - set(known))}; choose from {', '.join(known)}")
+    args.variants_wanted = lambda kind: wanted is None or any(kind in v for v in wanted)
 
     from quantmint.backends.vllm.offline import run_in_subprocess
     from quantmint.formats.export import export_checkpoint
@@ -153,24 +193,43 @@ def main() -> None:
     tokenizer = load_tokenizer(source)
     with tempfile.TemporaryDirectory(prefix="quantmint-vllm-bench-") as tmp:
         work = Path(tmp)
-        w8a16, w8a8 = make_checkpoints(args, source, work)
-        native = export_checkpoint(w8a8, work / "w8a8-compressed-tensors")
+        w8a16, w8a8, w4a16 = make_checkpoints(args, source, work)
+        native = export_checkpoint(w8a8, work / "w8a8-compressed-tensors") if w8a8 else None
+        native4 = export_checkpoint(w4a16, work / "w4a16-compressed-tensors") if w4a16 else None
         wins = windows(args.text, tokenizer, args.ppl_windows)
         lines = [
             ln for ln in Path(args.text).read_text(encoding="utf-8").splitlines() if len(ln.split()) > 30
         ]
         prompts = [tokenizer(ln)["input_ids"][:32] for ln in lines[: args.prompts]]
-        variants = [
+        variants: list[tuple[str, Any, str, dict[str, str]]] = [
             ("fp32", source, "float32", {}),
             ("bf16", source, "bfloat16", {}),
-            ("native_w8a8_bf16", native, "bfloat16", {"VLLM_PLUGINS": ""}),
-            ("quantmint_w8a8_bf16", w8a8, "bfloat16", {}),
-            ("quantmint_w8a8_fp32", w8a8, "float32", {}),
-            ("quantmint_w8a16_bf16", w8a16, "bfloat16", {}),
-            ("quantmint_w8a16_fp32", w8a16, "float32", {}),
         ]
-        runtime = {str(w8a8): runtime_ppl(w8a8, wins), str(w8a16): runtime_ppl(w8a16, wins)}
-        runtime[str(native)] = runtime[str(w8a8)]
+        if w8a8 is not None:
+            variants += [
+                ("native_w8a8_bf16", native, "bfloat16", {"VLLM_PLUGINS": ""}),
+                ("quantmint_w8a8_bf16", w8a8, "bfloat16", {}),
+                ("quantmint_w8a8_fp32", w8a8, "float32", {}),
+            ]
+        if w8a16 is not None:
+            variants += [
+                ("quantmint_w8a16_bf16", w8a16, "bfloat16", {}),
+                ("quantmint_w8a16_fp32", w8a16, "float32", {}),
+            ]
+        if w4a16 is not None:
+            variants += [
+                ("native_w4a16_bf16", native4, "bfloat16", {"VLLM_PLUGINS": ""}),
+                ("quantmint_w4a16_bf16", w4a16, "bfloat16", {}),
+                ("quantmint_w4a16_fp32", w4a16, "float32", {}),
+            ]
+        if wanted is not None:
+            variants = [v for v in variants if v[0] in ("fp32", "bf16") or v[0] in wanted]
+        runtime: dict[str, float] = {}
+        for ckpt, exported in ((w8a8, native), (w8a16, None), (w4a16, native4)):
+            if ckpt is not None and any(v[1] in (ckpt, exported) for v in variants):
+                runtime[str(ckpt)] = runtime_ppl(ckpt, wins)
+                if exported is not None:
+                    runtime[str(exported)] = runtime[str(ckpt)]
         results: dict[str, Any] = {}
         for name, model, dtype, env in variants:
             log(f"{name}: starting vLLM")
@@ -205,10 +264,12 @@ def main() -> None:
             results[name] = row
             log(f"{name}: {row}")
     base = results.get("fp32", {}).get("tok_s")
+    bf16 = results.get("bf16", {}).get("tok_s")
     native_speed = results.get("native_w8a8_bf16", {}).get("tok_s")
     for row in results.values():
         if "tok_s" in row:
             row["speed_vs_fp32"] = round(row["tok_s"] / base, 3) if base else None
+            row["speed_vs_bf16"] = round(row["tok_s"] / bf16, 3) if bf16 else None
             row["speed_vs_native_w8a8"] = round(row["tok_s"] / native_speed, 3) if native_speed else None
     report = {
         "benchmark": "vllm_serving",
