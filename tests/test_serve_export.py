@@ -39,9 +39,17 @@ def test_serve_command_runs_bert_as_a_pooling_model(tmp_path: Path) -> None:
     assert cmd[cmd.index("--runner") + 1] == "pooling"
 
 
-def test_serving_c8_needs_an_explicit_float_cache(tmp_path: Path) -> None:
+def test_serving_c8_gets_the_fp8_cache_where_vllm_keeps_one(tmp_path: Path, monkeypatch) -> None:
+    """C8 serves with no flag where vLLM keeps an fp8 cache (AVX-512 / AMX CPUs, CUDA); elsewhere it is
+    refused in one line naming --kv-cache float, which serves it with a float cache."""
+    from quantmint.backends.vllm import serve
+
     path = _checkpoint(tmp_path, "llama", "w8a8-c8")
-    with pytest.raises(QuantmintError, match="--kv-cache float"):
+    monkeypatch.setattr(serve, "_fp8_cache_here", lambda: True)
+    _, env = serve_command(path, environ={})
+    assert "QUANTMINT_VLLM_KV_CACHE" not in env
+    monkeypatch.setattr(serve, "_fp8_cache_here", lambda: False)
+    with pytest.raises(QuantmintError, match="AVX-512 or AMX.*--kv-cache float"):
         serve_command(path, environ={})
     _, env = serve_command(path, kv_cache="float", environ={})
     assert env["QUANTMINT_VLLM_KV_CACHE"] == "float"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ import torch
 import transformers
 from conftest import SHARED_DATA, byte_tokenizer
 
-from quantmint.algorithms.ptq import quantize
+from quantmint.algorithms.ptq import quant_state, quantize
+from quantmint.backends.torch.kv_cache import Int8KVCache
 from quantmint.config import get_preset
 from quantmint.formats.checkpoint import load_quantized, save_quantized
 
@@ -234,15 +236,23 @@ def test_a_fused_layer_with_mixed_schemes_is_refused() -> None:
         config.scheme_for("model.layers.0.self_attn.qkv_proj")
 
 
-def test_c8_is_refused_unless_a_float_cache_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_c8_asks_vllm_for_an_fp8_cache_unless_a_float_cache_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from quantmint.backends.vllm.config import QuantmintConfig
+    from quantmint.backends.vllm.kv_cache import fp8_scale_of_int8_scales
 
     block = _block(scheme="w8a8-c8", kv_cache_modules=["model.layers.0.self_attn"])
     monkeypatch.delenv("QUANTMINT_VLLM_KV_CACHE", raising=False)
-    with pytest.raises(ValueError, match="QUANTMINT_VLLM_KV_CACHE=float"):
-        QuantmintConfig.from_config(block)
+    config = QuantmintConfig.from_config(block)
+    assert config.kv_cache_scheme == {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True
+    }  # fmt: skip
     monkeypatch.setenv("QUANTMINT_VLLM_KV_CACHE", "float")
-    assert QuantmintConfig.from_config(block).float_kv_cache
+    config = QuantmintConfig.from_config(block)
+    assert config.float_kv_cache and config.kv_cache_scheme is None
+    # The int8 range max|x| = 127 * max(scale) is e4m3's 448 * fp8 scale.
+    assert fp8_scale_of_int8_scales(torch.tensor([0.5, -2.0, 1.0]), 448.0) == pytest.approx(2.0 * 127 / 448)
 
 
 def _w4_block(scheme: str = "w4a16", **weights: Any) -> dict[str, Any]:
@@ -484,17 +494,64 @@ def test_gpt2_w8a16_generation_agrees(tiny_checkpoint: Callable[[str, str], Path
     assert any(k.endswith(f"x{hidden}") for k in decode)
 
 
+needs_fp8_cpu_cache = pytest.mark.skipif(
+    not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()),
+    reason="vLLM's CPU attention keeps an fp8 KV cache only with AVX-512 or AMX",
+)
+
+
 @pytest.mark.slow
-def test_c8_checkpoint_says_why_and_serves_with_an_explicit_float_cache(
-    tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
+@needs_fp8_cpu_cache
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_c8_checkpoint_is_served_with_an_fp8_cache_and_with_an_explicit_float_cache(
+    family: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    path = tiny_checkpoint("llama", "w8a8-c8")
-    job = {"model": str(path), "tasks": [{"kind": "generate", "prompts": PROMPTS}]}
-    refused = run_vllm(job, tmp_path, env={"QUANTMINT_VLLM_KV_CACHE": ""})
-    assert "int8 KV cache (C8)" in refused.get("error", "") + refused.get("traceback", "")
-    out = vllm_ok(job, tmp_path, env={"QUANTMINT_VLLM_KV_CACHE": "float"})
-    want = reference_generate(load_quantized(path), PROMPTS, 16)  # transformers' default cache is float
-    assert agreement(out["results"][0]["value"], want) >= 0.75
+    """By default a C8 checkpoint gets vLLM's fp8 cache, each attention layer's per-tensor scales the
+    largest of its calibrated int8 ranges (logged per layer, checked against the checkpoint). vLLM's
+    greedy choice after every prefix (teacher-forced: a tiny random model's free-running text diverges
+    at the first flip) agrees with the runtime's int8 cache at most positions. `--kv-cache float` still
+    serves it with a float cache, equal to the runtime's float cache."""
+    from safetensors.torch import load_file
+
+    path = tiny_checkpoint(family, "w8a8-c8")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 250, (48,), generator=g).tolist() for _ in range(6)]
+    job = {"model": str(path), "tasks": [{"kind": "prompt_top1", "prompts": prompts}]}
+    fp8 = vllm_ok(job, tmp_path, env={"QUANTMINT_VLLM_KV_CACHE": ""})
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in path.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    logged = {}
+    for line in fp8["quantmint_log"]:
+        found = re.search(r"quantmint C8: KV cache fp8, .*\((\S+): k (\S+), v (\S+)\)", line)
+        if found:
+            logged[found[1]] = (float(found[2]), float(found[3]))
+    model = load_quantized(path)
+    kv_modules = quant_state(model).kv_modules
+    assert len(logged) == len(kv_modules) > 0, fp8["quantmint_log"]
+    for name in kv_modules:
+        (layer,) = [p for p in logged if p.startswith(name + ".")]  # vLLM's attention layer inside it
+        want = [float(tensors[f"{name}.{kv}_scale"].max()) * 127 / 448 for kv in "kv"]
+        assert logged[layer] == pytest.approx(want, rel=2e-3)  # logged with 4 significant digits
+
+    def runtime_top1(cache: Callable[[], Any] | None) -> list[list[int]]:
+        rows = []
+        for prompt in prompts:
+            with torch.no_grad():
+                kwargs = {"past_key_values": cache(), "use_cache": True} if cache else {}
+                rows.append(model(torch.tensor([prompt]), **kwargs).logits[0, :-1].argmax(-1).tolist())
+        return rows
+
+    def same(a: list[list[int]], b: list[list[int]]) -> float:
+        pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+        return sum(x == y for x, y in pairs) / len(pairs)
+
+    int8 = runtime_top1(lambda: Int8KVCache.for_model(model))
+    float_runtime = runtime_top1(None)
+    assert same(fp8["results"][0]["value"], int8) >= 0.75
+    served_float = vllm_ok(job, tmp_path, env={"QUANTMINT_VLLM_KV_CACHE": "float"})
+    assert same(served_float["results"][0]["value"], float_runtime) >= 0.95
+    assert not any("quantmint C8: KV cache" in line for line in served_float["quantmint_log"])
 
 
 # ---------------------------------------------------------------- compressed-tensors export

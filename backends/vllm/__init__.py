@@ -13,8 +13,9 @@ process. It registers the quantization method `quantmint`, which vLLM then picks
   Machete or Marlin on CUDA); where the selected kernel cannot run the activation dtype (vLLM 0.32's
   CPUWNA16 in float32), on quantmint's int4 matmul. W4A8 is refused with the alternatives.
 - Layers the checkpoint left float stay float.
-- C8 (int8 KV cache) checkpoints are refused unless `QUANTMINT_VLLM_KV_CACHE=float` asks for a float cache:
-  vLLM 0.32's attention backends store int8 K/V nowhere.
+- C8 (int8 KV cache) checkpoints get vLLM's fp8 KV cache (the same byte per element; vLLM keeps no int8
+  cache on CPU) with per-tensor scales from the calibrated K/V ranges (`kv_cache`), unless
+  `QUANTMINT_VLLM_KV_CACHE=float` asks for a float cache.
 
 Importing quantmint never imports vLLM: only `register` does. This module is also a quantmint plugin
 (entry point `vllm_backend` of the `quantmint` group): it adds `quantmint serve` to the CLI through the

@@ -28,7 +28,8 @@ def add_commands(subparsers: Any) -> None:
         "--kv-cache",
         default="auto",
         choices=["auto", "float"],
-        help="float: serve a C8 checkpoint with a float KV cache (vLLM cannot store int8 K/V)",
+        help="auto: a C8 checkpoint gets vLLM's fp8 KV cache scaled by its calibrated K/V ranges; "
+        "float: a float KV cache instead",
     )
     s.add_argument("--no-eager", action="store_true", help="let vLLM compile (slower start, faster decode)")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more vLLM server arguments")

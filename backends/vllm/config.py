@@ -26,12 +26,14 @@ from typing import Any
 import regex as re
 import torch
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.models.utils import WeightsMapper
 
 from quantmint.backends.vllm import KV_CACHE_ENV, SUPPORTED_VLLM
+from quantmint.backends.vllm.kv_cache import FP8_KV_CACHE_SCHEME, QuantmintKVCacheMethod
 from quantmint.backends.vllm.linear import W4A16LinearMethod, W8A8LinearMethod, W8A16LinearMethod
 from quantmint.errors import CheckpointError, UnknownModelFamilyError
 from quantmint.extension import registry
@@ -127,6 +129,7 @@ class QuantmintConfig(QuantizationConfig):
         self.scheme: str = block.scheme
         self.modules: dict[str, str] = dict(block.modules)  # keyed by vLLM-side names once mapped
         self.kv_cache_modules: list[str] = list(block.kv_cache_modules)
+        self.kv_checkpoint_names: dict[str, str] = {name: name for name in self.kv_cache_modules}
         self.rotated_modules: list[str] = list(block.rotated_modules)
         # vLLM-side name -> the checkpoint's own name (equal until a model's mapper renames it)
         self.checkpoint_names: dict[str, str] = {name: name for name in self.modules}
@@ -138,17 +141,15 @@ class QuantmintConfig(QuantizationConfig):
         self.group_size: int | None = weights.group_size if weights.strategy == "group" else None
         _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy, weights.symmetric)
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
+        # C8: vLLM keeps no int8 cache; its fp8 cache (same byte per element) takes the calibrated ranges
+        # as per-tensor scales, and is what vLLM picks for `--kv-cache-dtype auto` (see kv_cache.py).
+        self.kv_cache_scheme: dict[str, Any] | None = None
         if self.kv_cache_modules and not self.float_kv_cache:
-            raise ValueError(
-                f"this quantmint checkpoint ({self.scheme}) has an int8 KV cache (C8), which vLLM "
-                f"{SUPPORTED_VLLM} cannot store: none of its attention backends keeps int8 K/V. To serve it "
-                f"with a float KV cache (the int8 weights still used, the K/V scales ignored), set "
-                f"{KV_CACHE_ENV}=float (quantmint serve --kv-cache float), or quantize without C8 "
-                f"(--preset w8a8 or w8a16)"
-            )
+            self.kv_cache_scheme = dict(FP8_KV_CACHE_SCHEME)
+        self._attention_prefixes: list[str] = []  # vLLM attention layers given the C8 scale method
         if self.float_kv_cache:
             logger.warning(
-                "%s=float: serving the C8 checkpoint's KV cache in float; its int8 K/V scales are ignored",
+                "%s=float: serving the C8 checkpoint's KV cache in float; its K/V scales are ignored",
                 KV_CACHE_ENV,
             )
 
@@ -177,8 +178,13 @@ class QuantmintConfig(QuantizationConfig):
         return cls(QuantizationConfigBlock.from_block(config, "the checkpoint", QuantmintConfigError))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, Attention):
+            if self.kv_cache_scheme is None:
+                return None  # no C8 (or --kv-cache float): vLLM's own float cache
+            self._attention_prefixes.append(prefix)
+            return QuantmintKVCacheMethod(self, prefix)
         if not isinstance(layer, LinearBase):
-            return None  # attention keeps vLLM's own cache (C8 is refused or opted out above)
+            return None
         scheme = self.scheme_for(prefix)
         if scheme is None:
             return _FloatLinearMethod(self)
@@ -218,6 +224,9 @@ class QuantmintConfig(QuantizationConfig):
 
         self.checkpoint_names = {mapped(name): original for name, original in self.checkpoint_names.items()}
         self.modules = {mapped(name): scheme for name, scheme in self.modules.items()}
+        self.kv_checkpoint_names = {
+            mapped(name): self.kv_checkpoint_names.get(name, name) for name in self.kv_cache_modules
+        }
         self.kv_cache_modules = [mapped(name) for name in self.kv_cache_modules]
         self.rotated_modules = [mapped(name) for name in self.rotated_modules]
         self._reindex()
@@ -229,12 +238,21 @@ class QuantmintConfig(QuantizationConfig):
         return super().get_checkpoint_weight_mapper()
 
     def get_cache_scale_mapper(self) -> WeightsMapper:  # type: ignore[override]
-        """Drop the C8 K/V scales (per channel, which vLLM's float-cache scales are not) when opted out."""
+        """C8: each attention module's `k_scale` / `v_scale` to the vLLM attention layer inside it
+        (`model.layers.0.self_attn.k_scale` -> `...self_attn.attn.k_scale`; GPT-2's `h.0.attn.k_scale` ->
+        `h.0.attn.attn.k_scale`, which vLLM's default mapping leaves alone). Dropped when opted out."""
         mapper = super().get_cache_scale_mapper()
         if self.float_kv_cache:
             drop = {re.compile(r"\.[kv]_scale$"): None}
             return WeightsMapper(orig_to_new_regex=drop) | mapper
-        return mapper
+        moves: dict[re.Pattern[str], str] = {}
+        for name in self.kv_cache_modules:
+            inside = [p for p in self._attention_prefixes if p.startswith(name + ".")]
+            if len(inside) != 1:
+                continue  # no vLLM attention layer under it: its layer, if any, reports the scales missing
+            for source in {name, self.kv_checkpoint_names.get(name, name)}:
+                moves[re.compile(rf"^{re.escape(source)}\.([kv])_scale$")] = rf"{inside[0]}.\1_scale"
+        return WeightsMapper(orig_to_new_regex=moves) | mapper
 
     # ------------------------------------------------------------------ layer lookup
 

@@ -34,6 +34,16 @@ def _is_pooling(config: dict[str, Any]) -> bool:
     return any(arch in family.serving.pooling_architectures for family in registry.model_families().values())
 
 
+def _fp8_cache_here() -> bool:
+    """Whether vLLM can keep an fp8 KV cache on this machine: CUDA, or a CPU with AVX-512 or AMX (what
+    vLLM's CPU attention requires for one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def serve_command(
     model: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -69,11 +79,11 @@ def serve_command(
         block, _ = verify_checkpoint(path, verify=verify)
     if kv_cache not in ("auto", "float"):
         raise QuantmintError(f"--kv-cache must be auto or float, got {kv_cache!r}")
-    if block is not None and block.kv_cache_modules and kv_cache != "float":
+    if block is not None and block.kv_cache_modules and kv_cache != "float" and not _fp8_cache_here():
         raise QuantmintError(
-            f"{path} has an int8 KV cache (C8, scheme {block.scheme}), which vLLM cannot store; "
-            "pass --kv-cache float to serve it with a float KV cache (its int8 weights still used), or "
-            "quantize without C8"
+            f"{path} has an int8 KV cache (C8, scheme {block.scheme}), which vLLM serves as an fp8 cache; "
+            "vLLM's CPU attention keeps one only with AVX-512 or AMX, which this CPU lacks: pass --kv-cache "
+            "float to serve it with a float KV cache (its int8 weights still used)"
         )
     env = dict(os.environ if environ is None else environ)
     for key, value in CPU_ENV_DEFAULTS.items():
