@@ -28,7 +28,7 @@ from quantmint.formats.checkpoint import load_quantized, save_quantized
 __version__ = "0.1.0"
 
 _moved.install()  # the module paths of the flat layout still import (see quantmint._moved)
-transformers_hook.install()  # from_pretrained loads quantmint checkpoints (imports nothing of transformers now)
+transformers_hook.install()  # from_pretrained reads quantmint checkpoints; imports no transformers
 
 __all__ = [
     # top-level API

@@ -8,6 +8,7 @@ no part of transformers (it costs seconds) and nothing of vLLM; without transfor
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -17,19 +18,17 @@ from typing import Any
 __all__ = ["install", "register"]
 
 _TARGET = "transformers.quantizers.auto"
+_QUANTIZER = "quantmint.formats.transformers_quantizer"
 
 
 def register() -> None:
     """Register `QuantmintConfig` and `QuantmintHfQuantizer` under `quant_method: quantmint` through
-    transformers' public `register_quantization_config` / `register_quantizer` (once)."""
-    from transformers.quantizers import auto
-
-    if "quantmint" in auto.AUTO_QUANTIZER_MAPPING:
-        return
-    from quantmint.formats.transformers_quantizer import QuantmintConfig, QuantmintHfQuantizer
-
-    auto.register_quantization_config("quantmint")(QuantmintConfig)
-    auto.register_quantizer("quantmint")(QuantmintHfQuantizer)
+    transformers' public `register_quantization_config` / `register_quantizer` (once): importing
+    `quantmint.formats.transformers_quantizer` does it."""
+    module = sys.modules.get(_QUANTIZER)
+    if module is not None and not hasattr(module, "register"):
+        return  # it is being imported (it imported transformers' quantizers): it registers at its end
+    importlib.import_module(_QUANTIZER).register()
 
 
 class _RegisteringLoader(importlib.abc.Loader):

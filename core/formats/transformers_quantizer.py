@@ -37,7 +37,7 @@ from quantmint.formats.checkpoint import (
 from quantmint.formats.checkpoint_format import QUANT_METHOD, CheckpointManifest, QuantizationConfigBlock
 from quantmint.formats.hf import refuse_custom_code
 
-__all__ = ["QuantmintConfig", "QuantmintHfQuantizer", "int8_cache_by_default"]
+__all__ = ["QuantmintConfig", "QuantmintHfQuantizer", "int8_cache_by_default", "register"]
 
 
 class QuantmintConfig(QuantizationConfigMixin):
@@ -128,8 +128,9 @@ class QuantmintHfQuantizer(HfQuantizer):
         saved_dtype = checkpoint_dtype(path, config)
         if isinstance(dtype, torch.dtype) and dtype != saved_dtype:
             raise ConfigError(
-                f"dtype {dtype} asked for, and {path} was saved in {saved_dtype}: a quantmint checkpoint loads "
-                f"in its own dtype (as quantmint.load_quantized); drop dtype= (or pass 'auto' or {saved_dtype})"
+                f"dtype {dtype} asked for, and {path} was saved in {saved_dtype}: a quantmint checkpoint "
+                "loads in its own dtype (as quantmint.load_quantized); drop dtype= (or pass 'auto' or "
+                f"{saved_dtype})"
             )
         self._checkpoint = (path, block, manifest)
         super().preprocess_model(model, dtype=dtype, **kwargs)
@@ -167,7 +168,9 @@ def int8_cache_by_default(model: nn.Module) -> None:
     cache_class = registry.kv_cache_class(device)
     prepare = model._prepare_cache_for_generation
 
-    def prepare_int8_cache(generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kw: Any) -> Any:
+    def prepare_int8_cache(
+        generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kw: Any
+    ) -> Any:
         ours = None
         if (
             model_kwargs.get("past_key_values") is None
@@ -181,3 +184,16 @@ def int8_cache_by_default(model: nn.Module) -> None:
         return result
 
     model._prepare_cache_for_generation = prepare_int8_cache
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers under `quant_method: quantmint` (once)."""
+    from transformers.quantizers import auto
+
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(QuantmintConfig)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(QuantmintHfQuantizer)
+
+
+register()  # when imported directly, before transformers' quantizer table (see transformers_hook)
