@@ -218,3 +218,19 @@ def test_config_keeps_the_block(checkpoints) -> None:
     block = json.loads((path / "config.json").read_text())["quantization_config"]
     assert model.config.quantization_config.to_dict() == block
     assert model.is_quantized
+
+
+def test_without_import_quantmint_transformers_loads_garbage(checkpoints) -> None:
+    """What the README says happens without `import quantmint`: transformers skips the unknown method
+    and loads the int8 codes as float weights (so the import is what makes the load right)."""
+    code = (
+        "import sys, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(checkpoints['llama', 'w8a16'])!r})\n"
+        "assert 'quantmint' not in sys.modules\n"
+        "layer = m.model.layers[0].mlp.down_proj\n"
+        "print(type(layer).__name__, layer.weight.dtype)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Unknown quantization type, got quantmint" in done.stdout + done.stderr
+    assert done.stdout.split()[-2:] == ["Linear", "torch.float32"]
