@@ -16,13 +16,19 @@ from transformers import DynamicCache
 
 import quantmint
 from quantmint import CheckpointError, ConfigError, load_quantized, quant_state, quantize, save_quantized
+from quantmint.backends.torch.int4_linear import Int4WeightOnlyLinear
 from quantmint.backends.torch.int8_linear import Int8Linear
 from quantmint.backends.torch.int8_weight_only import Int8WeightOnlyLinear
 from quantmint.backends.torch.kv_cache import Int8KVCache
 from quantmint.formats.transformers_quantizer import QuantmintConfig
 from tests.conftest import VOCAB, build_tiny, model_output
 
-CELLS = {"w8a16": Int8WeightOnlyLinear, "w8a8": Int8Linear, "w8a8-c8": Int8Linear}
+CELLS = {
+    "w8a16": Int8WeightOnlyLinear,
+    "w8a8": Int8Linear,
+    "w8a8-c8": Int8Linear,
+    "w4a16": Int4WeightOnlyLinear,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +41,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str
         ("llama", "w8a16"),
         ("llama", "w8a8"),
         ("llama", "w8a8-c8"),
+        ("llama", "w4a16"),
         ("gpt2", "w8a8-c8"),
         ("bert", "w8a16"),
         ("bert", "w8a8"),
     ]:
-        model = quantize(build_tiny(family), preset, calibration=None if preset == "w8a16" else calibration)
+        calibrate = preset not in ("w8a16", "w4a16")
+        model = quantize(build_tiny(family), preset, calibration=calibration if calibrate else None)
         out[family, preset] = save_quantized(model, tmp_path_factory.mktemp(f"{family}-{preset}") / "q")
     return out
 
@@ -53,14 +61,14 @@ def assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w8a8-c8"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w8a8-c8", "w4a16"])
 def test_causal_lm_loads_as_load_quantized(checkpoints, preset: str) -> None:
     path = checkpoints["llama", preset]
     ours = load_quantized(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path)
     assert type(theirs) is type(ours)
     assert isinstance(theirs.model.layers[0].mlp.down_proj, CELLS[preset])
-    assert theirs.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    assert not any(t.is_meta for t in [*theirs.parameters(), *theirs.buffers()])
     assert quant_state(theirs).modules == quant_state(ours).modules
     assert not theirs.training
     torch.manual_seed(1)
