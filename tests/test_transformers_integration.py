@@ -242,3 +242,18 @@ def test_without_import_quantmint_transformers_loads_garbage(checkpoints) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Unknown quantization type, got quantmint" in done.stdout + done.stderr
     assert done.stdout.split()[-2:] == ["Linear", "torch.float32"]
+
+
+def test_a_device_no_runtime_serves_is_refused(checkpoints, monkeypatch) -> None:
+    """Before anything is read: the runtime that would serve each scheme on that device is looked up."""
+    from quantmint.extension import registry
+
+    def no_gpu(scheme: str, device=None):
+        raise quantmint.NotSupportedError(f"no runtime serves scheme {scheme!r} on device 'cuda'")
+
+    monkeypatch.setattr(registry, "cell_class", no_gpu)
+    with pytest.raises(
+        quantmint.NotSupportedError,
+        match=r"device_map puts the model on 'cuda:0': no runtime serves scheme 'w8a8'",
+    ):
+        transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama", "w8a8"], device_map="cuda:0")

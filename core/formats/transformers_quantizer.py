@@ -56,7 +56,7 @@ def _device_of(device_map: Any) -> torch.device | None:
     if device_map is None:
         return None
     if isinstance(device_map, dict):
-        devices = {str(d) for d in device_map.values()}
+        devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
         if len(devices) == 1:
             device_map = devices.pop()
         else:
@@ -96,13 +96,15 @@ class QuantmintHfQuantizer(HfQuantizer):
         if self.device is None or self.device.type == "cpu":
             return
         config = self.quantization_config
+        modules = getattr(config, "modules", None)  # checked against its schema later, with the files
+        schemes = {s for s in modules.values() if isinstance(s, str)} if isinstance(modules, dict) else set()
         try:
-            for scheme in sorted(set(getattr(config, "modules", {}).values())):
+            for scheme in sorted(schemes):
                 registry.cell_class(scheme, self.device)
             if getattr(config, "kv_cache_modules", None):
                 registry.kv_cache_class(self.device)
         except NotSupportedError as exc:
-            raise NotSupportedError(f"device_map {device_map!r}: {exc}") from None
+            raise NotSupportedError(f"device_map puts the model on {str(self.device)!r}: {exc}") from None
 
     def update_device_map(self, device_map: Any) -> Any:
         # transformers places what it reads on this device; the model is moved there after loading too.
