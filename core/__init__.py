@@ -22,11 +22,13 @@ from quantmint.errors import (
 )
 from quantmint.extension.family import KVProjections, LinearAdapter, ModelFamily, SmoothPair
 from quantmint.extension.hookspecs import hookimpl
+from quantmint.formats import transformers_hook
 from quantmint.formats.checkpoint import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
 _moved.install()  # the module paths of the flat layout still import (see quantmint._moved)
+transformers_hook.install()  # from_pretrained reads quantmint checkpoints; imports no transformers
 
 __all__ = [
     # top-level API

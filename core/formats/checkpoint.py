@@ -536,10 +536,24 @@ def load_quantized(
         CheckpointError: with one line naming the file or tensor, for anything `verify_checkpoint`
             refuses and for a config.json that does not describe the shards' model.
     """
-    import transformers
-
     path = Path(path)
     block, manifest = verify_checkpoint(path, verify, read_tensors=False)
+    config = read_model_config(path)
+    model_cls = model_class(config.architectures, path, CheckpointError)
+    try:
+        model = build_skeleton(model_cls, config, checkpoint_dtype(path, config))
+    except Exception as exc:
+        raise _build_error(path, f"does not describe a model {model_cls.__name__} can build", exc) from None
+    convert_skeleton(model, block, path)
+    load_tensors(model, block, manifest, path)
+    return model.to(device)
+
+
+def read_model_config(path: Path) -> Any:
+    """The checkpoint's transformers config, without its `quantization_config` (quantmint reads that
+    block itself), with `architectures` checked to be a list of class names."""
+    import transformers
+
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises several types for a bad config
@@ -548,25 +562,28 @@ def load_quantized(
         ) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    architectures = getattr(config, "architectures", None)
-    if not _string_list(architectures):
+    if not _string_list(getattr(config, "architectures", None)):
         raise CheckpointError(f"{path}/config.json: `architectures` must be a list of class names")
-    model_cls = model_class(architectures, path, CheckpointError)
-    ptq_config = block.config  # parsed by PTQConfig.from_dict with the rest of the block
+    return config
+
+
+def checkpoint_dtype(path: Path, config: Any) -> torch.dtype:
+    """The float dtype the checkpoint was saved in (config.json's `dtype`): the one it loads in."""
     dtype = getattr(torch, str(config.to_dict().get("dtype") or "float32"), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(
             f"{path}/config.json: `dtype` {config.to_dict().get('dtype')!r} is not a float dtype"
         )
-    # Deploy mode: the skeleton's float weights are allocated lazily and never touched, so memory holds
-    # only what is loaded from the checkpoint.
-    try:
-        model = build_skeleton(model_cls, config, dtype)
-    except Exception as exc:
-        raise _build_error(path, f"does not describe a model {model_cls.__name__} can build", exc) from None
+    return dtype
+
+
+def convert_skeleton(model: nn.Module, block: QuantizationConfigBlock, path: Path) -> None:
+    """Give a float skeleton of the checkpoint's model the checkpoint's empty int8 cells (deploy mode),
+    and refuse the checkpoint unless they are exactly the modules, kv-cache modules and rotated modules
+    its `quantization_config` lists."""
     saved_modules = dict(block.modules)
     try:
-        ptq = PTQ(ptq_config.with_updates(mode="deploy"), family=block.family)
+        ptq = PTQ(block.config.with_updates(mode="deploy"), family=block.family)
         ptq.apply(model, schemes=saved_modules)
     except QuantmintError as exc:
         raise CheckpointError(f"{path}: {_one_line(exc)}") from None
@@ -582,7 +599,7 @@ def load_quantized(
         built = set(state.modules)
         raise CheckpointError(
             f"{path}: the quantized modules listed in config.json do not match what its config selects in "
-            f"{model_cls.__name__} (only in checkpoint: {sorted(set(saved_modules) - built)[:3]}, only "
+            f"{type(model).__name__} (only in checkpoint: {sorted(set(saved_modules) - built)[:3]}, only "
             f"selected: {sorted(built - set(saved_modules))[:3]}); {_mismatch_cause(block)}"
         )
     if sorted(state.rotated) != sorted(block.rotated_modules):
@@ -591,10 +608,17 @@ def load_quantized(
             f"match what its config (algorithm_args.hadamard) rotates ({len(state.rotated)}); "
             f"{_mismatch_cause(block)}"
         )
+
+
+def load_tensors(
+    model: nn.Module, block: QuantizationConfigBlock, manifest: CheckpointManifest, path: Path
+) -> None:
+    """Fill a converted skeleton (`convert_skeleton`) with the shards' tensors, each value checked, every
+    tensor of the model present with its shape and dtype, nothing else; the model ends in eval mode
+    without gradients."""
     loaded = dict(_iter_tensors(path, manifest))
-    aliases = manifest.aliases
     state_dict = model.state_dict()
-    for alias, source in aliases.items():
+    for alias, source in manifest.aliases.items():
         if alias not in state_dict or source not in loaded or alias in loaded:
             raise CheckpointError(
                 f"{path}/{MANIFEST_NAME}: alias {alias!r} -> {source!r} does not name a tied tensor of the "
@@ -605,5 +629,4 @@ def load_quantized(
     model.load_state_dict(loaded, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()
-    getattr(model, STATE_ATTR).config = ptq_config
-    return model.to(device)
+    getattr(model, STATE_ATTR).config = block.config
