@@ -212,7 +212,9 @@ def export_checkpoint(
         raise QuantmintError(f"output directory {out} already exists; pass overwrite=True (--overwrite)")
     prepare_output(out, [src], overwrite)
     manifest = _read_manifest(src)
-    _read_shards(src, manifest, verify=True)  # sha256 and tensor checks: never export a damaged checkpoint
+    _read_shards(
+        src, manifest, verify=True, zero_points=not block.config.weights.symmetric
+    )  # sha256 and tensor checks: never export a damaged checkpoint
     config = read_config_json(src, CheckpointError)
     linears = _linear_names(src, config)
     _refuse_ragged_groups(src, block, linears)
