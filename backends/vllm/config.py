@@ -97,12 +97,6 @@ def _refuse_unserved(scheme: str, schemes: set[str], strategy: str, symmetric: b
             "vLLM's mixed-precision kernels do not take (they take a scale per channel or per group): "
             f"requantize with weights.strategy channel or group, or run it with {_TORCH_RUNTIME}"
         )
-    if four_bit and not symmetric:
-        raise ValueError(
-            f"this quantmint checkpoint ({scheme}) has asymmetric 4-bit weights (zero points), which "
-            "quantmint's vLLM backend does not serve yet: requantize with weights.symmetric: true, or run "
-            f"it with {_TORCH_RUNTIME}"
-        )
     if not four_bit and strategy == "group":
         raise ValueError(
             f"this quantmint checkpoint ({scheme}) has grouped int8 weight scales, which quantmint's vLLM "
@@ -136,6 +130,7 @@ class QuantmintConfig(QuantizationConfig):
         self.static_input = not block.config.activations.dynamic
         weights = block.config.weights
         self.group_size: int | None = weights.group_size if weights.strategy == "group" else None
+        self.zero_points = not weights.symmetric  # asymmetric 4-bit weights: `weight_zero_point` tensors
         _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy, weights.symmetric)
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
         if self.kv_cache_modules and not self.float_kv_cache:
@@ -192,7 +187,7 @@ class QuantmintConfig(QuantizationConfig):
                     f"does not serve (vLLM's mixed-precision kernels take the input as it is): run it with "
                     f"{_TORCH_RUNTIME}, or quantize without algorithm_args.hadamard"
                 )
-            method = W4A16LinearMethod(self.group_size, prefix)
+            method = W4A16LinearMethod(self.group_size, prefix, zero_points=self.zero_points)
         elif scheme == "w8a8":
             method = W8A8LinearMethod(
                 static_input=self.static_input, transposed=transposed, rotate_input=rotate
