@@ -74,7 +74,7 @@ SERVED_SCHEMES = ("w8a8", "w8a16", "w4a16")
 _TORCH_RUNTIME = "quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
 
 
-def _refuse_unserved(scheme: str, schemes: set[str], strategy: str, symmetric: bool) -> None:
+def _refuse_unserved(scheme: str, schemes: set[str], strategy: str) -> None:
     """Refuse, in one line with the alternative, a checkpoint with layers no vLLM kernel of ours serves."""
     if "w4a8" in schemes:
         raise ValueError(
@@ -131,7 +131,7 @@ class QuantmintConfig(QuantizationConfig):
         weights = block.config.weights
         self.group_size: int | None = weights.group_size if weights.strategy == "group" else None
         self.zero_points = not weights.symmetric  # asymmetric 4-bit weights: `weight_zero_point` tensors
-        _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy, weights.symmetric)
+        _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy)
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
         if self.kv_cache_modules and not self.float_kv_cache:
             raise ValueError(
