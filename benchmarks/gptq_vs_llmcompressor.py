@@ -29,9 +29,11 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
   (SmoothQuant with its per-block alpha search, GPTQ on the smoothed int8 per-channel weights, dynamic
   per-token int8 activations) vs ``[SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(
   targets="Linear", scheme="W8A8", ignore=["lm_head"])]``;
-* ``w4a16_asym_g128`` and ``w4a16_asym_g32``: llm-compressor only (``scheme="W4A16_ASYM"``; asymmetric
-  int4 groups of 32 through ``config_groups``, the grid of the Q4_1 GGUF SmolLM2 came from): quantmint's
-  int4/int8 grid is symmetric only (no zero point), so these rows say so;
+* ``w4a16_asym_g128`` and ``w4a16_asym_g32``: quantmint preset ``w4a16-asym-gptq`` (int4 asymmetric, a
+  zero point per group of 128; ``group_size: 32`` for g32) vs llm-compressor ``scheme="W4A16_ASYM"``
+  (g128) and asymmetric int4 groups of 32 through ``config_groups`` (g32, the grid of the Q4_1 GGUF
+  SmolLM2 came from); each pair's comparison also gives both tools' asymmetric perplexity against their
+  symmetric run of the same group size (``ppl_asym_vs_sym_pct``), when that pair ran too;
 * ``rtn``: quantmint-only reference rows: RTN ``w4a16`` (g128) and ``w4a16`` g32, RTN ``w8a16`` and
   ``w8a16-gptq`` (for "W8A16 GPTQ at or below RTN").
 
@@ -86,7 +88,6 @@ PAIRS = (
     "rtn",
 )
 ASYM_PAIRS = {"w4a16_asym_g128": "w4a16_g128", "w4a16_asym_g32": "w4a16_g32"}
-NOT_SUPPORTED = "not supported (symmetric grid only)"
 BLOCK_PTQ_W4A16_DELTA_PCT = 17.2  # the issue: today's block PTQ on SmolLM2 W4A16 g128
 RTN_W8A16_DELTA_PCT = 0.21  # the issue: RTN W8A16 on SmolLM2
 
@@ -153,8 +154,14 @@ def plan(args: argparse.Namespace, model: str, calib_ids: str) -> list[Child]:
             q("quantmint_w8a8", "w8a8", gptq=True),
             l("llmcompressor_w8a8", scheme="W8A8", smooth_alpha=args.llmc_alpha),
         ],
-        "w4a16_asym_g128": [l("llmcompressor_w4a16_asym_g128", scheme="W4A16_ASYM")],
-        "w4a16_asym_g32": [l("llmcompressor_w4a16_asym_g32", weights=_w4(32, symmetric=False))],
+        "w4a16_asym_g128": [
+            q("quantmint_w4a16_asym_g128", "w4a16-asym-gptq"),
+            l("llmcompressor_w4a16_asym_g128", scheme="W4A16_ASYM"),
+        ],
+        "w4a16_asym_g32": [
+            q("quantmint_w4a16_asym_g32", "w4a16-asym-gptq", group_size=32),
+            l("llmcompressor_w4a16_asym_g32", weights=_w4(32, symmetric=False)),
+        ],
         "rtn": [
             q("quantmint_rtn_w4a16_g128", "w4a16"),
             q("quantmint_rtn_w8a16", "w8a16"),
@@ -189,18 +196,17 @@ def assemble(results: dict[str, dict[str, Any]], meta: dict[str, Any], pairs: li
         if pair in ("rtn", "w4a16_g128_actorder"):
             continue
         llmc = results.get(f"llmcompressor_{pair}", {})
-        if pair in ASYM_PAIRS:
-            sym = results.get(f"quantmint_{ASYM_PAIRS[pair]}", {})
-            comparison[pair] = {
-                "quantmint": NOT_SUPPORTED,
-                "ppl_delta_pct": {"llmcompressor": sq._delta_pct(llmc.get("ppl"), float_ppl)},
-                # llm-compressor's asymmetric grid against quantmint's symmetric one of the same group size
-                "ppl_llmcompressor_asym_vs_quantmint_sym_pct": sq._delta_pct(llmc.get("ppl"), sym.get("ppl")),
-            }
-            continue
         entry = sq.compare(float_ppl, results.get(f"quantmint_{pair}", {}), llmc)
         entry.pop("goal_met")  # the goals are the issue's, below, not the SmoothQuant script's
         comparison[pair] = entry
+        if pair in ASYM_PAIRS:  # each tool's asymmetric grid against its symmetric one, same group size
+            sym = ASYM_PAIRS[pair]
+            entry["ppl_asym_vs_sym_pct"] = {
+                tool: sq._delta_pct(
+                    results.get(f"{tool}_{pair}", {}).get("ppl"), results.get(f"{tool}_{sym}", {}).get("ppl")
+                )
+                for tool in ("quantmint", "llmcompressor")
+            }
         if f"quantmint_{pair}_actorder" in results:  # both with act-order (static groups)
             entry = sq.compare(float_ppl, results[f"quantmint_{pair}_actorder"], llmc)
             entry.pop("goal_met")

@@ -202,8 +202,14 @@ def test_gptq_vs_llmcompressor_dry_run_prints_the_plan() -> None:
         "symmetric": False,
         "group_size": 32,
     }
-    # quantmint's grid is symmetric only: the asymmetric rows are llm-compressor's alone
-    assert not any(n.startswith("quantmint") and "asym" in n for n in children)
+    # the asymmetric pairs: quantmint's GPTQ with zero points against llm-compressor's W4A16_ASYM
+    assert children["quantmint_w4a16_asym_g128"]["spec"]["preset"] == "w4a16-asym-gptq"
+    assert "group_size" not in children["quantmint_w4a16_asym_g128"]["spec"]
+    assert children["quantmint_w4a16_asym_g32"]["spec"]["preset"] == "w4a16-asym-gptq"
+    assert children["quantmint_w4a16_asym_g32"]["spec"]["group_size"] == 32
+    assert children["llmcompressor_w4a16_asym_g128"]["spec"]["scheme"] == "W4A16_ASYM"
+    names = list(children)
+    assert names.index("quantmint_w4a16_asym_g32") + 1 == names.index("llmcompressor_w4a16_asym_g32")
 
 
 # --- scale: streaming RTN vs raw I/O on a small synthetic checkpoint --------------------------------------

@@ -269,3 +269,25 @@ def test_a_plugin_command_that_takes_a_core_name_is_refused(
     code, _, err = _run(capsys, "export", "x", "-o", "y")
     assert code == 2 and "plugin 'clash-plugin' adds a command the CLI has already" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_quantize_with_an_asymmetric_yaml_config_and_inspect(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    """`--config` with `weights.symmetric: false` (W4A16, groups of 32): the checkpoint has zero points
+    and `inspect` says so; an 8-bit asymmetric config is refused in one line naming the fix."""
+    config = tmp_path / "asym.yaml"
+    config.write_text(
+        "weight_dtype: int4\nweights: {num_bits: 4, symmetric: false, strategy: group, group_size: 32}\n"
+    )
+    out = tmp_path / "q"
+    code, stdout, _ = _run(
+        capsys, "quantize", str(tiny_model_dir("llama")), "--config", str(config), "-o", str(out)
+    )
+    assert code == 0 and json.loads(stdout)["scheme"] == "w4a16-asym"
+    code, stdout, _ = _run(capsys, "inspect", str(out))
+    assert "scheme w4a16-asym" in stdout and "uint4+zp[64, 64]" in stdout
+    config.write_text("weight_dtype: int8\nweights: {symmetric: false}\n")
+    code, _, stderr = _run(
+        capsys, "quantize", str(tiny_model_dir("llama")), "--config", str(config), "-o", str(tmp_path / "r")
+    )
+    assert code == 2 and "4-bit only" in stderr and "symmetric: true" in stderr
+    assert len(stderr.strip().splitlines()) == 1

@@ -23,6 +23,10 @@ GRIDS = {
     "int4-g128": dict(weight_dtype="int4", weights={"strategy": "group", "group_size": 128}),
     "int4-g32": dict(weight_dtype="int4", weights={"strategy": "group", "group_size": 32}),
     "int8-channel": dict(weight_dtype="int8", weights={"strategy": "channel"}),
+    "int4-asym-g32": dict(
+        weight_dtype="int4", weights={"symmetric": False, "strategy": "group", "group_size": 32}
+    ),
+    "int4-asym-channel": dict(weight_dtype="int4", weights={"symmetric": False, "strategy": "channel"}),
 }
 
 
@@ -103,19 +107,30 @@ def test_gptq_quantize_unit_properties() -> None:
         QuantArgs(num_bits=4, strategy="group", group_size=32),
         QuantArgs(num_bits=8, strategy="channel"),
         QuantArgs(num_bits=4, strategy="tensor"),
+        QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+        QuantArgs(num_bits=4, symmetric=False, strategy="channel"),
     ):
         for actorder in (False, True):
-            q, scale = gptq_quantize(weight, hessian, args, block_size=32, actorder=actorder)
-            q_rtn, scale_rtn = quant_math.quantize_weight(
-                weight, args.strategy, args.num_bits, args.group_size
-            )
+            q, scale, zp = gptq_quantize(weight, hessian, args, block_size=32, actorder=actorder)
+            if args.symmetric:
+                q_rtn, scale_rtn = quant_math.quantize_weight(
+                    weight, args.strategy, args.num_bits, args.group_size
+                )
+                zp_rtn = None
+                assert zp is None and int(q.abs().max()) <= 2 ** (args.num_bits - 1) - 1
+            else:
+                q_rtn, scale_rtn, zp_rtn = quant_math.quantize_weight_asymmetric(
+                    weight, args.strategy, args.num_bits, args.group_size
+                )
+                assert zp is not None and zp.dtype == torch.int8 and zp.shape == scale.shape
+                assert int(q.min()) >= 0 and int(q.max()) <= 15 and int(zp.min()) >= 0 and int(zp.max()) <= 15
             assert q.dtype == torch.int8 and q.shape == weight.shape and scale.shape == scale_rtn.shape
-            qmax = 2 ** (args.num_bits - 1) - 1
-            assert int(q.abs().max()) <= qmax
             assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
-            assert int(q[:, 7].abs().max()) == 0  # the dead column's weight is dropped, as in the reference
-            deq = quant_math.dequantize_weight(q, scale, torch.float64, args.group_size)
-            deq_rtn = quant_math.dequantize_weight(q_rtn, scale_rtn, torch.float64, args.group_size)
+            deq = quant_math.dequantize_weight(q, scale, torch.float64, args.group_size, zp)
+            deq_rtn = quant_math.dequantize_weight(q_rtn, scale_rtn, torch.float64, args.group_size, zp_rtn)
+            assert (
+                float(deq[:, 7].abs().max()) == 0.0
+            )  # the dead column's weight is dropped, as in the reference
             ref = x @ weight.double().T
             assert (ref - x @ deq.T).norm() < 0.9 * (ref - x @ deq_rtn.T).norm()
 
@@ -128,16 +143,19 @@ def test_gptq_quantize_unit_properties() -> None:
         QuantArgs(num_bits=4, strategy="group", group_size=48),  # groups across blocks: the torch loop
         QuantArgs(num_bits=8, strategy="channel"),
         QuantArgs(num_bits=4, strategy="tensor"),
+        QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+        QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=48),
+        QuantArgs(num_bits=4, symmetric=False, strategy="channel"),
     ],
-    ids=["g32", "g48", "channel", "tensor"],
+    ids=["g32", "g48", "channel", "tensor", "asym-g32", "asym-g48", "asym-channel"],
 )
 @pytest.mark.parametrize("actorder", [False, True])
 def test_native_column_loop_gives_the_torch_loops_integers(
     args: QuantArgs, actorder: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`numerics/csrc/gptq.c` rounds each product and difference as the torch loop does: the same
-    integers and scales on a weight whose columns span several blocks (the last one partial) and whose
-    rows are split among threads, with a dead column."""
+    integers, scales (and zero points, asymmetric) on a weight whose columns span several blocks (the
+    last one partial) and whose rows are split among threads, with a dead column."""
     ran: list[bool] = []
     block = native_gptq.gptq_block
     monkeypatch.setattr(native_gptq, "gptq_block", lambda *a: ran.append(block(*a)) or ran[-1])
@@ -148,13 +166,18 @@ def test_native_column_loop_gives_the_torch_loops_integers(
     x[:, 3] = 0.0
     weight = torch.randn(300, 160, generator=g) * 0.05
     hessian = 2.0 / x.shape[0] * x.T @ x
-    native_q, native_scale = gptq_quantize(weight, hessian, args, block_size=64, actorder=actorder)
-    torch_q, torch_scale = gptq_quantize(
+    if not args.symmetric:  # skewed rows: zero points away from the middle of the grid
+        weight = weight + 0.03 * torch.rand(300, 1, generator=g)
+    native_q, native_scale, native_zp = gptq_quantize(weight, hessian, args, block_size=64, actorder=actorder)
+    torch_q, torch_scale, torch_zp = gptq_quantize(
         weight, hessian, args, block_size=64, actorder=actorder, use_native=False
     )
     # Groups of 48 straddle blocks of 64 (dynamic groups without act-order): the torch loop only.
     assert ran == ([] if args.group_size == 48 and not actorder else [True] * 3)
     assert torch.equal(native_scale, torch_scale)
+    assert (native_zp is None) == args.symmetric and (torch_zp is None) == args.symmetric
+    if native_zp is not None:
+        assert torch.equal(native_zp, torch_zp)
     same = (native_q == torch_q).float().mean().item()
     assert same >= 0.999, f"{1 - same:.2%} of the integers differ between the native and the torch loop"
 

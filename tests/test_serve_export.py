@@ -152,3 +152,33 @@ def test_pooling_is_what_a_family_declares(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(registry, "model_families", lambda: {"llama": embedding})
     cmd, _ = serve_command(path, environ={})
     assert cmd[cmd.index("--runner") + 1] == "pooling"
+
+
+def test_export_writes_asymmetric_w4a16_as_compressed_tensors_reads_it(tmp_path: Path) -> None:
+    """Asymmetric groups: `symmetric: false` and `weight_zero_point` [ceil(out / 8), groups] int32, which
+    compressed-tensors' own unpacking turns into the weight quantmint's runtime computes with."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    from quantmint.config import get_preset
+    from quantmint.formats.export import export_checkpoint
+
+    torch.manual_seed(0)
+    config = get_preset("w4a16").with_updates(
+        weights={"symmetric": False, "strategy": "group", "group_size": 32}
+    )
+    model = quantize(build_tiny("llama"), config)
+    src = save_quantized(model, tmp_path / "w4", tokenizer=byte_tokenizer())
+    out = export_checkpoint(src, tmp_path / "ct")
+    ct = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = ct["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, False)
+    name = "model.layers.0.mlp.down_proj"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        packed, scale = f.get_tensor(f"{name}.weight_packed"), f.get_tensor(f"{name}.weight_scale")
+        zp_packed = f.get_tensor(f"{name}.weight_zero_point")
+    assert zp_packed.dtype == torch.int32 and zp_packed.shape == (8, 4)  # [64 / 8, 128 / 32]
+    q = unpack_from_int32(packed, 4, torch.Size([64, 128])).float()  # signed: code - 8
+    zp = unpack_from_int32(zp_packed, 4, torch.Size([64, 4]), packed_dim=0).float()
+    theirs = (q - zp.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)
+    assert torch.equal(theirs, model.get_submodule(name).dequantized_weight())

@@ -66,7 +66,13 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(
     ("family", "preset", "workers"),
-    [("llama", "w8a16", 1), ("llama", "w4a16", 2), ("gpt2", "w8a16", 2), ("bert", "w8a16", 1)],
+    [
+        ("llama", "w8a16", 1),
+        ("llama", "w4a16", 2),
+        ("llama", "w4a16-asym", 2),
+        ("gpt2", "w8a16", 2),
+        ("bert", "w8a16", 1),
+    ],
 )
 def test_streaming_rtn_is_byte_identical_to_in_memory(
     family: str, preset: str, workers: int, tiny_model_dir, tmp_path: Path

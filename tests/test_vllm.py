@@ -327,6 +327,36 @@ def test_vllm_w4a16_kernel_gives_quantmints_int4_product() -> None:
     assert not linear.vllm_w4a16_kernel_runs(CPUWNA16LinearKernel, 128, torch.float32)
 
 
+def test_vllm_w4a16_kernel_gives_quantmints_asymmetric_product() -> None:
+    """Asymmetric weights: vLLM's CPU WNA16 kernel reads quantmint's unsigned codes as uint4 and its
+    packed zero points (compressed-tensors' `weight_zero_point`, [ceil(out / 8), groups]) and gives
+    (q - zp) * s, as quantmint's int4 matmul does (the probe raises on a wrong product)."""
+    from vllm.model_executor.kernels.linear import CPUWNA16LinearKernel
+
+    from quantmint.backends.vllm import linear
+
+    for group_size in (None, 32, 128):
+        assert linear.vllm_w4a16_kernel_runs(CPUWNA16LinearKernel, group_size, torch.float16, True)
+        assert linear.vllm_w4a16_kernel_runs(CPUWNA16LinearKernel, group_size, torch.bfloat16, True)
+    kernel, config = linear.w4a16_kernel_for("m", 256, 512, 256, 512, 32, torch.float16, zero_points=True)
+    assert kernel.__name__ == "CPUWNA16LinearKernel" and config.zero_points
+
+
+def test_asymmetric_w4a16_checkpoints_are_served_with_zero_points() -> None:
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from quantmint.backends.vllm.config import QuantmintConfig
+    from quantmint.backends.vllm.linear import W4A16LinearMethod
+
+    layer = LinearBase.__new__(LinearBase)
+    for weights in ({"group_size": 32}, {"strategy": "channel", "group_size": None}):
+        config = QuantmintConfig.from_config(_w4_block(symmetric=False, **weights))
+        method = config.get_quant_method(layer, "model.layers.0.mlp.down_proj")
+        assert isinstance(method, W4A16LinearMethod) and method.zero_points
+    symmetric = QuantmintConfig.from_config(_w4_block())
+    assert not symmetric.get_quant_method(layer, "model.layers.0.mlp.down_proj").zero_points
+
+
 def test_unknown_format_version_is_refused() -> None:
     from quantmint.backends.vllm.config import QuantmintConfig
 
@@ -454,6 +484,9 @@ def test_generation_agrees_with_the_torch_runtime(
         ("gpt2", "w4a16", "float16"),
         ("llama", "w4a16-gptq", "float16"),
         ("llama", "w4a16", "float32"),
+        ("llama", "w4a16-asym", "float16"),
+        ("llama", "w4a16-asym-gptq", "float16"),
+        ("llama", "w4a16-asym", "float32"),
     ],
 )
 def test_w4a16_generation_agrees_with_the_torch_runtime(
@@ -599,17 +632,20 @@ def test_compressed_tensors_export_loads_in_plain_vllm_and_transformers(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w4a16", "w4a16-asym"])
 def test_w4a16_export_loads_in_plain_vllm_and_transformers(
-    tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
+    preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    """The exported W4A16 tiny Llama (pack-quantized, groups of 128) in vLLM with no plugin (its
-    CompressedTensorsWNA16 scheme, CPUWNA16 kernel, fp16) and in transformers with compressed-tensors."""
+    """The exported W4A16 tiny Llama (pack-quantized, groups of 128; symmetric, or asymmetric with
+    `weight_zero_point`) in vLLM with no plugin (its CompressedTensorsWNA16 scheme, CPUWNA16 kernel, fp16)
+    and in transformers with compressed-tensors."""
     from quantmint.formats.export import export_checkpoint
 
-    src = tiny_checkpoint("llama", "w4a16")
+    src = tiny_checkpoint("llama", preset)
     out = export_checkpoint(src, tmp_path / "ct")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] == (preset == "w4a16")
     job = {"model": str(out), "dtype": "float16", "tasks": [{"kind": "generate", "prompts": PROMPTS}]}
     native = vllm_ok(job, tmp_path, env={"VLLM_PLUGINS": ""})
     assert not native["quantmint_log"] or not any("quantmint W4A16" in x for x in native["quantmint_log"])

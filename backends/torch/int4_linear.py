@@ -31,8 +31,10 @@ def int4_linear(
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     group_size: int | None = None,
+    weight_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ (unpack(weight_packed) * weight_scale).T + bias, activations int8 when `quantize_input`.
+    """y = x @ (unpack(weight_packed) * weight_scale).T + bias, activations int8 when `quantize_input`;
+    with `weight_zero_point` (asymmetric, W4A16 only) y = x @ ((q - zero_point) * weight_scale).T + bias.
 
     Args:
         x: [..., in] float.
@@ -40,9 +42,19 @@ def int4_linear(
         weight_scale: float32 [out, groups] (groups = 1: per channel) or [1, 1] (per tensor).
         group_size: columns per group, when there are several groups per row.
         input_scale: static per-tensor activation scale (W4A8), or None for dynamic per-token.
+        weight_zero_point: int32 [ceil(out / 8), groups] (see `quant_math.pack_zero_points`): the codes
+            are then unsigned, q in [0, 15].
     Returns:
         [..., out] in x's dtype.
     """
+    if weight_zero_point is not None:
+        if quantize_input:
+            raise ValueError("asymmetric 4-bit weights are weight-only: int8 activations take symmetric ones")
+        q = quant_math.unpack_uint4(weight_packed, in_features)
+        zp = quant_math.unpack_zero_points(weight_zero_point, q.shape[0])
+        weight = quant_math.dequantize_weight(q, weight_scale, x.dtype, group_size, zp)
+        y = F.linear(x, weight)
+        return y if bias is None else y + bias.to(y.dtype)
     q = quant_math.unpack_int4(weight_packed, in_features)
     if quantize_input:
         if weight_scale.shape[-1] == 1:
@@ -69,7 +81,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     Tensors (compressed-tensors `pack-quantized` names): `weight_packed` int32 [out, ceil(in / 8)],
     `weight_scale` float32 [out, groups] (or [out, 1] per channel, [1, 1] per tensor), `weight_shape`
-    int64 [2] = (out, in), `bias` [out] in the model's float dtype, if the layer has one.
+    int64 [2] = (out, in), `bias` [out] in the model's float dtype, if the layer has one. Asymmetric
+    weights add `weight_zero_point` int32 [ceil(out / 8), groups] (zero points in [0, 15] packed along
+    the output dimension, `quant_math.pack_zero_points`); their codes are unsigned, [0, 15], and the
+    weight is (q - zero_point) * weight_scale.
     """
 
     scheme = "w4a16"
@@ -83,6 +98,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         bias: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
         group_size: int | None = None,
+        weight_zero_point: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
@@ -106,6 +122,19 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("weight_shape", torch.tensor([self.out_features, in_features]))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
+        if weight_zero_point is not None:
+            if self.quantize_input:
+                raise ValueError(
+                    "asymmetric 4-bit weights are weight-only (w4a16): w4a8 takes symmetric ones"
+                )
+            want = (-(-self.out_features // 8), weight_scale.shape[-1])
+            if weight_zero_point.dtype != torch.int32 or tuple(weight_zero_point.shape) != want:
+                raise ValueError(
+                    f"weight_zero_point must be int32 {want}, got {weight_zero_point.dtype} "
+                    f"{tuple(weight_zero_point.shape)}"
+                )
+            weight_zero_point = weight_zero_point.contiguous()
+        self.register_buffer("weight_zero_point", weight_zero_point)
         if bias is None:
             self.bias = None
         else:
@@ -113,11 +142,23 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The int4 values unpacked to int8 [out, in] (a fresh tensor on every call)."""
+        """The int4 values unpacked to int8 [out, in] (a fresh tensor on every call): in [-7, 7], or the
+        unsigned codes in [0, 15] of asymmetric weights."""
+        if self.weight_zero_point is not None:
+            return quant_math.unpack_uint4(self.weight_packed, self.in_features)
         return quant_math.unpack_int4(self.weight_packed, self.in_features)
 
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        """The zero points int8 [out, groups] in [0, 15] of asymmetric weights, else None."""
+        if self.weight_zero_point is None:
+            return None
+        return quant_math.unpack_zero_points(self.weight_zero_point, self.out_features)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return quant_math.dequantize_weight(self.weight, self.weight_scale, group_size=self.group_size)
+        return quant_math.dequantize_weight(
+            self.weight, self.weight_scale, group_size=self.group_size, zero_point=self.zero_point
+        )
 
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> Int4WeightOnlyLinear:
@@ -125,6 +166,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         q = layer.integer_weight(4)
         bias = None if layer.bias is None else layer.bias.data.clone()
         input_scale = None if layer.input_scale is None else layer.input_scale.clone()
+        zp = layer.weight_zero_point
+        if zp is not None:
+            return cls(
+                quant_math.pack_uint4(q),
+                scale.clone(),
+                layer.in_features,
+                bias,
+                input_scale,
+                layer.group_size,
+                quant_math.pack_zero_points(zp),
+            )
         return cls(
             quant_math.pack_int4(q), scale.clone(), layer.in_features, bias, input_scale, layer.group_size
         )
@@ -139,7 +191,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         scale_shape: tuple[int, ...],
         static_input: bool = False,
         group_size: int | None = None,
+        zero_points: bool = False,
     ) -> Int4WeightOnlyLinear:
+        """`zero_points`: asymmetric weights, with a `weight_zero_point` tensor."""
+        zp_shape = (-(-out_features // 8), scale_shape[-1])
         return cls(
             torch.empty(out_features, -(-in_features // 8), dtype=torch.int32),
             torch.empty(scale_shape, dtype=torch.float32),
@@ -147,6 +202,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             torch.empty(out_features, dtype=dtype) if bias else None,
             torch.empty(1, dtype=torch.float32) if static_input else None,
             group_size,
+            torch.empty(zp_shape, dtype=torch.int32) if zero_points else None,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +215,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             self.input_scale,
             self.bias,
             self.group_size,
+            self.weight_zero_point,
         )
 
 

@@ -76,7 +76,7 @@ SERVED_SCHEMES = ("w8a8", "w8a16", "w4a16")
 _TORCH_RUNTIME = "quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
 
 
-def _refuse_unserved(scheme: str, schemes: set[str], strategy: str, symmetric: bool) -> None:
+def _refuse_unserved(scheme: str, schemes: set[str], strategy: str) -> None:
     """Refuse, in one line with the alternative, a checkpoint with layers no vLLM kernel of ours serves."""
     if "w4a8" in schemes:
         raise ValueError(
@@ -98,12 +98,6 @@ def _refuse_unserved(scheme: str, schemes: set[str], strategy: str, symmetric: b
             f"this quantmint checkpoint ({scheme}) has 4-bit weights with one scale per {strategy}, which "
             "vLLM's mixed-precision kernels do not take (they take a scale per channel or per group): "
             f"requantize with weights.strategy channel or group, or run it with {_TORCH_RUNTIME}"
-        )
-    if four_bit and not symmetric:
-        raise ValueError(
-            f"this quantmint checkpoint ({scheme}) has asymmetric 4-bit weights (zero points), which "
-            "quantmint's vLLM backend does not serve yet: requantize with weights.symmetric: true, or run "
-            f"it with {_TORCH_RUNTIME}"
         )
     if not four_bit and strategy == "group":
         raise ValueError(
@@ -139,7 +133,8 @@ class QuantmintConfig(QuantizationConfig):
         self.static_input = not block.config.activations.dynamic
         weights = block.config.weights
         self.group_size: int | None = weights.group_size if weights.strategy == "group" else None
-        _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy, weights.symmetric)
+        self.zero_points = not weights.symmetric  # asymmetric 4-bit weights: `weight_zero_point` tensors
+        _refuse_unserved(self.scheme, set(self.modules.values()), weights.strategy)
         self.float_kv_cache = bool(self.kv_cache_modules) and os.environ.get(KV_CACHE_ENV, "") == "float"
         # C8: vLLM keeps no int8 cache; its fp8 cache (same byte per element) takes the calibrated ranges
         # as per-tensor scales, and is what vLLM picks for `--kv-cache-dtype auto` (see kv_cache.py).
@@ -198,7 +193,7 @@ class QuantmintConfig(QuantizationConfig):
                     f"does not serve (vLLM's mixed-precision kernels take the input as it is): run it with "
                     f"{_TORCH_RUNTIME}, or quantize without algorithm_args.hadamard"
                 )
-            method = W4A16LinearMethod(self.group_size, prefix)
+            method = W4A16LinearMethod(self.group_size, prefix, zero_points=self.zero_points)
         elif scheme == "w8a8":
             method = W8A8LinearMethod(
                 static_input=self.static_input, transposed=transposed, rotate_input=rotate

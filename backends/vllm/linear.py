@@ -22,6 +22,7 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     ModelWeightParameter,
+    PackedColumnParameter,
     PackedvLLMParameter,
     PerTensorScaleParameter,
 )
@@ -294,6 +295,12 @@ to an int32 along the input, element j in nibble j % 8 (low first) of word j // 
 that (`quant_math.pack_int4`: code + 8, its codes in [-7, 7]), so the checkpoint's words go to the kernel
 unchanged: no conversion at load."""
 
+W4_ASYM_WEIGHT_TYPE = scalar_types.uint4
+"""quantmint's asymmetric 4-bit codes: unsigned nibbles in [0, 15] with no bias (`quant_math.pack_uint4`),
+with zero points packed along the output (`quant_math.pack_zero_points`: [ceil(out / 8), groups] int32,
+compressed-tensors' `weight_zero_point`), which vLLM's kernels take as they load compressed-tensors'
+asymmetric pack-quantized layers (`zero_points=True`)."""
+
 _TORCH_RUNTIME = "serve it with quantmint's torch runtime (quantmint.load_quantized, quantmint eval)"
 
 
@@ -309,10 +316,11 @@ def w4a16_kernel_for(
     output_size_per_partition: int,
     group_size: int | None,
     act_type: torch.dtype,
+    zero_points: bool = False,
 ) -> tuple[Any, MPLinearLayerConfig]:
     """vLLM's mixed-precision kernel class for one W4A16 layer (`choose_mp_linear_kernel`: CPUWNA16 on CPU,
-    Machete or Marlin on CUDA) and its layer config; ValueError, one line naming the layer and what to do,
-    for a layout no kernel takes."""
+    Machete or Marlin on CUDA) and its layer config (`zero_points`: asymmetric weights, `uint4` codes with
+    zero points); ValueError, one line naming the layer and what to do, for a layout no kernel takes."""
     if group_size is not None and input_size % group_size:
         last = input_size % group_size
         raise ValueError(
@@ -330,10 +338,10 @@ def w4a16_kernel_for(
     config = MPLinearLayerConfig(
         full_weight_shape=(input_size, output_size),
         partition_weight_shape=(input_size_per_partition, output_size_per_partition),
-        weight_type=W4_WEIGHT_TYPE,
+        weight_type=W4_ASYM_WEIGHT_TYPE if zero_points else W4_WEIGHT_TYPE,
         act_type=act_type,
         group_size=-1 if group_size is None else group_size,
-        zero_points=False,
+        zero_points=zero_points,
     )
     try:
         kernel = choose_mp_linear_kernel(config)
@@ -342,6 +350,7 @@ def w4a16_kernel_for(
             "Failed to find a kernel that can implement the WNA16 linear layer. Reasons: ;", ""
         )
         groups = "per channel" if group_size is None else f"groups of {group_size}"
+        groups += ", zero points" if zero_points else ""
         raise ValueError(
             f"quantmint: no vLLM mixed-precision kernel serves W4A16 layer {layer_name} "
             f"({input_size_per_partition} inputs x {output_size_per_partition} outputs, {groups}, "
@@ -351,53 +360,81 @@ def w4a16_kernel_for(
 
 
 def _w4_probe_layer(
-    kernel_type: Any, config: MPLinearLayerConfig, packed: torch.Tensor, scale: torch.Tensor
+    kernel_type: Any,
+    config: MPLinearLayerConfig,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
 ) -> Any:
     """A layer holding the kernel's parameters as vLLM's loader leaves them (plain parameters with the
     layout attributes the kernels read: vLLM's parameter classes need its distributed state)."""
     layer = torch.nn.Module()
-    for name, data, dims in (
+    params = [
         ("weight_packed", packed, {"input_dim": 1, "output_dim": 0, "packed_dim": 1, "packed_factor": 8}),
         ("weight_scale", scale, {"input_dim": 1, "output_dim": 0}),
-    ):
+    ]
+    if zero_point is not None:
+        zp_dims = {"input_dim": 1, "output_dim": 0, "packed_dim": 0, "packed_factor": 8}
+        params.append(("weight_zero_point", zero_point, zp_dims))
+    for name, data, dims in params:
         param = torch.nn.Parameter(data, requires_grad=False)
         for key, value in dims.items():
             setattr(param, key, value)
         layer.register_parameter(name, param)
     layer.register_parameter("bias", None)
-    kernel = kernel_type(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
+    kernel = kernel_type(config, **_w4_param_names(zero_point is not None))
     kernel.process_weights_after_loading(layer)
     return kernel, layer
 
 
+def _w4_param_names(zero_points: bool) -> dict[str, str]:
+    names = {"w_q_param_name": "weight_packed", "w_s_param_name": "weight_scale"}
+    return {**names, "w_zp_param_name": "weight_zero_point"} if zero_points else names
+
+
 @functools.cache
-def vllm_w4a16_kernel_runs(kernel_type: Any, group_size: int | None, dtype: torch.dtype) -> bool:
+def vllm_w4a16_kernel_runs(
+    kernel_type: Any, group_size: int | None, dtype: torch.dtype, zero_points: bool = False
+) -> bool:
     """Whether vLLM's selected mixed-precision kernel runs W4A16 with `dtype` activations and gives
-    quantmint's dequantized product (codes in [-7, 7] packed as code + 8, the uint4b8 convention): a small
-    layer with every code and per-group scales, against `int4_linear` in float32. vLLM 0.32's CPUWNA16
-    kernel, for one, is selected for float32 layers but implements bf16 and fp16 only."""
+    quantmint's dequantized product (codes in [-7, 7] packed as code + 8, the uint4b8 convention; with
+    `zero_points`, codes in [0, 15] and a zero point per group, the uint4 one): a small layer with every
+    code and per-group scales, against `int4_linear` in float32. vLLM 0.32's CPUWNA16 kernel, for one, is
+    selected for float32 layers but implements bf16 and fp16 only."""
     from quantmint.numerics import quant_math
 
     in_features = 256 if group_size is None else group_size * (1 if group_size % 32 == 0 else 32)
     out_features = 32
     groups = 1 if group_size is None else in_features // group_size
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(-7, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
     scale = (torch.rand(out_features, groups, generator=gen) + 0.5) / 64
-    packed = quant_math.pack_int4(q)
+    zp = None
+    if zero_points:
+        packed = quant_math.pack_uint4(torch.randint(0, 16, (out_features, in_features), generator=gen))
+        zp = quant_math.pack_zero_points(torch.randint(0, 16, (out_features, groups), generator=gen))
+    else:
+        packed = quant_math.pack_int4(torch.randint(-7, 8, (out_features, in_features), generator=gen))
     config = MPLinearLayerConfig(
         full_weight_shape=(in_features, out_features),
         partition_weight_shape=(in_features, out_features),
-        weight_type=W4_WEIGHT_TYPE,
+        weight_type=W4_ASYM_WEIGHT_TYPE if zero_points else W4_WEIGHT_TYPE,
         act_type=dtype,
         group_size=-1 if group_size is None else group_size,
-        zero_points=False,
+        zero_points=zero_points,
     )
     x = torch.randn(3, in_features, generator=gen).to(dtype)
-    want = int4_linear(x.float(), packed, scale, in_features, False, group_size=group_size)
+    want = int4_linear(
+        x.float(), packed, scale, in_features, False, group_size=group_size, weight_zero_point=zp
+    )
     try:
         device = torch.empty(0).device  # where vLLM is building the model
-        kernel, layer = _w4_probe_layer(kernel_type, config, packed.to(device), scale.to(device, dtype))
+        kernel, layer = _w4_probe_layer(
+            kernel_type,
+            config,
+            packed.to(device),
+            scale.to(device, dtype),
+            None if zp is None else zp.to(device),
+        )
         got = kernel.apply_weights(layer, x.to(device), None).float().cpu()
     except (RuntimeError, NotImplementedError) as exc:
         logger.warning_once(
@@ -419,9 +456,11 @@ def vllm_w4a16_kernel_runs(kernel_type: Any, group_size: int | None, dtype: torc
 
 @register_weight_loader_v2_supported_method
 class W4A16LinearMethod(LinearMethodBase):
-    """4-bit weights (symmetric, codes in [-7, 7]) per output channel or in groups of `group_size` input
-    columns, float activations, served by the kernel vLLM selects for mixed-precision linears
-    (`choose_mp_linear_kernel`): on CPU its CPUWNA16 kernel, on CUDA Machete or Marlin.
+    """4-bit weights (symmetric, codes in [-7, 7]; or with `zero_points`, asymmetric: codes in [0, 15] and
+    `weight_zero_point` int32 [ceil(out / 8), groups] packed along the output) per output channel or in
+    groups of `group_size` input columns, float activations, served by the kernel vLLM selects for
+    mixed-precision linears (`choose_mp_linear_kernel`): on CPU its CPUWNA16 kernel, on CUDA Machete or
+    Marlin.
 
     The parameters are those of compressed-tensors' pack-quantized layers, which quantmint's checkpoint
     tensors already are: `weight_packed` int32 [out, in / 8] (packed along the input), `weight_scale`
@@ -430,9 +469,10 @@ class W4A16LinearMethod(LinearMethodBase):
     only tensors named `.weight`, so the 4-bit tensors of its Conv1D layers arrive as stored ([out, in]).
     """
 
-    def __init__(self, group_size: int | None, layer_name: str) -> None:
+    def __init__(self, group_size: int | None, layer_name: str, zero_points: bool = False) -> None:
         self.group_size = group_size
         self.layer_name = layer_name
+        self.zero_points = zero_points
         self.before_processing: Callable[[], None] = lambda: None
         self.kernel: Any = None
 
@@ -453,10 +493,10 @@ class W4A16LinearMethod(LinearMethodBase):
         layer.output_size_per_partition = out
         kernel_type, config = w4a16_kernel_for(
             self.layer_name, input_size, output_size, input_size_per_partition, out, self.group_size,
-            params_dtype,
+            params_dtype, self.zero_points,
         )  # fmt: skip
         layer.quantmint_in_features = input_size_per_partition
-        if vllm_w4a16_kernel_runs(kernel_type, self.group_size, params_dtype):
+        if vllm_w4a16_kernel_runs(kernel_type, self.group_size, params_dtype, self.zero_points):
             logger.info_once(
                 f"quantmint W4A16: {params_dtype} layers run vLLM's {kernel_type.__name__} "
                 "(choose_mp_linear_kernel, vLLM's mixed-precision kernel selection)"
@@ -486,8 +526,24 @@ class W4A16LinearMethod(LinearMethodBase):
         layer.register_parameter("weight_packed", weight)
         layer.register_parameter("weight_scale", scale)
         layer.register_parameter("weight_shape", shape)
+        if self.zero_points:  # as vLLM's compressed-tensors WNA16 scheme declares weight_zero_point
+            zp_data = torch.zeros(-(-out // 8), scale.data.shape[1], dtype=torch.int32)
+            if self.group_size is None:
+                zero_point: BasevLLMParameter = PackedColumnParameter(
+                    data=zp_data, output_dim=0, packed_dim=0, packed_factor=8, weight_loader=weight_loader
+                )
+            else:
+                zero_point = PackedvLLMParameter(
+                    data=zp_data,
+                    input_dim=1,
+                    output_dim=0,
+                    packed_dim=0,
+                    packed_factor=8,
+                    weight_loader=weight_loader,
+                )
+            layer.register_parameter("weight_zero_point", zero_point)
         if kernel_type is not None:
-            self.kernel = kernel_type(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
+            self.kernel = kernel_type(config, **_w4_param_names(self.zero_points))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.before_processing()
@@ -497,6 +553,8 @@ class W4A16LinearMethod(LinearMethodBase):
         # quantmint's int4 matmul: the packed words as loaded, float32 scales [out, groups]
         replace_parameter(layer, "weight_packed", layer.weight_packed.data.contiguous())
         replace_parameter(layer, "weight_scale", layer.weight_scale.data.float().contiguous())
+        if self.zero_points:
+            replace_parameter(layer, "weight_zero_point", layer.weight_zero_point.data.contiguous())
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -505,7 +563,7 @@ class W4A16LinearMethod(LinearMethodBase):
             return self.kernel.apply_weights(layer, x, bias)
         return int4_linear(
             x, layer.weight_packed, layer.weight_scale, layer.quantmint_in_features, False, None, bias,
-            self.group_size,
+            self.group_size, layer.weight_zero_point if self.zero_points else None,
         )  # fmt: skip
 
 

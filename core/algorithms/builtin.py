@@ -209,6 +209,7 @@ class RTN(AlgorithmBase):
                 rounding.weight_scale_shape(out_features, in_features),
                 static_input=scheme.endswith("a8") and rounding.static_input,
                 **({"group_size": group_size} if group_size else {}),
+                **({} if config.weights.symmetric else {"zero_points": True}),
             )
             if steps.ptq.is_rotated(name):
                 mark_rotated(cell)

@@ -15,10 +15,12 @@ the Hessian H = 2/n sum x x^T (n tokens). Per block of the sequential engine:
    `block_size`. Dead columns (input always zero, H_jj = 0) get H_jj = 1 and a zero weight, as in the
    reference implementation.
 3. The scales are those of quantmint's RTN grid (`quant_math.weight_absmax`: per channel, per group of
-   `group_size` columns, or per tensor; symmetric), computed before the first column is rounded on the
-   original column order (`actorder` permutes the columns by decreasing H_jj for the rounding only: static
-   groups), so the checkpoint is an ordinary RTN-format one. Without `actorder`, a group's scale is taken
-   when GPTQ reaches the group, from its columns as updated so far (the reference's behaviour).
+   `group_size` columns, or per tensor; symmetric, or asymmetric 4-bit with a zero point per group on
+   the unsigned grid [0, 15], `quant_math.qparams_asymmetric`), computed before the first column is
+   rounded on the original column order (`actorder` permutes the columns by decreasing H_jj for the
+   rounding only: static groups), so the checkpoint is an ordinary RTN-format one. Without `actorder`,
+   a group's scale (and zero point) is taken when GPTQ reaches the group, from its columns as updated
+   so far (the reference's behaviour).
 4. With `sequential` (the default), GPTQ drives the engine itself and the next block calibrates on this
    block's quantized outputs, as the reference does.
 
@@ -107,11 +109,16 @@ class HessianStore:
         self._last = None
 
 
-def _scales(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """RTN's symmetric scales of `weight` (float32 [out or 1, groups], see `quant_math.weight_absmax`)."""
-    return quant_math.qparams_from_absmax(
+def _qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RTN's scales of `weight` (float32 [out or 1, groups], see `quant_math.weight_absmax`) and, for
+    asymmetric weights, its zero points (int8, same shape; else None)."""
+    if not args.symmetric:
+        wmin, wmax = quant_math.weight_minmax(weight, args.strategy, args.group_size)
+        return quant_math.qparams_asymmetric(wmin, wmax, args.num_bits)
+    scale = quant_math.qparams_from_absmax(
         quant_math.weight_absmax(weight, args.strategy, args.group_size), args.num_bits
     )
+    return scale, None
 
 
 @torch.no_grad()
@@ -124,23 +131,25 @@ def gptq_quantize(
     actorder: bool = False,
     name: str = "weight",
     use_native: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ's rounding of `weight` [out, in] given its input Hessian [in, in].
 
-    Returns (q int8 [out, in], scale float32) on quantmint's grid (`args`: bits, strategy, group_size;
-    symmetric), the same shapes as `quant_math.quantize_weight`'s, so `quant_math.dequantize_weight(q,
-    scale, dtype, group_size)` is the rounded weight. The column loop runs in the native kernel
-    (`quantmint.numerics.native_gptq`) where it can, else (or with `use_native=False`) in torch; both give
-    the same integers.
+    Returns (q int8 [out, in], scale float32, zero_point) on quantmint's grid (`args`: bits, strategy,
+    group_size, symmetric), the same shapes as `quant_math.quantize_weight`'s (symmetric: zero_point is
+    None) or `quantize_weight_asymmetric`'s (q and zero_point int8 in [0, 2^b - 1]), so
+    `quant_math.dequantize_weight(q, scale, dtype, group_size, zero_point)` is the rounded weight. The
+    column loop runs in the native kernel (`quantmint.numerics.native_gptq`) where it can, else (or with
+    `use_native=False`) in torch; both give the same integers, scales and zero points.
     """
-    if not args.symmetric:
-        raise QuantmintError(f"GPTQ of {name}: only symmetric weights are supported; set weights.symmetric")
     columns = weight.shape[1]
     if hessian.shape != (columns, columns):
         raise QuantmintError(
             f"GPTQ of {name}: a Hessian of shape {tuple(hessian.shape)} for {columns} input columns"
         )
-    qmax = 2 ** (args.num_bits - 1) - 1
+    asym = not args.symmetric
+    # The grid: [-qmax, qmax] symmetric, [0, qmax] with a zero point asymmetric.
+    qmax = quant_math.uint_range(args.num_bits)[1] if asym else 2 ** (args.num_bits - 1) - 1
+    qmin = 0 if asym else -qmax
     group_size = args.group_size if args.strategy == "group" else None
     W = weight.detach().float().clone()
     H = hessian.detach().double().clone()
@@ -150,14 +159,17 @@ def gptq_quantize(
     # Static scales (every strategy but groups without actorder): from the weight as it is, in its own
     # column order. Dynamic groups: a group's scale is taken when GPTQ reaches it.
     dynamic_groups = group_size is not None and not actorder
-    scale = _scales(W, args)
+    scale, zero = _qparams(W, args)
     col_scale = quant_math.expand_weight_scale(scale, W.shape, group_size).clone()
+    # The zero points per column as float32 (exact integers), like the scales; None when symmetric.
+    col_zero = None if zero is None else quant_math.expand_weight_scale(zero, W.shape, group_size).float()
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
         col_scale = col_scale[:, perm]
+        col_zero = None if col_zero is None else col_zero[:, perm]
     diag = torch.diag(H)
     damp = damp_percent * float(diag.mean())
     H[range(columns), range(columns)] = diag + damp
@@ -180,17 +192,28 @@ def gptq_quantize(
     native = use_native and (not dynamic_groups or block_size % group_size == 0)  # type: ignore[operator]
     native = native and bool(torch.isfinite(W).all())
     col_scale = col_scale.contiguous()
+    col_zero = None if col_zero is None else col_zero.contiguous()
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         if native:
             Err1 = torch.empty((W.shape[0], i2 - i1), dtype=W.dtype)
             group = group_size if dynamic_groups else 0
             if native_gptq.gptq_block(
-                W[:, i1:i2], Hinv[i1:i2, i1:i2], col_scale[:, i1:i2], Q[:, i1:i2], Err1, i1, group or 0, qmax
+                W[:, i1:i2],
+                Hinv[i1:i2, i1:i2],
+                col_scale[:, i1:i2],
+                Q[:, i1:i2],
+                Err1,
+                i1,
+                group or 0,
+                qmax,
+                None if col_zero is None else col_zero[:, i1:i2],
             ):
                 if dynamic_groups:  # the block starts on a group: i1 is a multiple of block_size
                     for j in range(i1, i2, group_size):  # type: ignore[arg-type]
                         scale[:, j // group_size] = col_scale[:, j]  # type: ignore[operator]
+                        if zero is not None and col_zero is not None:
+                            zero[:, j // group_size] = col_zero[:, j].to(torch.int8)  # type: ignore[operator]
                 W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
                 continue
             native = False  # no kernel: the torch loop from here on
@@ -202,21 +225,31 @@ def gptq_quantize(
             j = i1 + i
             if dynamic_groups and j % group_size == 0:  # type: ignore[operator]
                 group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s = quant_math.qparams_from_absmax(group.abs().amax(dim=1), args.num_bits)
+                if col_zero is None:
+                    s = quant_math.qparams_from_absmax(group.abs().amax(dim=1), args.num_bits)
+                else:
+                    s, z = quant_math.qparams_asymmetric(group.amin(dim=1), group.amax(dim=1), args.num_bits)
+                    zero[:, j // group_size] = z  # type: ignore[index,operator]
+                    col_zero[:, j : j + group.shape[1]] = z.float()[:, None]
                 scale[:, j // group_size] = s  # type: ignore[operator]
                 col_scale[:, j : j + group.shape[1]] = s[:, None]
             w = W1[:, i]
             s = col_scale[:, j]
-            q = torch.round(w / s).clamp_(-qmax, qmax)
+            if col_zero is None:
+                q = torch.round(w / s).clamp_(qmin, qmax)
+                err = (w - q * s) / Hinv1[i, i]
+            else:
+                z = col_zero[:, j]
+                q = (torch.round(w / s) + z).clamp_(qmin, qmax)
+                err = (w - (q - z) * s) / Hinv1[i, i]
             Q1[:, i] = q
-            err = (w - q * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return Q.to(torch.int8), scale
+    return Q.to(torch.int8), scale, zero
 
 
 class GPTQRounding(RoundToNearest):
@@ -272,7 +305,7 @@ class GPTQRounding(RoundToNearest):
             inv = 1.0 / smoothing.to(torch.float64)
             hessian = hessian * inv[:, None] * inv[None, :]
         knobs = self.gptq
-        q, scale = gptq_quantize(
+        q, scale, zero_point = gptq_quantize(
             weight,
             hessian,
             self.args,
@@ -283,12 +316,13 @@ class GPTQRounding(RoundToNearest):
         )
         bias = adapter.bias(module)
         return FakeQuantLinear(
-            weight=quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size),
+            weight=quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size, zero_point),
             bias=None if bias is None else bias.detach().clone(),
             weight_scale=scale,
             scheme=scheme,
             source_type=type(module).__name__,
             group_size=self.args.group_size,
+            weight_zero_point=zero_point,
         )
 
 

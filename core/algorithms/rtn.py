@@ -26,7 +26,8 @@ class RoundToNearest:
 
     The scale of each output channel is max|W_row| / qmax (or one scale per group of `group_size`
     columns, or one for the tensor), so the largest weight of a group maps to ±qmax exactly (127 for
-    8 bits, 7 for 4 bits).
+    8 bits, 7 for 4 bits). Asymmetric 4-bit weights (`symmetric: false`) take each group's [min, max]
+    (widened to hold 0) onto [0, 15] with a zero point (`quant_math.quantize_weight_asymmetric`).
 
     With `activations`, the linear's input is int8-rounded too (W8A8 / W4A8): per token at run time, or
     per tensor with a static scale from the calibration observer. This object is the recipe's
@@ -55,6 +56,8 @@ class RoundToNearest:
 
     @property
     def file_rounding(self) -> tuple[str, int] | None:
+        if not self.args.symmetric:  # the file kernel rounds symmetrically: read, then round
+            return None
         return (self.args.strategy, self.args.num_bits)
 
     @property
@@ -136,19 +139,27 @@ class RoundToNearest:
         weight = adapter.weight(module).detach()
         if quantized is not None and not convert_only:
             raise ValueError("quantized integers are taken only with convert_only (the weight is not read)")
-        q, scale = quantized or quant_math.quantize_weight(
-            weight, self.args.strategy, self.args.num_bits, self.args.group_size
-        )
+        args = self.args
+        zero_point = None
+        if quantized is None and not args.symmetric:
+            q, scale, zero_point = quant_math.quantize_weight_asymmetric(
+                weight, args.strategy, args.num_bits, args.group_size
+            )
+        else:
+            q, scale = quantized or quant_math.quantize_weight(
+                weight, args.strategy, args.num_bits, args.group_size
+            )
         bias = adapter.bias(module)
         fake = FakeQuantLinear(
             weight=torch.empty_like(weight, device="meta")
             if convert_only
-            else quant_math.dequantize_weight(q, scale, weight.dtype, self.args.group_size),
+            else quant_math.dequantize_weight(q, scale, weight.dtype, args.group_size, zero_point),
             bias=None if bias is None else bias.detach().clone(),
             weight_scale=scale,
             scheme=scheme,
             source_type=type(module).__name__,
-            group_size=self.args.group_size,
+            group_size=args.group_size,
+            weight_zero_point=zero_point,
         )
         if convert_only:
             fake.known_int_weight = q

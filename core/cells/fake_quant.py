@@ -29,6 +29,8 @@ class FakeQuantLinear(nn.Module):
     tensor) or [out, groups] (per group), `bias` [out] or None, and with static int8 activations
     `input_scale` float32 [1]. `quantize_input` turns activation fake-quantization on (schemes `w8a8`,
     `w4a8`). `group_size` is the number of columns per scale group when there are several per row.
+    Asymmetric 4-bit weights also hold `weight_zero_point` int8 [out, groups] in [0, 15] (shaped like
+    `weight_scale`; None when symmetric): then `W_q = (q - weight_zero_point) * weight_scale`.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class FakeQuantLinear(nn.Module):
         quantize_input: bool = False,
         input_scale: torch.Tensor | None = None,
         group_size: int | None = None,
+        weight_zero_point: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -56,6 +59,13 @@ class FakeQuantLinear(nn.Module):
         self.source_type = source_type
         self.quantize_input = quantize_input
         self.group_size = group_size if scale.dim() == 2 and scale.shape[-1] > 1 else None
+        zp = None if weight_zero_point is None else weight_zero_point.detach().to(torch.int8)
+        if zp is not None and zp.shape != self.weight_scale.shape:
+            raise ValueError(
+                f"weight_zero_point {tuple(zp.shape)} must have weight_scale's shape "
+                f"{tuple(self.weight_scale.shape)}"
+            )
+        self.register_buffer("weight_zero_point", zp)
 
     # The integers the weight was rounded to, when whoever rounded it kept them (streaming RTN), so
     # that converting does not round again. Re-rounding the dequantized weight gives the same
@@ -63,13 +73,17 @@ class FakeQuantLinear(nn.Module):
     known_int_weight: torch.Tensor | None = None
 
     def integer_weight(self, num_bits: int = 8) -> torch.Tensor:
-        """The weight's integers q [out, in] (int8 storage): `weight / weight_scale`, rounded."""
+        """The weight's integers q [out, in] (int8 storage): `weight / weight_scale`, rounded (plus
+        the zero point, on the unsigned grid [0, 2^b - 1], for asymmetric weights)."""
         if self.known_int_weight is not None:
             return self.known_int_weight
-        scale = self.weight_scale
-        if self.group_size:
-            scale = quant_math.expand_weight_scale(scale, self.weight.shape, self.group_size)
-        return quant_math.quantize(self.weight.data, scale, num_bits=num_bits)
+        shape, group_size = self.weight.shape, self.group_size
+        scale = quant_math.expand_weight_scale(self.weight_scale, shape, group_size)
+        zp = self.weight_zero_point
+        if zp is None:
+            return quant_math.quantize(self.weight.data, scale, num_bits=num_bits)
+        zp = quant_math.expand_weight_scale(zp, shape, group_size)
+        return quant_math.quantize(self.weight.data, scale, zp, num_bits=num_bits, unsigned=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_input:

@@ -12,6 +12,7 @@ from quantmint.errors import ConfigError
 # 169 s of calibration (128 x 512 tokens), where a fixed 0.5 gave +0.86% in 71 s (docs/benchmarks.md).
 _SMOOTH_SEARCH = AlgorithmArgs(smooth_alpha_grid=[0.5, 0.6, 0.7, 0.8])
 _INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
+_INT4_ASYM_GROUPS = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)
 PRESETS: dict[str, PTQConfig] = {
     "w8a16": PTQConfig(weight_dtype="int8"),
     "w8a8": PTQConfig(
@@ -42,6 +43,9 @@ PRESETS: dict[str, PTQConfig] = {
     # GPTQ's rounding on the same grids as RTN's w4a16 (groups of 128) and w8a16 (per channel).
     "w4a16-gptq": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS, gptq=GPTQArgs()),
     "w8a16-gptq": PTQConfig(weight_dtype="int8", gptq=GPTQArgs()),
+    # Asymmetric 4-bit groups of 128 (a zero point per group, GPTQModel's and llm-compressor's W4A16_ASYM).
+    "w4a16-asym": PTQConfig(weight_dtype="int4", weights=_INT4_ASYM_GROUPS),
+    "w4a16-asym-gptq": PTQConfig(weight_dtype="int4", weights=_INT4_ASYM_GROUPS, gptq=GPTQArgs()),
 }
 
 

@@ -175,7 +175,21 @@ class PTQConfig(StrictConfig):
                 "grouped weight scales are for 4-bit weights: set weight_dtype: int4, or strategy: channel"
             )
         if not self.weights.symmetric:
-            raise ValueError("int8 weights are stored symmetric (no zero point): set weights.symmetric: true")
+            if self.weights.num_bits != 4:
+                raise ValueError(
+                    "asymmetric weights (zero points) are 4-bit only; int8 weights are stored symmetric: "
+                    "set weights.symmetric: true, or weight_dtype: int4 with weights.num_bits: 4"
+                )
+            if self.activation_dtype is not None:
+                raise ValueError(
+                    "asymmetric 4-bit weights (zero points) are weight-only (W4A16): set activation_dtype: "
+                    "null, or weights.symmetric: true for W4A8"
+                )
+            if self.block_ptq is not None:
+                raise ValueError(
+                    "block PTQ tunes symmetric weights only: set weights.symmetric: true, or drop block_ptq "
+                    "(gptq rounds asymmetric 4-bit weights)"
+                )
         if self.activations.strategy not in ("token", "tensor"):
             raise ValueError("activations are quantized per 'token' (dynamic) or per 'tensor'")
         if self.kvcache.dynamic or self.kvcache.strategy == "token":
@@ -320,8 +334,9 @@ class PTQConfig(StrictConfig):
         "smooth_alpha_grid": "smooth_alpha_grid",
         "smooth_search_batches": "smooth_search_batches",
     }
-    # quantmint's own extension: MindFormers has no 4-bit groups; `group_size` carries them.
-    _MF_WEIGHT_ARGS: ClassVar[tuple[str, ...]] = ("group_size",)
+    # quantmint's own extension: MindFormers has no 4-bit groups nor zero points; `group_size` and
+    # `symmetric` (false: asymmetric 4-bit weights) carry them.
+    _MF_WEIGHT_ARGS: ClassVar[tuple[str, ...]] = ("group_size", "symmetric")
 
     @classmethod
     def from_mindformers(cls, block: dict[str, Any]) -> PTQConfig:
@@ -375,6 +390,8 @@ class PTQConfig(StrictConfig):
         weights: dict[str, Any] = {}
         if "group_size" in args_in:
             weights = {"strategy": "group", "group_size": args_in["group_size"]}
+        if "symmetric" in args_in:
+            weights["symmetric"] = args_in["symmetric"]
         ignore = block.get("modules_to_not_convert")
         return cls(
             weight_dtype=weight_dtype,
@@ -412,6 +429,8 @@ class PTQConfig(StrictConfig):
         args: dict[str, Any] = {}
         if self.weights.strategy == "group":
             args["group_size"] = self.weights.group_size
+        if not self.weights.symmetric:
+            args["symmetric"] = False
         if self.outliers_suppression == "smooth":
             args.update(self._mindformers_smooth_args())
         if self.block_ptq is not None:

@@ -201,8 +201,10 @@ class RoundToNearestConfig(AlgorithmConfig):
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
 
     def scheme_tag(self) -> str:
-        """The scheme of the rounded linears: `w8a16`, `w8a8`, `w4a16` or `w4a8` (see the cells)."""
-        return f"w{self.weights.num_bits}a{8 if self.activations is not None else 16}"
+        """The scheme of the rounded linears: `w8a16`, `w8a8`, `w4a16` or `w4a8` (see the cells), with
+        `-asym` for asymmetric weights (zero points)."""
+        asym = "" if self.weights.symmetric else "-asym"
+        return f"w{self.weights.num_bits}a{8 if self.activations is not None else 16}{asym}"
 
     def ptq_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -253,10 +255,6 @@ class GPTQConfig(RoundToNearestConfig, GPTQArgs):
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if any(isinstance(s, BlockPTQArgs) for s in recipe):
             raise ValueError("gptq and block_ptq both choose the rounding of the weights: keep one of them")
-        if not self.weights.symmetric:
-            raise ValueError(
-                "quantmint's int4/int8 weights are symmetric (no zero point): set weights.symmetric: true"
-            )
 
     def scheme_tag(self) -> str:
         return f"{super().scheme_tag()}-gptq"

@@ -398,10 +398,15 @@ def _check_files(path: Path, manifest: CheckpointManifest, verify: bool) -> None
 
 
 def _check_values(
-    name: str, tensor: torch.Tensor, file: Path, why: str = "the checkpoint is corrupt or was edited"
+    name: str,
+    tensor: torch.Tensor,
+    file: Path,
+    why: str = "the checkpoint is corrupt or was edited",
+    zero_points: bool = False,
 ) -> None:
     """Refuse values quantmint never writes: non-finite floats, scales <= 0, int8 weight code -128
-    and 4-bit code -8 (its integer grids are symmetric: [-127, 127] and [-7, 7]; no zero points)."""
+    and 4-bit code -8 (its symmetric grids are [-127, 127] and [-7, 7]). With `zero_points` (asymmetric
+    4-bit weights, codes on [0, 15]) every nibble of `weight_packed` is a valid code."""
     if tensor.numel() == 0:
         return
     if tensor.is_floating_point():
@@ -418,7 +423,7 @@ def _check_values(
                 f"int8 weight {name!r} in {file} holds -128, outside the symmetric range [-127, 127] "
                 f"quantmint writes: {why}"
             )
-    elif tensor.dtype == torch.int32 and name.endswith(".weight_packed"):
+    elif tensor.dtype == torch.int32 and name.endswith(".weight_packed") and not zero_points:
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         if bool((((tensor.unsqueeze(-1) >> shifts) & 0xF) == 0).any()):
             raise CheckpointError(
@@ -427,8 +432,11 @@ def _check_values(
             )
 
 
-def _iter_tensors(path: Path, manifest: CheckpointManifest) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the shards, one at a time, with its values checked (`_check_values`)."""
+def _iter_tensors(
+    path: Path, manifest: CheckpointManifest, zero_points: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the shards, one at a time, with its values checked (`_check_values`;
+    `zero_points`: the checkpoint's 4-bit weights are asymmetric)."""
     seen: set[str] = set()
     for shard in manifest.shards:
         file = path / shard
@@ -439,7 +447,7 @@ def _iter_tensors(path: Path, manifest: CheckpointManifest) -> Iterator[tuple[st
                         raise CheckpointError(f"tensor {key!r} appears in more than one shard ({file})")
                     seen.add(key)
                     tensor = f.get_tensor(key)
-                    _check_values(key, tensor, file)
+                    _check_values(key, tensor, file, zero_points=zero_points)
                     yield key, tensor
         except (CheckpointError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
@@ -449,10 +457,12 @@ def _iter_tensors(path: Path, manifest: CheckpointManifest) -> Iterator[tuple[st
             ) from None
 
 
-def _read_shards(path: Path, manifest: CheckpointManifest, verify: bool) -> dict[str, torch.Tensor]:
+def _read_shards(
+    path: Path, manifest: CheckpointManifest, verify: bool, zero_points: bool = False
+) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint whose manifest `_read_manifest` read: files checked first."""
     _check_files(path, manifest, verify)
-    return dict(_iter_tensors(path, manifest))
+    return dict(_iter_tensors(path, manifest, zero_points))
 
 
 def verify_checkpoint(
@@ -465,8 +475,8 @@ def verify_checkpoint(
     (plain names inside the directory, no symbolic links); config.json and the other files it covers
     (sha256); each shard's size and, with `verify`, sha256; no unlisted shard or index; config.json's
     `quantization_config` against its schema; with `read_tensors`, every tensor's header and values
-    (finite floats, positive scales, int8 codes in [-127, 127], 4-bit codes in [-7, 7]). `load_quantized` and
-    `quantmint serve` both go through here.
+    (finite floats, positive scales, int8 codes in [-127, 127], 4-bit codes in [-7, 7] unless
+    asymmetric). `load_quantized` and `quantmint serve` both go through here.
     """
     path = Path(path)
     manifest_file = path / MANIFEST_NAME
@@ -478,7 +488,7 @@ def verify_checkpoint(
     if manifest is None:
         manifest = _read_manifest(path)  # says that there is none
     if read_tensors:
-        for _ in _iter_tensors(path, manifest):
+        for _ in _iter_tensors(path, manifest, not block.config.weights.symmetric):
             pass
     return block, manifest
 
@@ -616,7 +626,7 @@ def load_tensors(
     """Fill a converted skeleton (`convert_skeleton`) with the shards' tensors, each value checked, every
     tensor of the model present with its shape and dtype, nothing else; the model ends in eval mode
     without gradients."""
-    loaded = dict(_iter_tensors(path, manifest))
+    loaded = dict(_iter_tensors(path, manifest, not block.config.weights.symmetric))
     state_dict = model.state_dict()
     for alias, source in manifest.aliases.items():
         if alias not in state_dict or source not in loaded or alias in loaded:

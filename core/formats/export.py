@@ -7,7 +7,8 @@ as compressed-tensors' `pack_to_int32` packs, `weight_scale` [out, groups], `wei
 are copied unchanged (after checking their sha256 against the manifest) and only config.json's
 `quantization_config` is rewritten: one config group for the W8A8 layers (`format: int-quantized`,
 per-channel weights, per-token dynamic or per-tensor static activations) or for the W4A16 layers (`format:
-pack-quantized`, 4-bit symmetric weights per group or channel), every other linear layer in `ignore`.
+pack-quantized`, 4-bit weights per group or channel, symmetric or with packed `weight_zero_point`), every
+other linear layer in `ignore`.
 
 Refused, with the reason: C8 (vLLM accepts only an fp8 KV-cache scheme), W8A16 layers (compressed-tensors
 describes them only in its packed int32 layout, which vLLM runs on GPU kernels alone: serve the quantmint
@@ -142,7 +143,9 @@ def compressed_tensors_config(block: QuantizationConfigBlock, linear_names: list
     if set(block.modules.values()) == {"w4a16"}:
         # quantmint's 4-bit tensors are compressed-tensors' pack-quantized ones: `weight_packed` int32
         # [out, ceil(in / 8)] (code + 8, element j in nibble j % 8 of word j // 8), `weight_scale`
-        # [out, groups], `weight_shape` [2]; symmetric, so no zero point.
+        # [out, groups], `weight_shape` [2]; asymmetric ones add `weight_zero_point` int32
+        # [ceil(out / 8), groups], packed as compressed-tensors packs it (`pack_to_int32(zp, 4,
+        # packed_dim=0)`: zp + 8 of its signed grid, i.e. quantmint's unsigned zero point).
         weights = block.config.weights
         group = weights.strategy == "group"
         return {
@@ -154,7 +157,7 @@ def compressed_tensors_config(block: QuantizationConfigBlock, linear_names: list
                     "weights": {
                         "num_bits": 4,
                         "type": "int",
-                        "symmetric": True,
+                        "symmetric": weights.symmetric,
                         "strategy": weights.strategy,
                         "group_size": weights.group_size if group else None,
                         "dynamic": False,
@@ -212,7 +215,9 @@ def export_checkpoint(
         raise QuantmintError(f"output directory {out} already exists; pass overwrite=True (--overwrite)")
     prepare_output(out, [src], overwrite)
     manifest = _read_manifest(src)
-    _read_shards(src, manifest, verify=True)  # sha256 and tensor checks: never export a damaged checkpoint
+    _read_shards(
+        src, manifest, verify=True, zero_points=not block.config.weights.symmetric
+    )  # sha256 and tensor checks: never export a damaged checkpoint
     config = read_config_json(src, CheckpointError)
     linears = _linear_names(src, config)
     _refuse_ragged_groups(src, block, linears)

@@ -64,7 +64,9 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """Scheme and bytes of every quantized layer, and of the whole checkpoint, vs bf16.
 
     `bytes_bf16` is what the same tensors take in bfloat16 (the usual serving dtype), counting an int8
-    weight (int8, or 4-bit packed in int32) as a bf16 weight of the same shape and its scales as nothing.
+    weight (int8, or 4-bit packed in int32) as a bf16 weight of the same shape and its scales (and zero
+    points) as nothing. A layer's `weight` reads `int4[out, in]`, or `uint4+zp[out, in]` for asymmetric
+    4-bit weights, whose `zero_points` is true.
     """
     path = Path(path)
     block = read_quantization_config(path)  # parsed by its schema: one-line CheckpointErrors
@@ -79,7 +81,8 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         weight_dtype, weight_shape = headers.get(f"{module}.weight", ("?", []))
         if f"{module}.weight_packed" in headers:  # 4-bit: eight values per int32
             packed_shape = headers[f"{module}.weight_packed"][1]
-            weight_dtype = "int4"
+            # Asymmetric: unsigned codes [0, 15] with a zero point per group (`weight_zero_point`).
+            weight_dtype = "uint4+zp" if f"{module}.weight_zero_point" in headers else "int4"
             weight_shape = _packed_weight_shape(path, manifest, module, packed_shape)
         before = _nbytes("BF16", weight_shape) + (
             _nbytes("BF16", headers[f"{module}.bias"][1]) if f"{module}.bias" in headers else 0
@@ -89,6 +92,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
                 "module": module,
                 "scheme": scheme,
                 "weight": f"{weight_dtype.lower()}{weight_shape}",
+                "zero_points": f"{module}.weight_zero_point" in headers,
                 "bytes": after,
                 "bytes_bf16": before,
             }

@@ -25,7 +25,26 @@ def _fn() -> Callable[..., None] | None:
     fn = lib.qm_gptq_block
     if fn.argtypes is None:
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, f32]
+        fn.argtypes = [
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            f32,
+            f32,
+        ]
         fn.restype = None
     return fn
 
@@ -43,15 +62,19 @@ def gptq_block(
     first: int,
     group: int,
     qmax: int,
+    col_zero: torch.Tensor | None = None,
 ) -> bool:
     """GPTQ's column loop on the block `w` [rows, n] (a view, updated in place) with the block `hinv`
     [n, n] of the inverse Hessian's upper Cholesky factor: writes the integers (as floats) to `q` and the
     scaled errors to `err` (both [rows, n]); with `group` > 0 (dynamic groups, each inside the block) also
     each group's scale to `col_scale` [rows, n] when the loop reaches column `first + i` with
-    `(first + i) % group == 0`. Returns False, touching nothing, where the kernel cannot run (no built
-    kernel, tensors not float32 rows on the CPU)."""
+    `(first + i) % group == 0`. With `col_zero` [rows, n] (float32 zero points, asymmetric weights on
+    the unsigned grid [0, qmax]), the zero points are read, and written with the dynamic scales, like
+    them. Returns False, touching nothing, where the kernel cannot run (no built kernel, tensors not
+    float32 rows on the CPU)."""
     rows, n = w.shape
-    if not _float_rows(w, hinv, col_scale, q, err) or rows == 0 or n == 0:
+    zeros = () if col_zero is None else (col_zero,)
+    if not _float_rows(w, hinv, col_scale, q, err, *zeros) or rows == 0 or n == 0:
         return False
     fn = _fn()
     if fn is None:
@@ -60,7 +83,9 @@ def gptq_block(
     def run(lo: int, hi: int) -> int:
         fn(
             w[lo].data_ptr(), w.stride(0), hinv.data_ptr(), hinv.stride(0), col_scale[lo].data_ptr(),
-            col_scale.stride(0), q[lo].data_ptr(), q.stride(0), err[lo].data_ptr(), err.stride(0),
+            col_scale.stride(0), None if col_zero is None else col_zero[lo].data_ptr(),
+            0 if col_zero is None else col_zero.stride(0), q[lo].data_ptr(), q.stride(0),
+            err[lo].data_ptr(), err.stride(0),
             hi - lo, n, group, first, float(qmax), quant_math._MIN_SCALE,
         )  # fmt: skip
         return 0

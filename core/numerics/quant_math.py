@@ -22,6 +22,12 @@ shorter, so the group size cannot be read off the scale's shape and is always pa
 
 4-bit weights are packed eight to an int32 (`pack_int4`), low nibble first, each stored as q + 8 (the
 `uint4b8` layout of compressed-tensors' `pack-quantized` format).
+
+Asymmetric 4-bit weights (`quantize_weight_asymmetric`) use the unsigned grid [0, 15] with a zero point
+per scale group, also in [0, 15]: w ≈ (q - zero_point) * scale, the GPTQ / compressed-tensors `uint4`
+convention. The range of each group is widened to hold 0 (`qparams_asymmetric`), so 0 is exact. Their
+nibbles are q itself (`pack_uint4`), and the zero points [out, groups] are packed along the output
+dimension (`pack_zero_points`: [ceil(out / 8), groups] int32, compressed-tensors' `weight_zero_point`).
 """
 
 from __future__ import annotations
@@ -41,15 +47,23 @@ __all__ = [
     "int_range",
     "minmax",
     "pack_int4",
+    "pack_uint4",
+    "pack_zero_points",
+    "qparams_asymmetric",
     "qparams_from_absmax",
     "qparams_from_minmax",
     "quantize",
     "quantize_activation",
     "quantize_symmetric",
     "quantize_weight",
+    "quantize_weight_asymmetric",
     "sqnr_db",
+    "uint_range",
     "unpack_int4",
+    "unpack_uint4",
+    "unpack_zero_points",
     "weight_absmax",
+    "weight_minmax",
 ]
 
 Granularity = Literal["channel", "token", "tensor"]
@@ -62,6 +76,11 @@ def int_range(num_bits: int = 8, symmetric: bool = True) -> tuple[int, int]:
     """(qmin, qmax) of the signed integer grid: (-127, 127) symmetric, (-128, 127) affine for 8 bits."""
     qmax = 2 ** (num_bits - 1) - 1
     return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def uint_range(num_bits: int = 4) -> tuple[int, int]:
+    """(qmin, qmax) of the unsigned grid of asymmetric weights: (0, 15) for 4 bits."""
+    return 0, 2**num_bits - 1
 
 
 def _reduce_dims(x: torch.Tensor, granularity: Granularity) -> tuple[int, ...] | None:
@@ -138,20 +157,27 @@ def quantize(
     zero_point: torch.Tensor | None = None,
     num_bits: int = 8,
     dtype: torch.dtype = torch.int8,
+    unsigned: bool = False,
 ) -> torch.Tensor:
-    """q = clamp(round(x / scale) + zero_point, qmin, qmax) as `dtype` (int8); `scale` broadcasts to x."""
+    """q = clamp(round(x / scale) + zero_point, qmin, qmax) as `dtype` (int8); `scale` broadcasts to x.
+    The grid is `int_range`'s, or with `unsigned` `uint_range`'s (asymmetric weights, [0, 15])."""
 
     def run(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-        return _quantize(x, scale, zero_point, num_bits, dtype)
+        return _quantize(x, scale, zero_point, num_bits, dtype, unsigned)
 
     chunked = _by_rows(run, x, (scale, zero_point), dtype)
     return run(x, scale, zero_point) if chunked is None else chunked
 
 
 def _quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int, dtype: torch.dtype
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    num_bits: int,
+    dtype: torch.dtype,
+    unsigned: bool = False,
 ) -> torch.Tensor:
-    qmin, qmax = int_range(num_bits, symmetric=zero_point is None)
+    qmin, qmax = uint_range(num_bits) if unsigned else int_range(num_bits, symmetric=zero_point is None)
     scale = scale.float()
     if torch.broadcast_shapes(x.shape, scale.shape) == x.shape and not x.requires_grad:
         if x.dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -328,10 +354,72 @@ def quantize_weight(
 
 
 def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group_size: int | None = None
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    group_size: int | None = None,
+    zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [out, in] (any integer dtype) times its scale [rows or 1, groups], as `dtype`."""
-    return dequantize(q, expand_weight_scale(scale.float(), q.shape, group_size), dtype=dtype)
+    """q [out, in] (any integer dtype) times its scale [rows or 1, groups], as `dtype`; with a
+    `zero_point` (integers shaped like the scale), (q - zero_point) * scale."""
+    zp = None if zero_point is None else expand_weight_scale(zero_point, q.shape, group_size)
+    return dequantize(q, expand_weight_scale(scale.float(), q.shape, group_size), zp, dtype=dtype)
+
+
+def weight_minmax(
+    weight: torch.Tensor, strategy: str, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of W per scale group of a weight [out, in], each float32 shaped as `weight_absmax`'s."""
+    w = weight.detach().float()
+    if strategy == "tensor":
+        return w.amin().reshape(1, 1), w.amax().reshape(1, 1)
+    if strategy == "channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if strategy == "group":
+        if not group_size or group_size < 1:
+            raise ValueError(f"strategy 'group' needs a positive group_size, got {group_size!r}")
+        out, cols = w.shape
+        groups = -(-cols // group_size)
+        # Padding with 0 changes nothing: every group's range is widened to hold 0 anyway.
+        w = torch.nn.functional.pad(w, (0, groups * group_size - cols)).reshape(out, groups, group_size)
+        return w.amin(dim=2), w.amax(dim=2)
+    raise ValueError(f"unknown weight strategy {strategy!r}; expected 'channel', 'tensor' or 'group'")
+
+
+def qparams_asymmetric(
+    wmin: torch.Tensor, wmax: torch.Tensor, num_bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric weight qparams on the unsigned grid [0, 2^b - 1] from each group's range widened to
+    hold 0: scale = (max(wmax, 0) - min(wmin, 0)) / qmax (float32, at least `_MIN_SCALE`) and
+    zero_point = clamp(round(-min(wmin, 0) / scale), 0, qmax) (int8), both shaped like `wmin`.
+
+    The GPTQ reference and compressed-tensors take the same range; the torch loop of
+    `algorithms.gptq.gptq_quantize` and `csrc/gptq.c` compute exactly these float32 operations."""
+    _, qmax = uint_range(num_bits)
+    lo = wmin.float().clamp_max(0.0)
+    hi = wmax.float().clamp_min(0.0)
+    scale = ((hi - lo) / qmax).clamp_min(_MIN_SCALE)
+    zero_point = torch.round(lo.neg() / scale).clamp_(0, qmax).to(torch.int8)
+    return scale, zero_point
+
+
+def quantize_weight_asymmetric(
+    weight: torch.Tensor, strategy: str, num_bits: int = 4, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest of a weight [out, in] with its MinMax range per scale group.
+
+    Returns (q int8 [out, in] in [0, 2^b - 1], scale float32 and zero_point int8 in [0, 2^b - 1], both
+    shaped as `weight_absmax`'s); `dequantize_weight(q, scale, dtype, group_size, zero_point)` is the
+    rounded weight."""
+    scale, zero_point = qparams_asymmetric(*weight_minmax(weight, strategy, group_size), num_bits)
+    q = quantize(
+        weight,
+        expand_weight_scale(scale, weight.shape, group_size),
+        expand_weight_scale(zero_point, weight.shape, group_size),
+        num_bits=num_bits,
+        unsigned=True,
+    )
+    return q, scale, zero_point
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -343,9 +431,19 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int4 takes a 2-D tensor, got shape {tuple(q.shape)}")
     if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
         raise ValueError("pack_int4 takes values in [-8, 7]")
+    return pack_uint4(q.to(torch.int16) + 8, pad=8)
+
+
+def pack_uint4(q: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Pack unsigned 4-bit values q [out, in] (in [0, 15]) into int32 [out, ceil(in / 8)]: element j of
+    a row in nibble j % 8 (low first) of word j // 8, padding nibbles `pad`."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_uint4 takes a 2-D tensor, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("pack_uint4 takes values in [0, 15]")
     out, cols = q.shape
     words = -(-cols // 8)
-    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, words * 8 - cols), value=8)
+    u = torch.nn.functional.pad(q.to(torch.int64), (0, words * 8 - cols), value=pad)
     u = u.reshape(out, words, 8)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     packed = (u << shifts).sum(dim=2)
@@ -355,6 +453,23 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of `pack_int4`: int32 [out, words] -> int8 [out, cols] in [-8, 7]."""
+    return unpack_uint4(packed, cols).sub_(8)
+
+
+def unpack_uint4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_uint4`: int32 [out, words] -> int8 [out, cols] in [0, 15]."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
-    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8)
+
+
+def pack_zero_points(zero_point: torch.Tensor) -> torch.Tensor:
+    """Pack zero points [out, groups] (in [0, 15]) along the output dimension into int32
+    [ceil(out / 8), groups]: row r in nibble r % 8 of word r // 8 of its group's column, padding nibbles
+    0 (compressed-tensors' `pack_to_int32(zp, 4, packed_dim=0)` layout of `weight_zero_point`)."""
+    return pack_uint4(zero_point.T).T.contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of `pack_zero_points`: int32 [ceil(rows / 8), groups] -> int8 [rows, groups] in [0, 15]."""
+    return unpack_uint4(packed.T, rows).T.contiguous()
