@@ -1,5 +1,5 @@
 """SmolLM2-135M served by vLLM, side by side in one run: float, native compressed-tensors W8A8 and W4A16,
-and quantmint's W8A16, W8A8 and W4A16 through the quantmint plugin. Prints one JSON line.
+and quantmint's W8A16, W8A8, W4A16 and W8A8-C8 through the quantmint plugin. Prints one JSON line.
 
 Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults of `quantmint serve`):
 - `tok_s`: greedy decode throughput, `--prompts` prompts x `--tokens` new tokens (EOS ignored), all
@@ -10,13 +10,18 @@ Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults 
   `ppl_runtime`, the same windows through quantmint's own exact torch runtime (fp32), and
   `ppl_gap_pp = 100 * (ppl / ppl_runtime - 1)`;
 - ratios to fp32, to bf16 and to native W8A8;
+- `kv_bytes_per_token`: vLLM's KV cache space (`VLLM_CPU_KVCACHE_SPACE`) over the tokens vLLM says it
+  holds (its "KV cache size: N tokens" line): the C8 variant's fp8 cache against the float ones. For C8,
+  `ppl_runtime` is quantmint's runtime with its int8 KV cache and `ppl_runtime_float_cache` with a float
+  one; `quantmint_w8a8c8_float_cache_*` serves the same checkpoint with `--kv-cache float`;
 - with `--time-linears`, for the plugin's bf16 variants, `linears` from one more generation run with
   every quantmint linear's `apply` timed in vLLM's worker (`QUANTMINT_VLLM_TIME_LINEARS`):
   `decode_s` / `prefill_s` (calls of at most / more than `--prompts` rows) and `per_call_us` per
   rows x out x in shape. Native W8A8 runs without the plugin; the plugin's W8A8 runs the same kernel.
 
-Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` / `--w4a16 DIR` reuse quantmint checkpoints; otherwise they
-are made here (W8A16: RTN; W8A8: the `w8a8` preset calibrated on `--calib`; W4A16: the `w4a16-gptq`
+Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` / `--w4a16 DIR` / `--w8a8c8 DIR` reuse quantmint checkpoints;
+otherwise they are made here (W8A16: RTN; W8A8 and W8A8-C8: the `w8a8` / `w8a8-c8` presets calibrated on
+`--calib`; W4A16: the `w4a16-gptq`
 preset in groups of `--w4a16-group-size` (default 64: SmolLM2's 576 columns are not whole groups of 128,
 which vLLM's 4-bit kernels need), calibrated on `--calib`). The native variants are the W8A8 and W4A16
 checkpoints exported with `quantmint export --format compressed-tensors` (W4A16: pack-quantized),
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -59,14 +65,20 @@ def ppl_from_logprobs(rows: list[list[float]]) -> float:
 
 
 @torch.no_grad()
-def runtime_ppl(path: Path, wins: list[list[int]]) -> float:
+def runtime_ppl(path: Path, wins: list[list[int]], int8_cache: bool = False) -> float:
+    """quantmint's runtime over `wins`; `int8_cache`: attention reads K/V through the C8 int8 cache."""
     from quantmint.io.models import load_model
 
     model = load_model(path)
     rows = []
     for w in wins:
         ids = torch.tensor([w])
-        logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)
+        kwargs: dict[str, Any] = {}
+        if int8_cache:
+            from quantmint.backends.torch.kv_cache import Int8KVCache
+
+            kwargs = {"past_key_values": Int8KVCache.for_model(model), "use_cache": True}
+        logprobs = model(ids, **kwargs).logits[0, :-1].float().log_softmax(-1)
         rows.append(logprobs[torch.arange(len(w) - 1), ids[0, 1:]].tolist())
     return ppl_from_logprobs(rows)
 
@@ -104,8 +116,9 @@ def time_linears(
 
 def make_checkpoints(
     args: argparse.Namespace, source: str, work: Path
-) -> tuple[Path | None, Path | None, Path | None]:
-    """The W8A16, W8A8 and W4A16 checkpoints: given, made here, or None when no variant wanted uses it."""
+) -> tuple[Path | None, Path | None, Path | None, Path | None]:
+    """The W8A16, W8A8, W4A16 and W8A8-C8 checkpoints: given, made here, or None when no variant wanted
+    uses it."""
     from quantmint.algorithms.ptq import quantize
     from quantmint.formats.checkpoint import save_quantized
     from quantmint.io.data import calibration_samples
@@ -146,7 +159,18 @@ def make_checkpoints(
             work / "w4a16",
             tokenizer=tokenizer,
         )
-    return w8a16, w8a8, w4a16
+    w8a8c8 = Path(args.w8a8c8) if args.w8a8c8 else None
+    if w8a8c8 is None and args.variants_wanted("w8a8c8"):
+        if not args.calib:
+            raise SystemExit("--calib is needed to make the W8A8-C8 checkpoint (or pass --w8a8c8 DIR)")
+        log("quantizing W8A8-C8 (SmoothQuant + int8 KV cache preset)")
+        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
+        w8a8c8 = save_quantized(
+            quantize(load_float_model(source), "w8a8-c8", calibration=samples),
+            work / "w8a8c8",
+            tokenizer=tokenizer,
+        )
+    return w8a16, w8a8, w4a16, w8a8c8
 
 
 def main() -> None:
@@ -157,6 +181,7 @@ def main() -> None:
     parser.add_argument("--w8a8", help="an existing quantmint W8A8 checkpoint of SmolLM2")
     parser.add_argument("--w8a16", help="an existing quantmint W8A16 checkpoint of SmolLM2")
     parser.add_argument("--w4a16", help="an existing quantmint W4A16 checkpoint of SmolLM2")
+    parser.add_argument("--w8a8c8", help="an existing quantmint W8A8-C8 checkpoint of SmolLM2")
     parser.add_argument("--w4a16-group-size", type=int, default=64, help="group size of the W4A16 made here")
     parser.add_argument(
         "--variants", help="comma-separated variants to run besides fp32 and bf16 (default all)"
@@ -179,12 +204,13 @@ def main() -> None:
         for kind in ("native", "quantmint")
         for dtype in ("bf16", "fp32")
         if not (kind == "native" and (dtype == "fp32" or scheme == "w8a16"))
-    ]
+    ] + ["quantmint_w8a8c8_bf16", "quantmint_w8a8c8_fp32", "quantmint_w8a8c8_float_cache_bf16"]
     if wanted is not None and wanted - set(known):
         raise SystemExit(f"--variants: unknown {sorted(wanted - set(known))}; choose from {', '.join(known)}")
-    args.variants_wanted = lambda kind: wanted is None or any(kind in v for v in wanted)
+    args.variants_wanted = lambda scheme: wanted is None or any(v.split("_")[1] == scheme for v in wanted)
 
     from quantmint.backends.vllm.offline import run_in_subprocess
+    from quantmint.backends.vllm.serve import CPU_ENV_DEFAULTS
     from quantmint.formats.export import export_checkpoint
     from quantmint.io.models import load_tokenizer
     from quantmint.tools.example_models import example_model_dir
@@ -193,7 +219,7 @@ def main() -> None:
     tokenizer = load_tokenizer(source)
     with tempfile.TemporaryDirectory(prefix="quantmint-vllm-bench-") as tmp:
         work = Path(tmp)
-        w8a16, w8a8, w4a16 = make_checkpoints(args, source, work)
+        w8a16, w8a8, w4a16, w8a8c8 = make_checkpoints(args, source, work)
         native = export_checkpoint(w8a8, work / "w8a8-compressed-tensors") if w8a8 else None
         native4 = export_checkpoint(w4a16, work / "w4a16-compressed-tensors") if w4a16 else None
         wins = windows(args.text, tokenizer, args.ppl_windows)
@@ -222,14 +248,27 @@ def main() -> None:
                 ("quantmint_w4a16_bf16", w4a16, "bfloat16", {}),
                 ("quantmint_w4a16_fp32", w4a16, "float32", {}),
             ]
+        if w8a8c8 is not None:  # the fp8 cache by default; the same checkpoint with a float cache
+            variants += [
+                ("quantmint_w8a8c8_bf16", w8a8c8, "bfloat16", {}),
+                ("quantmint_w8a8c8_fp32", w8a8c8, "float32", {}),
+                (
+                    "quantmint_w8a8c8_float_cache_bf16",
+                    w8a8c8,
+                    "bfloat16",
+                    {"QUANTMINT_VLLM_KV_CACHE": "float"},
+                ),
+            ]
         if wanted is not None:
             variants = [v for v in variants if v[0] in ("fp32", "bf16") or v[0] in wanted]
         runtime: dict[str, float] = {}
-        for ckpt, exported in ((w8a8, native), (w8a16, None), (w4a16, native4)):
+        for ckpt, exported in ((w8a8, native), (w8a16, None), (w4a16, native4), (w8a8c8, None)):
             if ckpt is not None and any(v[1] in (ckpt, exported) for v in variants):
-                runtime[str(ckpt)] = runtime_ppl(ckpt, wins)
+                runtime[str(ckpt)] = runtime_ppl(ckpt, wins, int8_cache=ckpt == w8a8c8)
                 if exported is not None:
                     runtime[str(exported)] = runtime[str(ckpt)]
+        float_cache = {str(w8a8c8): runtime_ppl(w8a8c8, wins)} if w8a8c8 is not None else {}
+        kv_space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_ENV_DEFAULTS["VLLM_CPU_KVCACHE_SPACE"]))
         results: dict[str, Any] = {}
         for name, model, dtype, env in variants:
             log(f"{name}: starting vLLM")
@@ -259,6 +298,11 @@ def main() -> None:
             if str(model) in runtime:
                 row["ppl_runtime"] = round(runtime[str(model)], 4)
                 row["ppl_gap_pp"] = round(100 * (row["ppl"] / runtime[str(model)] - 1), 3)
+            if str(model) in float_cache:
+                row["ppl_runtime_float_cache"] = round(float_cache[str(model)], 4)
+            if out.get("kv_cache_tokens"):
+                row["kv_cache_tokens"] = out["kv_cache_tokens"]
+                row["kv_bytes_per_token"] = round(kv_space * 2**30 / out["kv_cache_tokens"], 1)
             if args.time_linears and name.startswith("quantmint_") and dtype == "bfloat16":
                 row["linears"] = time_linears(model, dtype, prompts, args, tmp, env, run_in_subprocess)
             results[name] = row

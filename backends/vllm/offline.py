@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,6 +117,11 @@ def run_in_subprocess(
     out = json.loads(lines[-1])
     logged = proc.stderr.splitlines() + proc.stdout.splitlines()
     out["quantmint_log"] = [line for line in logged if "quantmint" in line and not line.startswith("{")]
+    # vLLM's own count of the tokens its KV cache holds (its log line "... KV cache size: N tokens").
+    sizes = [re.search(r"KV cache size: ([\d,]+) tokens", line) for line in logged]
+    found = [int(m[1].replace(",", "")) for m in sizes if m]
+    if found:
+        out["kv_cache_tokens"] = found[-1]
     return out
 
 
