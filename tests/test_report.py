@@ -51,6 +51,7 @@ def test_report_float_vs_quantized(tmp_path: Path, tiny_model_dir, capsys) -> No
             "8",
             "--kv-tokens",
             "32",
+            "--no-vllm",  # the runtime's figures (vLLM's: tests/test_vllm.py)
         ]
     )
     assert code == 0
@@ -82,7 +83,7 @@ def test_report_shows_block_ptq_mse_per_block(tmp_path: Path, tiny_model_dir, ca
     assert main([*quantize, "--calib", str(text), "--calib-samples", "4", "--calib-seq-len", "64"]) == 0
     capsys.readouterr()
     args = ["report", str(src), str(tmp_path / "ptq"), "-o", str(tmp_path / "report"), "--text", str(text)]
-    assert main([*args, "--max-tokens", "512", "--decode-tokens", "4", "--kv-tokens", "8"]) == 0
+    assert main([*args, "--max-tokens", "512", "--decode-tokens", "4", "--kv-tokens", "8", "--no-vllm"]) == 0
     out = capsys.readouterr().out
     assert "Block PTQ" in out and "| block | RTN | PTQ |" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())

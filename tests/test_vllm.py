@@ -868,3 +868,37 @@ def test_quantmint_serve_answers_completions_and_chat(
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+# ---------------------------------------------------------------- quantmint report with vLLM
+
+
+@pytest.mark.slow
+def test_report_puts_vllm_served_figures_beside_the_runtimes(tmp_path: Path, capsys) -> None:
+    """`quantmint report --vllm`: each model also served by vLLM on the same perplexity windows (512
+    tokens) and decode prompt; a float32 model and its W8A16 checkpoint give vLLM perplexities close to
+    the runtime's."""
+    from quantmint.io.models import load_float_model
+    from quantmint.tools.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=True,
+        initializer_range=0.1,
+    )  # fmt: skip
+    src = tmp_path / "float"
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    save_quantized(quantize(load_float_model(src), "w8a16"), tmp_path / "w8a16", tokenizer=byte_tokenizer())
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 60)  # 2,700 bytes: 5 windows
+    args = ["report", str(src), str(tmp_path / "w8a16"), "-o", str(tmp_path / "report"), "--text", str(text)]
+    assert main([*args, "--decode-tokens", "8", "--kv-tokens", "8", "--vllm"]) == 0
+    assert "| vLLM perplexity |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    for row in rows:
+        assert "vllm_error" not in row, row
+        assert row["vllm_ppl"] == pytest.approx(row["ppl"], rel=0.01)
+        assert row["vllm_decode_tokens_per_s"] > 0
+    assert rows[1]["vllm_ppl_delta_pct"] == pytest.approx(rows[1]["ppl_delta_pct"], abs=0.5)

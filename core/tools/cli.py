@@ -331,6 +331,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         lee=args.lee,
         decode_tokens=args.decode_tokens,
         kv_tokens=args.kv_tokens,
+        vllm=args.vllm,
     )
     report = build_report(args.float_model, args.quantized, options)
     files = write_report(report, args.output)
@@ -519,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--decode-tokens", type=POSITIVE, default=64, help="greedy tokens timed for decode speed")
     r.add_argument(
         "--kv-tokens", type=POSITIVE, default=512, help="tokens generated to measure KV-cache bytes"
+    )
+    r.add_argument(
+        "--vllm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also serve each causal model with vLLM (perplexity on the same windows, decode tok/s); "
+        "default: when vLLM is installed",
     )
     r.set_defaults(func=cmd_report)
 

@@ -36,12 +36,67 @@ class ReportOptions:
         lee: str | None = None,
         decode_tokens: int = 64,
         kv_tokens: int = 512,
+        vllm: bool | None = None,
     ) -> None:
         self.text, self.max_tokens = text, max_tokens
         self.squad, self.squad_n = squad, squad_n
         self.boolq, self.boolq_n = boolq, boolq_n
         self.lee = lee
         self.decode_tokens, self.kv_tokens = decode_tokens, kv_tokens
+        # vLLM-served figures beside the runtime's: None = when vLLM is installed (causal models only).
+        self.vllm = vllm
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_figures(path: Path, tokenizer: Any, options: ReportOptions) -> dict[str, Any]:
+    """The model served by vLLM (quantmint checkpoints through the quantmint plugin, in a fresh process):
+    perplexity on the same windows as `perplexity` (vLLM's prompt log-probabilities) and greedy decode
+    speed after the same prompt as `_decode_speed`; `vllm_error` with vLLM's first line where it fails."""
+    import math
+    import tempfile
+
+    from quantmint.eval import read_text
+
+    if not _vllm_installed():
+        raise QuantmintError("--vllm: vLLM is not installed: pip install 'quantmint[vllm]', or drop --vllm")
+    from quantmint.backends.vllm.offline import run_in_subprocess
+
+    tasks: list[dict[str, Any]] = []
+    seq_len = 512
+    if options.text:
+        ids = tokenizer(read_text(options.text), add_special_tokens=False)["input_ids"]
+        n = min(len(ids), options.max_tokens) // seq_len
+        tasks.append(
+            {"kind": "prompt_logprobs", "prompts": [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
+        )
+    if options.decode_tokens:
+        prompt = tokenizer("The history of the city begins")["input_ids"]
+        tasks.append({"kind": "generate", "prompts": [prompt], "max_tokens": options.decode_tokens})
+    if not tasks:
+        return {}
+    job = {
+        "model": str(path),
+        "dtype": "auto",
+        "max_model_len": max(seq_len + 8, 64 + options.decode_tokens),
+        "tasks": tasks,
+    }
+    with tempfile.TemporaryDirectory(prefix="quantmint-report-vllm-") as tmp:
+        out = run_in_subprocess(job, tmp)
+    if "error" in out:
+        return {"vllm_error": str(out["error"]).splitlines()[0][:300]}
+    row: dict[str, Any] = {}
+    for result in out["results"]:
+        if result["kind"] == "prompt_logprobs":
+            values = [v for window in result["value"] for v in window]
+            row["vllm_ppl"] = math.exp(-sum(values) / len(values))
+        elif result["seconds"] > 0:
+            row["vllm_decode_tokens_per_s"] = options.decode_tokens / result["seconds"]
+    return row
 
 
 def _calibration_log(path: Path) -> dict[str, Any]:
@@ -151,6 +206,8 @@ def evaluate_model(
             row["decode_tokens_per_s"], _ = _decode_speed(model, tokenizer, options.decode_tokens)
         if options.kv_tokens:
             _, row[f"kv_cache_bytes_{options.kv_tokens}"] = _decode_speed(model, tokenizer, options.kv_tokens)
+    if _is_causal(model) and (options.vllm or (options.vllm is None and _vllm_installed())):
+        row.update(vllm_figures(path, tokenizer, options))
     elif options.lee:
         from quantmint.eval.similarity import lee_correlation
 
@@ -182,6 +239,8 @@ _METRICS = (
     ("lee_spearman", "Lee Spearman"),
     ("prefill_tokens_per_s", "prefill tok/s"),
     ("decode_tokens_per_s", "decode tok/s"),
+    ("vllm_ppl", "vLLM perplexity"),
+    ("vllm_decode_tokens_per_s", "vLLM decode tok/s"),
 )
 
 
@@ -253,6 +312,10 @@ def to_markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {e['block']} | {e['rtn_mse']:.4g} | {e['ptq_mse']:.4g} | {ratio:.3f} | {e['kept']} |"
                 )
+    failed = [r for r in rows if r.get("vllm_error")]
+    if failed:
+        lines.append("")
+        lines += [f"vLLM did not serve `{Path(r['model']).name}`: {r['vllm_error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
