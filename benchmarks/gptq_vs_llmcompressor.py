@@ -24,7 +24,7 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
 * ``w4a16_g128_actorder``: quantmint ``w4a16-gptq`` with ``gptq.actorder: true`` (static groups), against
   the same llm-compressor run (whose ``GPTQModifier`` default is ``actorder="static"``);
 * ``w4a16_g32``: quantmint ``w4a16-gptq`` with ``group_size: 32`` vs ``GPTQModifier(config_groups=...)``
-  with int4 symmetric groups of 32;
+  with int4 symmetric groups of 32; ``w4a16_g32_actorder``: quantmint's g32 with act-order, against it;
 * ``w8a8``: GPTQ + SmoothQuant on both sides: quantmint ``get_preset("w8a8").with_updates(gptq={})``
   (SmoothQuant with its per-block alpha search, GPTQ on the smoothed int8 per-channel weights, dynamic
   per-token int8 activations) vs ``[SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(
@@ -35,7 +35,7 @@ Pairs (``--pairs``, default all; each quantmint run against the llm-compressor r
   SmolLM2 came from); each pair's comparison also gives both tools' asymmetric perplexity against their
   symmetric run of the same group size (``ppl_asym_vs_sym_pct``), when that pair ran too;
 * ``rtn``: quantmint-only reference rows: RTN ``w4a16`` (g128) and ``w4a16`` g32, RTN ``w8a16`` and
-  ``w8a16-gptq`` (for "W8A16 GPTQ at or below RTN").
+  ``w8a16-gptq`` (for "W8A16 GPTQ at or below RTN"); ``w8a16``: only those two W8A16 rows.
 
 Both tools keep their GPTQ defaults otherwise (dampening 0.01 of the mean diagonal, blocks of 128
 columns; act-order: quantmint off, llm-compressor "static", in each run's ``config`` / ``gptq_args``).
@@ -82,10 +82,12 @@ PAIRS = (
     "w4a16_g128",
     "w4a16_g128_actorder",
     "w4a16_g32",
+    "w4a16_g32_actorder",
     "w8a8",
     "w4a16_asym_g128",
     "w4a16_asym_g32",
     "rtn",
+    "w8a16",
 )
 ASYM_PAIRS = {"w4a16_asym_g128": "w4a16_g128", "w4a16_asym_g32": "w4a16_g32"}
 BLOCK_PTQ_W4A16_DELTA_PCT = 17.2  # the issue: today's block PTQ on SmolLM2 W4A16 g128
@@ -146,6 +148,7 @@ def plan(args: argparse.Namespace, model: str, calib_ids: str) -> list[Child]:
         # llm-compressor's GPTQ orders columns by the Hessian (actorder "static") by default; quantmint's
         # preset does not: the same setting (static groups) on quantmint's side, against the run above.
         "w4a16_g128_actorder": [q("quantmint_w4a16_g128_actorder", "w4a16-gptq", actorder=True)],
+        "w4a16_g32_actorder": [q("quantmint_w4a16_g32_actorder", "w4a16-gptq", group_size=32, actorder=True)],
         "w4a16_g32": [
             q("quantmint_w4a16_g32", "w4a16-gptq", group_size=32),
             l("llmcompressor_w4a16_g32", weights=_w4(32)),
@@ -168,6 +171,8 @@ def plan(args: argparse.Namespace, model: str, calib_ids: str) -> list[Child]:
             q("quantmint_w8a16_gptq", "w8a16-gptq"),
             q("quantmint_rtn_w4a16_g32", "w4a16", group_size=32),
         ],
+        # The W8A16 goal alone (the two W8A16 children of "rtn").
+        "w8a16": [q("quantmint_rtn_w8a16", "w8a16"), q("quantmint_w8a16_gptq", "w8a16-gptq")],
     }
     children = [Child("float", "float", qm, dict(common))]
     for pair in args.pairs:
@@ -193,7 +198,7 @@ def assemble(results: dict[str, dict[str, Any]], meta: dict[str, Any], pairs: li
     report["runs"] = {name: run for name, run in results.items() if name != "float"}
     comparison: dict[str, Any] = {}
     for pair in pairs:
-        if pair in ("rtn", "w4a16_g128_actorder"):
+        if pair in ("rtn", "w8a16") or pair.endswith("_actorder"):
             continue
         llmc = results.get(f"llmcompressor_{pair}", {})
         entry = sq.compare(float_ppl, results.get(f"quantmint_{pair}", {}), llmc)
