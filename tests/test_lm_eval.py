@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import quantmint
 from quantmint.lm_eval import main
@@ -170,3 +171,56 @@ def test_hf_backend_scores_the_int8_model(w8a16_dir: Path) -> None:
         float_lp = float_model(input_ids=torch.tensor([ids])).logits.float().log_softmax(-1)[0]
     float_ll = float(float_lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
     assert lm_eval_ll != float_ll  # the int8 weights, not the float ones they came from
+
+
+@needs_lm_eval
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_backend_runs_offline_on_a_quantmint_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    """lm-eval's vllm backend loads the checkpoint through quantmint's vLLM plugin (~1 min on 2 cores)."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed: pip install 'quantmint[vllm]'")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(  # head size 64: a shape vLLM's CPU attention accepts
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = quantmint.quantize(transformers.LlamaForCausalLM(config).eval(), "w8a16")
+    ckpt = tmp_path / "tiny-w8a16"
+    quantmint.save_quantized(model, ckpt, tokenizer=byte_tokenizer())
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantmint.lm_eval",
+            "--data-dir",
+            str(data_dir),
+            "--model",
+            "vllm",
+            "--model_args",
+            f"pretrained={ckpt},dtype=float32,max_model_len=256,enforce_eager=True",
+            "--tasks",
+            "quantmint_wikitext2,quantmint_boolq",
+            "--limit",
+            "2",
+            "--output_path",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = out.rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    assert 1.0 < results["quantmint_wikitext2"]["byte_perplexity,none"] < 1000.0
+    assert 0.0 <= results["quantmint_boolq"]["acc,none"] <= 1.0

