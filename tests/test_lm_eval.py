@@ -54,6 +54,28 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "wikitext-2" / "test.txt").write_text(WIKITEXT, encoding="utf-8")
     (root / "boolq").mkdir()
     (root / "boolq" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in BOOLQ), encoding="utf-8")
+    squad = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "Alpha",
+                "paragraphs": [
+                    {
+                        "context": "Alpha is the first letter of the Greek alphabet.",
+                        "qas": [
+                            {
+                                "id": "q1",
+                                "question": "What is alpha?",
+                                "answers": [{"answer_start": 9, "text": "the first letter"}],
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (root / "squad").mkdir()
+    (root / "squad" / "dev-v1.1.json").write_text(json.dumps(squad), encoding="utf-8")
     return root
 
 
@@ -121,7 +143,7 @@ def test_lm_eval_runs_offline_on_a_quantmint_checkpoint(
             "--device",
             "cpu",
             "--tasks",
-            "quantmint_wikitext2,quantmint_boolq",
+            "quantmint_wikitext2,quantmint_boolq,quantmint_squad",
             "--limit",
             "2",
             "--output_path",
@@ -142,6 +164,7 @@ def test_lm_eval_runs_offline_on_a_quantmint_checkpoint(
     # a random tiny model over 256 bytes: close to uniform, far from a garbage load's overflowing scores
     assert 1.0 < wikitext["byte_perplexity,none"] < 1000.0
     assert 0.0 <= results["quantmint_boolq"]["acc,none"] <= 1.0
+    assert {"exact_match,none", "f1,none"} <= results["quantmint_squad"].keys()
 
 
 @needs_lm_eval

@@ -10,11 +10,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from quantmint.errors import QuantmintError
+
+if TYPE_CHECKING:  # `datasets` comes with lm-eval; imported where a task loads its data
+    import datasets
 
 _WIKITEXT_HEADING = re.compile(r"^= [^=].* =$")
 
@@ -47,6 +48,8 @@ def wikitext_documents(text: str) -> list[str]:
 
 def wikitext2(**_: Any) -> datasets.DatasetDict:
     """wikitext-2 test (`wikitext-2/test.txt`) as documents `{"page": str}` in file order."""
+    import datasets
+
     text = _data_file("wikitext-2/test.txt").read_text(encoding="utf-8")
     return datasets.DatasetDict(
         {"test": datasets.Dataset.from_list([{"page": p} for p in wikitext_documents(text)])}
@@ -58,6 +61,8 @@ def boolq(**_: Any) -> datasets.DatasetDict:
 
     The passage keeps its `"<title> -- "` prefix, as in lm-eval's `super_glue` boolq.
     """
+    import datasets
+
     rows = []
     for line in _data_file("boolq/val.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -70,6 +75,8 @@ def boolq(**_: Any) -> datasets.DatasetDict:
 
 def squad(**_: Any) -> datasets.DatasetDict:
     """SQuAD v1.1 dev (`squad/dev-v1.1.json`) as `{"context", "question", "answers": [str]}` in file order."""
+    import datasets
+
     from quantmint.io.data import read_squad
 
     rows = [
