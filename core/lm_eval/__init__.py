@@ -4,7 +4,7 @@ The entry point imports quantmint first, so transformers' `from_pretrained` (lm-
 a quantmint checkpoint as its int8 model rather than its int8 codes as float weights, and vLLM (the `vllm`
 backend) loads it through quantmint's plugin. It then runs lm-eval's own CLI with every argument passed
 through, adding the task configs shipped here (`quantmint_wikitext2`, `quantmint_boolq`,
-`quantmint_squad_completion`, reading the local files of `--data-dir`) to `--include_path`, and with
+`quantmint_squad`, reading the local files of `--data-dir`) to `--include_path`, and with
 `HF_DATASETS_OFFLINE`, `HF_HUB_OFFLINE` and `TRANSFORMERS_OFFLINE` set, so nothing reaches the network.
 """
 
@@ -28,7 +28,7 @@ Runs lm-evaluation-harness (lm-eval 0.4.x; `pip install 'quantmint[lm-eval]'`) o
 checkpoints: quantmint is imported first, so `--model hf --model_args pretrained=CKPT` evaluates the int8
 model, and `--model vllm` serves it through quantmint's vLLM plugin. Every other argument goes to lm-eval
 as it is (`lm-eval run --help`). Its task list gains quantmint_wikitext2 (word/byte perplexity, bits per
-byte over wikitext-2 test), quantmint_boolq (BoolQ dev accuracy) and quantmint_squad_completion (SQuAD
+byte over wikitext-2 test), quantmint_boolq (BoolQ dev accuracy) and quantmint_squad (SQuAD
 v1.1 dev, completion form), read from local files.
 
 --data-dir DIR  the folder holding wikitext-2/test.txt, boolq/val.jsonl and squad/dev-v1.1.json; default:
