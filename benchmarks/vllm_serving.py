@@ -120,57 +120,34 @@ def make_checkpoints(
     """The W8A16, W8A8, W4A16 and W8A8-C8 checkpoints: given, made here, or None when no variant wanted
     uses it."""
     from quantmint.algorithms.ptq import quantize
+    from quantmint.config import get_preset
     from quantmint.formats.checkpoint import save_quantized
     from quantmint.io.data import calibration_samples
     from quantmint.io.models import load_float_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    w8a16 = Path(args.w8a16) if args.w8a16 else None
-    if w8a16 is None and args.variants_wanted("w8a16"):
-        log("quantizing W8A16")
-        w8a16 = save_quantized(
-            quantize(load_float_model(source), "w8a16"), work / "w8a16", tokenizer=tokenizer
-        )
-    w8a8 = Path(args.w8a8) if args.w8a8 else None
-    if w8a8 is None and args.variants_wanted("w8a8"):
-        if not args.calib:
-            raise SystemExit("--calib is needed to make the W8A8 checkpoint (or pass --w8a8 DIR)")
-        log("quantizing W8A8 (SmoothQuant preset)")
-        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
-        w8a8 = save_quantized(
-            quantize(load_float_model(source), "w8a8", calibration=samples),
-            work / "w8a8",
-            tokenizer=tokenizer,
-        )
-    w4a16 = Path(args.w4a16) if args.w4a16 else None
-    if w4a16 is None and args.variants_wanted("w4a16"):
-        if not args.calib:
-            raise SystemExit("--calib is needed to make the W4A16 GPTQ checkpoint (or pass --w4a16 DIR)")
-        from quantmint.config import get_preset
-
-        log(f"quantizing W4A16 (GPTQ, groups of {args.w4a16_group_size})")
-        config = get_preset("w4a16-gptq")
-        config = config.with_updates(
-            weights={**config.to_dict()["weights"], "group_size": args.w4a16_group_size}
-        )
-        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
-        w4a16 = save_quantized(
-            quantize(load_float_model(source), config, calibration=samples),
-            work / "w4a16",
-            tokenizer=tokenizer,
-        )
-    w8a8c8 = Path(args.w8a8c8) if args.w8a8c8 else None
-    if w8a8c8 is None and args.variants_wanted("w8a8c8"):
-        if not args.calib:
-            raise SystemExit("--calib is needed to make the W8A8-C8 checkpoint (or pass --w8a8c8 DIR)")
-        log("quantizing W8A8-C8 (SmoothQuant + int8 KV cache preset)")
-        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512)
-        w8a8c8 = save_quantized(
-            quantize(load_float_model(source), "w8a8-c8", calibration=samples),
-            work / "w8a8c8",
-            tokenizer=tokenizer,
-        )
-    return w8a16, w8a8, w4a16, w8a8c8
+    w4a16 = get_preset("w4a16-gptq")
+    w4a16 = w4a16.with_updates(weights={**w4a16.to_dict()["weights"], "group_size": args.w4a16_group_size})
+    # scheme -> (config, what the log calls it, whether it calibrates)
+    recipes: dict[str, tuple[Any, str, bool]] = {
+        "w8a16": ("w8a16", "W8A16", False),
+        "w8a8": ("w8a8", "W8A8 (SmoothQuant preset)", True),
+        "w4a16": (w4a16, f"W4A16 (GPTQ, groups of {args.w4a16_group_size})", True),
+        "w8a8c8": ("w8a8-c8", "W8A8-C8 (SmoothQuant + int8 KV cache preset)", True),
+    }
+    made: dict[str, Path | None] = {}
+    for scheme, (config, label, calibrates) in recipes.items():
+        given = getattr(args, scheme)
+        made[scheme] = Path(given) if given else None
+        if made[scheme] is not None or not args.variants_wanted(scheme):
+            continue
+        if calibrates and not args.calib:
+            raise SystemExit(f"--calib is needed to make the {label} checkpoint (or pass --{scheme} DIR)")
+        log(f"quantizing {label}")
+        samples = calibration_samples(args.calib, tokenizer, args.calib_samples, 512) if calibrates else None
+        model = quantize(load_float_model(source), config, calibration=samples)
+        made[scheme] = save_quantized(model, work / scheme, tokenizer=tokenizer)
+    return made["w8a16"], made["w8a8"], made["w4a16"], made["w8a8c8"]
 
 
 def main() -> None:
