@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,11 +125,9 @@ def test_wikitext_documents_split_on_top_level_headings() -> None:
         assert len(wikitext_documents(test_txt.read_text(encoding="utf-8"))) == 62
 
 
-@needs_lm_eval
-def test_lm_eval_runs_offline_on_a_quantmint_checkpoint(
-    w8a16_dir: Path, data_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "results"
+def run_lm_eval(data_dir: Path, cwd: Path, args: list[str], timeout: int) -> dict[str, Any]:
+    """`python -m quantmint.lm_eval --data-dir DATA ARGS --output_path cwd/results` offline; its results."""
+    out = cwd / "results"
     proc = subprocess.run(
         [
             sys.executable,
@@ -136,28 +135,34 @@ def test_lm_eval_runs_offline_on_a_quantmint_checkpoint(
             "quantmint.lm_eval",
             "--data-dir",
             str(data_dir),
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={w8a16_dir},dtype=float32",
-            "--device",
-            "cpu",
-            "--tasks",
-            "quantmint_wikitext2,quantmint_boolq,quantmint_squad",
-            "--limit",
-            "2",
+            *args,
             "--output_path",
             str(out),
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         env=offline_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
+    return json.loads(results_file.read_text())["results"]
+
+
+@needs_lm_eval
+def test_lm_eval_runs_offline_on_a_quantmint_checkpoint(
+    w8a16_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    results = run_lm_eval(
+        data_dir,
+        tmp_path,
+        [
+            *("--model", "hf", "--model_args", f"pretrained={w8a16_dir},dtype=float32", "--device", "cpu"),
+            *("--tasks", "quantmint_wikitext2,quantmint_boolq,quantmint_squad", "--limit", "2"),
+        ],
+        timeout=300,
+    )
     wikitext = results["quantmint_wikitext2"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert wikitext[f"{metric},none"] > 0
@@ -217,33 +222,15 @@ def test_vllm_backend_runs_offline_on_a_quantmint_checkpoint(data_dir: Path, tmp
     model = quantmint.quantize(transformers.LlamaForCausalLM(config).eval(), "w8a16")
     ckpt = tmp_path / "tiny-w8a16"
     quantmint.save_quantized(model, ckpt, tokenizer=byte_tokenizer())
-    out = tmp_path / "results"
-    proc = subprocess.run(
+    model_args = f"pretrained={ckpt},dtype=float32,max_model_len=256,enforce_eager=True"
+    results = run_lm_eval(
+        data_dir,
+        tmp_path,
         [
-            sys.executable,
-            "-m",
-            "quantmint.lm_eval",
-            "--data-dir",
-            str(data_dir),
-            "--model",
-            "vllm",
-            "--model_args",
-            f"pretrained={ckpt},dtype=float32,max_model_len=256,enforce_eager=True",
-            "--tasks",
-            "quantmint_wikitext2,quantmint_boolq",
-            "--limit",
-            "2",
-            "--output_path",
-            str(out),
+            *("--model", "vllm", "--model_args", model_args),
+            *("--tasks", "quantmint_wikitext2,quantmint_boolq", "--limit", "2"),
         ],
-        cwd=tmp_path,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (results_file,) = out.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
     assert 1.0 < results["quantmint_wikitext2"]["byte_perplexity,none"] < 1000.0
     assert 0.0 <= results["quantmint_boolq"]["acc,none"] <= 1.0
