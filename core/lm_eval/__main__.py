@@ -2,7 +2,10 @@
 
 import sys
 
-from quantmint.lm_eval import main
+from quantmint.lm_eval import exit_after_vllm, main, uses_vllm
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if uses_vllm(sys.argv[1:]):
+        exit_after_vllm(status)
+    sys.exit(status)
