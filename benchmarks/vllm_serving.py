@@ -16,8 +16,10 @@ Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults 
   one; `quantmint_w8a8c8_float_cache_*` serves the same checkpoint with `--kv-cache float`;
 - with `--time-linears`, for the plugin's bf16 variants, `linears` from one more generation run with
   every quantmint linear's `apply` timed in vLLM's worker (`QUANTMINT_VLLM_TIME_LINEARS`):
-  `decode_s` / `prefill_s` (calls of at most / more than `--prompts` rows) and `per_call_us` per
-  rows x out x in shape. Native W8A8 runs without the plugin; the plugin's W8A8 runs the same kernel.
+  `decode_s` / `prefill_s` (calls of at most / more than `--prompts` rows), `kernel_s` (seconds per
+  kernel that ran the layers: e.g. W8A8's vLLM kernel where its exactness probe passed, quantmint's
+  int32 matmul where it did not) and `per_call_us` per kernel and rows x out x in shape. Native W8A8
+  runs without the plugin; the plugin's W8A8 runs the same kernel.
 
 Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` / `--w4a16 DIR` / `--w8a8c8 DIR` reuse quantmint checkpoints;
 otherwise they are made here (W8A16: RTN; W8A8 and W8A8-C8: the `w8a8` / `w8a8-c8` presets calibrated on
@@ -95,13 +97,18 @@ def time_linears(
         "tasks": [{"kind": "generate", "prompts": prompts, "max_tokens": args.tokens}],
     }
     out = run(job, tmp, env={**env, "QUANTMINT_VLLM_TIME_LINEARS": str(prefix)})
-    stats: dict[str, list[float]] = {}
+    stats: dict[str, list[float]] = {}  # "kernel rows x out x in" -> [calls, seconds]
     for dump in Path(tmp).glob(f"{prefix.name}-*.json"):
         for key, (calls, seconds) in json.loads(dump.read_text()).items():
-            entry = stats.setdefault(key.split(":", 1)[1], [0, 0.0])
+            method, shape = key.split(":", 1)  # "W8A8LinearMethod[vLLM ...]", "16x576x576"
+            kernel = method.split("[", 1)[1].rstrip("]") if "[" in method else method
+            entry = stats.setdefault(f"{kernel} {shape}", [0, 0.0])
             entry[0] += calls
             entry[1] += seconds
-    rows = {key: int(key.split("x", 1)[0]) for key in stats}
+    rows = {key: int(key.rsplit(" ", 1)[1].split("x", 1)[0]) for key in stats}
+    kernels: dict[str, float] = {}
+    for key, (_, seconds) in stats.items():
+        kernels[key.rsplit(" ", 1)[0]] = kernels.get(key.rsplit(" ", 1)[0], 0.0) + seconds
 
     def by_time(item: tuple[str, list[float]]) -> float:
         return -item[1][1]
@@ -110,6 +117,7 @@ def time_linears(
         "error": out.get("error"),
         "decode_s": round(sum(s for k, (_, s) in stats.items() if rows[k] <= args.prompts), 3),
         "prefill_s": round(sum(s for k, (_, s) in stats.items() if rows[k] > args.prompts), 3),
+        "kernel_s": {k: round(s, 3) for k, s in kernels.items()},
         "per_call_us": {k: round(s / n * 1e6, 1) for k, (n, s) in sorted(stats.items(), key=by_time)},
     }
 

@@ -391,6 +391,46 @@ def test_probe_catches_a_saturating_int8_kernel(monkeypatch: pytest.MonkeyPatch)
         linear.vllm_int8_kernel_is_exact.cache_clear()
 
 
+class _ExactKernel(_SaturatingKernel):
+    """An int8 kernel that accumulates exactly (in int32)."""
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: Any) -> torch.Tensor:
+        from quantmint.backends.torch.int8_linear import int8_linear
+
+        return int8_linear(x, layer.weight, layer.weight_scale, getattr(layer, "input_scale", None), bias)
+
+
+@pytest.mark.parametrize(("kernel", "exact"), [(_SaturatingKernel, False), (_ExactKernel, True)])
+def test_w8a8_layers_run_vllms_kernel_only_where_its_probe_is_exact(
+    kernel: type, exact: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's verdict decides the kernel, says so in vLLM's log, and names the kernel for
+    `--time-linears` (`layer.quantmint_kernel`)."""
+    from quantmint.backends.vllm import linear
+
+    records: list[str] = []
+    monkeypatch.setattr(linear.logger, "info", lambda msg, *a: records.append(msg % a))
+    monkeypatch.setattr(linear.logger, "warning", lambda msg, *a: records.append(msg % a))
+    monkeypatch.setattr(linear, "_new_kernel", lambda static_input: kernel())
+    linear.vllm_int8_kernel_is_exact.cache_clear()
+    try:
+        layer = torch.nn.Module()
+        layer.logical_widths = [48]
+        layer.quantmint_dtype = torch.float32
+        frozen = functools.partial(torch.nn.Parameter, requires_grad=False)
+        layer.register_parameter("weight", frozen(torch.randint(-127, 128, (48, 64), dtype=torch.int8)))
+        layer.register_parameter("weight_scale", frozen(torch.full((48, 1), 0.01)))
+        layer.register_parameter("input_scale", None)
+        method = linear.W8A8LinearMethod()
+        method.process_weights_after_loading(layer)
+    finally:
+        linear.vllm_int8_kernel_is_exact.cache_clear()
+    assert (method.kernel is not None) == exact
+    assert layer.quantmint_kernel == (f"vLLM {kernel.__name__}" if exact else "quantmint int32 matmul")
+    verdict = "passed the exactness probe" if exact else "does not accumulate exactly"
+    assert [line for line in records if verdict in line and "48x64" in line], records
+
+
 def test_probe_of_the_real_kernel_runs_whatever_the_default_dtype() -> None:
     from quantmint.backends.vllm import linear
 
@@ -474,6 +514,9 @@ def test_generation_agrees_with_the_torch_runtime(
             served_all.append(torch.tensor(served))
         drift = (torch.cat(served_all) - torch.cat(exact_all)).abs()
         assert drift.median() <= 2e-3 and drift.max() <= 0.1, drift.tolist()
+        # The probe's verdict is in the log, whichever it was on this CPU.
+        verdicts = ("passed the exactness probe", "does not accumulate exactly", "cannot run a")
+        assert any(v in line for line in out["quantmint_log"] for v in verdicts), out["quantmint_log"]
 
 
 @pytest.mark.slow
@@ -521,7 +564,10 @@ def test_gpt2_w8a16_generation_agrees(tiny_checkpoint: Callable[[str, str], Path
     for dump in tmp_path.glob("linears-*.json"):
         stats.update(json.loads(dump.read_text()))
     hidden = load_quantized(path).config.n_embd
-    decode = {k: v for k, v in stats.items() if k.startswith(f"W8A16LinearMethod:{len(PROMPTS)}x")}
+    # keyed "Method[the kernel that ran it]:rows x out x in"
+    decode = {
+        k: v for k, v in stats.items() if k.startswith("W8A16LinearMethod[") and f"]:{len(PROMPTS)}x" in k
+    }
     assert decode, stats  # one call per layer and decode step, timed under its shape
     assert all(calls >= 15 and seconds > 0 for calls, seconds in decode.values())
     assert any(k.endswith(f"x{hidden}") for k in decode)

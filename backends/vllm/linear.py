@@ -171,7 +171,18 @@ def vllm_int8_kernel_is_exact(
         )
         return False
     exact = bool(torch.allclose(y, torch.full_like(y, float(in_features)), rtol=1e-2, atol=0.0))
-    if not exact:
+    if exact:
+        logger.info(
+            "quantmint W8A8: vLLM's int8 kernel %s passed the exactness probe for %dx%d layers with %s "
+            "activations (int32 accumulation, probe %.0f of %d): those layers run it",
+            type(kernel).__name__,
+            out_features,
+            in_features,
+            dtype,
+            y.min().item(),
+            in_features,
+        )
+    else:
         logger.warning(
             "vLLM's int8 kernel %s does not accumulate exactly on this machine (probe: %.0f instead of %d; "
             "x86 without VNNI saturates int16 pair sums): quantmint W8A8 layers of shape %dx%d use "
@@ -217,8 +228,10 @@ class W8A8LinearMethod(_Int8WeightsMethod):
         if vllm_int8_kernel_is_exact(out_features, in_features, self.static_input, layer.quantmint_dtype):
             self.kernel = _new_kernel(self.static_input)
             self.kernel.process_weights_after_loading(layer)
+            layer.quantmint_kernel = f"vLLM {type(self.kernel).__name__}"
         else:
             replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            layer.quantmint_kernel = "quantmint int32 matmul"
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -261,6 +274,7 @@ class W8A16LinearMethod(_Int8WeightsMethod):
             scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
             replace_parameter(layer, "weight_scale", scale)
             layer.quantmint_bias = None  # (bias, its float32 copy), made on first use
+            layer.quantmint_kernel = "quantmint AMX"
             return
         logger.info_once(
             f"quantmint W8A16: {layer.quantmint_dtype} layers run torch's int8-weight matmul "
@@ -270,6 +284,7 @@ class W8A16LinearMethod(_Int8WeightsMethod):
         replace_parameter(layer, "weight", weight)
         scale = layer.weight_scale.data.reshape(-1).to(layer.quantmint_dtype)
         replace_parameter(layer, "weight_scale", scale)
+        layer.quantmint_kernel = "torch int8-weight matmul"
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -549,7 +564,9 @@ class W4A16LinearMethod(LinearMethodBase):
         self.before_processing()
         if self.kernel is not None:
             self.kernel.process_weights_after_loading(layer)
+            layer.quantmint_kernel = f"vLLM {type(self.kernel).__name__}"
             return
+        layer.quantmint_kernel = "quantmint int4 matmul"
         # quantmint's int4 matmul: the packed words as loaded, float32 scales [out, groups]
         replace_parameter(layer, "weight_packed", layer.weight_packed.data.contiguous())
         replace_parameter(layer, "weight_scale", layer.weight_scale.data.float().contiguous())
@@ -569,8 +586,10 @@ class W4A16LinearMethod(LinearMethodBase):
 
 # ---------------------------------------------------------------- timing, for benchmarks
 def _time_applies(prefix: str) -> None:
-    """Time every quantmint linear's `apply` in this process and write {"Method:rows x out x in":
-    [calls, seconds]} to PREFIX-PID.json at exit: where a served model's time goes, per layer shape
+    """Time every quantmint linear's `apply` in this process and write {"Method[kernel]:rows x out x in":
+    [calls, seconds]} to PREFIX-PID.json at exit: where a served model's time goes, per layer shape and
+    the kernel that ran it (`layer.quantmint_kernel`, set when its weights are processed: e.g. W8A8's
+    "vLLM <its kernel>" where the exactness probe passed, "quantmint int32 matmul" where it did not)
     (QUANTMINT_VLLM_TIME_LINEARS=PREFIX; benchmarks/vllm_serving.py --time-linears sets it)."""
     import atexit
     import json
@@ -586,7 +605,9 @@ def _time_applies(prefix: str) -> None:
             y = apply(self, layer, x, bias)
             seconds = time.perf_counter() - start
             rows = x.numel() // max(1, x.shape[-1])
-            entry = stats.setdefault(f"{cls.__name__}:{rows}x{y.shape[-1]}x{x.shape[-1]}", [0, 0.0])
+            kernel = getattr(layer, "quantmint_kernel", "?")
+            shape = f"{rows}x{y.shape[-1]}x{x.shape[-1]}"
+            entry = stats.setdefault(f"{cls.__name__}[{kernel}]:{shape}", [0, 0.0])
             entry[0] += 1
             entry[1] += seconds
             return y
