@@ -182,3 +182,42 @@ def test_export_writes_asymmetric_w4a16_as_compressed_tensors_reads_it(tmp_path:
     zp = unpack_from_int32(zp_packed, 4, torch.Size([64, 4]), packed_dim=0).float()
     theirs = (q - zp.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)
     assert torch.equal(theirs, model.get_submodule(name).dequantized_weight())
+
+
+def test_tensor_parallel_serving_splits_the_cores_on_one_socket(tmp_path: Path, monkeypatch) -> None:
+    """vLLM's CPU workers bind one rank per NUMA node and refuse to start with fewer nodes than ranks; on
+    such a machine `quantmint serve --tensor-parallel-size N` splits the cores this process may use."""
+    from quantmint.backends.vllm import serve
+
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4}, raising=False)
+    monkeypatch.setattr(serve, "_numa_nodes", lambda: 1)
+    assert serve.cpu_thread_binding(1, {}) is None
+    assert serve.cpu_thread_binding(2, {}) == "0,1,2|3,4"
+    assert serve.cpu_thread_binding(5, {}) == "0|1|2|3|4"
+    assert serve.cpu_thread_binding(2, {"VLLM_CPU_OMP_THREADS_BIND": "0|4"}) is None  # the user's binding
+    with pytest.raises(QuantmintError, match="a CPU core per rank.*--tensor-parallel-size 5 or less"):
+        serve.cpu_thread_binding(6, {})
+    monkeypatch.setattr(serve, "_numa_nodes", lambda: 2)
+    assert serve.cpu_thread_binding(2, {}) is None  # vLLM binds one rank per node itself
+
+    monkeypatch.setattr(serve, "_numa_nodes", lambda: 1)
+    path = _checkpoint(tmp_path, "llama", "w8a8")
+    cmd, env = serve_command(path, tensor_parallel_size=2, environ={})
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1,2|3,4"
+    cmd, env = serve_command(path, environ={})
+    assert "--tensor-parallel-size" not in cmd and "VLLM_CPU_OMP_THREADS_BIND" not in env
+
+
+def test_tensor_parallel_serving_of_rotated_layers_is_refused_in_one_line(tmp_path: Path) -> None:
+    from quantmint.config import get_preset
+
+    torch.manual_seed(0)
+    calibration = [torch.randint(0, 256, (32,)) for _ in range(4)]
+    config = get_preset("w8a8").with_updates(algorithm_args={"hadamard": True})
+    model = quantize(build_tiny("llama"), config, calibration=calibration)
+    path = save_quantized(model, tmp_path / "rotated", tokenizer=byte_tokenizer())
+    serve_command(path, environ={})  # one rank: served
+    with pytest.raises(QuantmintError, match="Hadamard.*--tensor-parallel-size 1") as info:
+        serve_command(path, tensor_parallel_size=2, environ={})
+    assert "\n" not in str(info.value)

@@ -553,6 +553,38 @@ def test_w4a16_generation_agrees_with_the_torch_runtime(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8"])
+def test_tensor_parallel_serving_gives_the_single_ranks_tokens(
+    preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """Two tensor-parallel ranks (each holding half of every layer's int8 weights and scales, loaded by
+    vLLM's own sharding loaders; on this one-socket CPU the cores are split between them) generate
+    what one rank does. Row-parallel layers (o_proj, down_proj) sum the ranks' partial outputs, in
+    another order than one rank's dot products, so the log-probabilities may differ by float32
+    rounding (and W8A8's, where such a difference moves an activation across a rounding midpoint, by a
+    code). W8A8's row-parallel layers take each token's scale over both ranks' features (an all-reduce
+    of its max), so they round as one rank does: with vLLM's kernel, each rank's half of the features
+    would set its own scale, and greedy tokens here diverged from one rank's after 12 steps."""
+    path = tiny_checkpoint("llama", preset)
+    tasks = [
+        {"kind": "generate", "prompts": PROMPTS, "max_tokens": 16},
+        {"kind": "prompt_logprobs", "prompts": PROMPTS},
+    ]
+    one = vllm_ok({"model": str(path), "tasks": tasks}, tmp_path)
+    two = vllm_ok({"model": str(path), "tasks": tasks, "tensor_parallel_size": 2}, tmp_path)
+    assert two["results"][0]["value"] == one["results"][0]["value"]
+    drift = torch.cat(
+        [
+            (torch.tensor(a) - torch.tensor(b)).abs()
+            for a, b in zip(one["results"][1]["value"], two["results"][1]["value"], strict=True)
+        ]
+    )
+    assert drift.max() <= (1e-3 if preset == "w8a16" else 0.1), drift.tolist()
+    if preset == "w8a8":
+        assert any("over all tensor-parallel ranks" in line for line in two["quantmint_log"]), two
+
+
+@pytest.mark.slow
 def test_gpt2_w8a16_generation_agrees(tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path) -> None:
     path = tiny_checkpoint("gpt2", "w8a16")
     # Also the linear timing hook of benchmarks/vllm_serving.py --time-linears (saves an engine start).

@@ -31,6 +31,13 @@ def add_commands(subparsers: Any) -> None:
         help="auto: a C8 checkpoint gets vLLM's fp8 KV cache scaled by its calibrated K/V ranges; "
         "float: a float KV cache instead",
     )
+    s.add_argument(
+        "--tensor-parallel-size",
+        type=POSITIVE,
+        default=1,
+        help="vLLM worker processes sharing every layer (default 1); on a one-socket CPU the cores are "
+        "split among them",
+    )
     s.add_argument("--no-eager", action="store_true", help="let vLLM compile (slower start, faster decode)")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more vLLM server arguments")
     s.set_defaults(func=cmd_serve)
@@ -51,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         kv_cache=args.kv_cache,
         eager=not args.no_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
         extra=args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args,
     )
     print(" ".join(cmd), file=sys.stderr, flush=True)

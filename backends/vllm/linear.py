@@ -31,13 +31,14 @@ from vllm.scalar_type import scalar_types
 
 from quantmint.algorithms.rotation import apply_hadamard, hadamard_factors_for
 from quantmint.backends.torch.int4_linear import int4_linear
-from quantmint.backends.torch.int8_linear import int8_linear
+from quantmint.backends.torch.int8_linear import int8_int8_matmul, int8_linear
 from quantmint.backends.torch.int8_weight_only import (
     amx_woq_linear,
     amx_woq_supported,
     int8_weight_only_linear,
     pack_weight_for_amx,
 )
+from quantmint.numerics.quant_math import qparams_from_absmax
 
 __all__ = ["W4A16LinearMethod", "W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
@@ -105,6 +106,8 @@ class _Int8WeightsMethod(LinearMethodBase):
             )
         if self.rotate_input:  # kept on the layer: no cache lookup inside a compiled forward
             layer.quantmint_hadamard = hadamard_factors_for(input_size)
+        # A row-parallel layer under tensor parallelism: each rank holds a slice of the input features.
+        layer.quantmint_input_split = input_size_per_partition != input_size
         weight_loader = extra_weight_attrs["weight_loader"]
         _create_int8_weights(
             layer, input_size_per_partition, output_partition_sizes, weight_loader, self.transposed
@@ -225,6 +228,17 @@ class W8A8LinearMethod(_Int8WeightsMethod):
         if self.static_input:
             replace_parameter(layer, "input_scale", layer.input_scale.data.max().reshape(1))
         out_features, in_features = layer.weight.shape
+        if not self.static_input and getattr(layer, "quantmint_input_split", False):
+            # Per-token scales of a row-parallel layer come from the token's whole row, as on one rank
+            # (vLLM's kernel would take each rank's slice: another rounding than the model calibrated).
+            logger.info_once(
+                "quantmint W8A8: row-parallel layers take each token's int8 scale over all tensor-parallel "
+                "ranks (one all-reduce of a float per token) and run quantmint's exact int32 matmul, so "
+                "they round as on one rank"
+            )
+            replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            layer.quantmint_kernel = "quantmint int32 matmul, token scales over all ranks"
+            return
         if vllm_int8_kernel_is_exact(out_features, in_features, self.static_input, layer.quantmint_dtype):
             self.kernel = _new_kernel(self.static_input)
             self.kernel.process_weights_after_loading(layer)
@@ -240,7 +254,34 @@ class W8A8LinearMethod(_Int8WeightsMethod):
             x = apply_hadamard(x, layer.quantmint_hadamard)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
+        if not self.static_input and layer.quantmint_input_split:
+            return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias)
         return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+
+
+def _row_parallel_int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """This rank's part of a row-parallel W8A8 layer (x: its slice of the input features), with each
+    token's scale taken over the whole row: the max of |x| over every rank's slice (an all-reduce of one
+    float per token over the tensor-parallel group), so every rank rounds as one rank would
+    (`quant_math.quantize_activation`'s per-token rounding, with the row's absmax). vLLM's
+    RowParallelLinear then sums the ranks' partial outputs, as for any layer (the bias is passed to one
+    rank only)."""
+    import torch.distributed as dist
+    from vllm.distributed import get_tp_group
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    absmax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True)
+    dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=get_tp_group().device_group)
+    scale = qparams_from_absmax(absmax)
+    x_q = (x2 / scale).round_().clamp_(-127, 127).to(torch.int8)
+    y = int8_int8_matmul(x_q, weight).float()
+    y.mul_(scale).mul_(weight_scale.reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------- W8A16

@@ -6,6 +6,7 @@
 JOB: {"model": dir, "dtype": "float32", "max_model_len": 256, "runner": "generate" | "pooling",
       "model_impl": "auto" | "vllm" | "transformers",   # vLLM's own model class or its Transformers backend
       "skip_tokenizer_init": false,
+      "tensor_parallel_size": 1,       # > 1: that many worker processes (cores split on one socket)
       "tasks": [{"kind": "generate", "prompts": [...], "max_tokens": 16},
                 {"kind": "prompt_logprobs", "prompts": [...]},   # log p(prompt[i] | prompt[:i])
                 {"kind": "prompt_top1", "prompts": [...]},       # argmax p(. | prompt[:i])
@@ -44,6 +45,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         # prompts given as token ids need no tokenizer (a checkpoint saved without one)
         "skip_tokenizer_init": bool(job.get("skip_tokenizer_init", False)),
     }
+    if job.get("tensor_parallel_size", 1) > 1:
+        kwargs["tensor_parallel_size"] = job["tensor_parallel_size"]
     if "model_impl" in job:
         kwargs["model_impl"] = job["model_impl"]
     if job.get("runner") == "pooling":
@@ -126,13 +129,16 @@ def run_in_subprocess(
 
 
 def main() -> int:
-    from quantmint.backends.vllm.serve import CPU_ENV_DEFAULTS
+    from quantmint.backends.vllm.serve import CPU_ENV_DEFAULTS, THREADS_BIND_ENV, cpu_thread_binding
 
     for key, value in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     with open(sys.argv[1]) as f:
         job = json.load(f)
     try:
+        binding = cpu_thread_binding(job.get("tensor_parallel_size", 1))
+        if binding is not None:
+            os.environ[THREADS_BIND_ENV] = binding
         out = run(job)
     except Exception as exc:  # reported to the test, which shows it
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}))

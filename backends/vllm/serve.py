@@ -18,7 +18,7 @@ from quantmint.extension import registry
 from quantmint.formats.checkpoint import MANIFEST_NAME, read_config_dict, verify_checkpoint
 from quantmint.formats.checkpoint_format import claims_quantmint
 
-__all__ = ["CPU_ENV_DEFAULTS", "serve_command"]
+__all__ = ["CPU_ENV_DEFAULTS", "cpu_thread_binding", "serve_command"]
 
 CPU_ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; vLLM's CPU default is too large for small machines
@@ -44,6 +44,53 @@ def _fp8_cache_here() -> bool:
     return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
 
 
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def _numa_nodes() -> int:
+    """How many NUMA nodes Linux reports (1 where it reports none)."""
+    nodes = Path("/sys/devices/system/node")
+    try:
+        return max(1, sum(1 for p in nodes.iterdir() if p.name[4:].isdigit() and p.name.startswith("node")))
+    except OSError:
+        return 1
+
+
+def cpu_thread_binding(ranks: int, environ: dict[str, str] | None = None) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` tensor-parallel workers on this CPU, or None to leave vLLM's.
+
+    vLLM's CPU workers bind their OpenMP threads one rank per NUMA node by default, and refuse to start
+    (`Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers`) where there are fewer nodes
+    than ranks: any single-socket machine. There, the cores this process may use are split into `ranks`
+    contiguous groups, "0-3|4-7". None where no split is needed: one rank, CUDA, a binding already set,
+    or enough NUMA nodes. Raises QuantmintError where there are fewer cores than ranks.
+    """
+    env = os.environ if environ is None else environ
+    if ranks <= 1 or THREADS_BIND_ENV in env:
+        return None
+    import torch
+
+    if torch.cuda.is_available() or _numa_nodes() >= ranks:
+        return None
+    cpus = (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
+    )
+    if len(cpus) < ranks:
+        raise QuantmintError(
+            f"tensor parallel size {ranks} needs a CPU core per rank; this process may use {len(cpus)}: "
+            f"serve with --tensor-parallel-size {len(cpus)} or less"
+        )
+    per, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        size = per + (rank < extra)
+        groups.append(",".join(str(c) for c in cpus[start : start + size]))
+        start += size
+    return "|".join(groups)
+
+
 def serve_command(
     model: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -55,6 +102,7 @@ def serve_command(
     extra: list[str] | None = None,
     environ: dict[str, str] | None = None,
     verify: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that serve `model` with vLLM's OpenAI-compatible server.
 
@@ -66,6 +114,8 @@ def serve_command(
         environ: the environment to extend (default: os.environ); the CPU defaults fill unset keys only.
         verify: check a quantmint checkpoint's shards against their sha256 (`verify_checkpoint`; its
             structure, config.json and tensor values are checked either way).
+        tensor_parallel_size: vLLM worker processes sharing each layer; on a CPU with fewer NUMA nodes
+            than ranks the cores are split among them (`cpu_thread_binding`).
     """
     path = Path(model)
     config = read_config_dict(path, QuantmintError)
@@ -85,9 +135,21 @@ def serve_command(
             "vLLM's CPU attention keeps one only with AVX-512 or AMX, which this CPU lacks: pass --kv-cache "
             "float to serve it with a float KV cache (its int8 weights still used)"
         )
+    if tensor_parallel_size < 1:
+        raise QuantmintError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}")
+    if block is not None and block.rotated_modules and tensor_parallel_size > 1:
+        raise QuantmintError(
+            f"{path} rotates the inputs of {len(block.rotated_modules)} layers by a Hadamard matrix "
+            "(algorithm_args.hadamard), which mixes all of a layer's input features: tensor parallelism "
+            "would split them over ranks. Serve it with --tensor-parallel-size 1, or quantize without "
+            "hadamard"
+        )
     env = dict(os.environ if environ is None else environ)
     for key, value in CPU_ENV_DEFAULTS.items():
         env.setdefault(key, value)
+    binding = cpu_thread_binding(tensor_parallel_size, env)
+    if binding is not None:
+        env[THREADS_BIND_ENV] = binding
     if kv_cache == "float":
         env[KV_CACHE_ENV] = "float"
     trusting = [a for a in extra or [] if a.split("=", 1)[0] == "--trust-remote-code"]
@@ -102,6 +164,8 @@ def serve_command(
         cmd += ["--max-model-len", str(max_model_len)]
     if eager:
         cmd.append("--enforce-eager")
+    if tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if _is_pooling(config):
         cmd += ["--runner", "pooling"]
     return cmd + list(extra or []), env
