@@ -244,3 +244,42 @@ def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     assert run["io"]["seconds"] == min(t for r in run["io"]["runs"] for t in (r["buffered"], r["direct"]))
     assert rtn["peak_rss_mb"] > run["largest_tensor_bytes"] / 2**20  # the child held at least one tensor
     assert not list(tmp_path.glob("out-*")), "outputs are removed after measuring"
+
+
+# --- block_ptq_speed: both settings on a tiny Llama, one JSON line ----------------------------------------
+def test_block_ptq_speed_prints_both_settings(tmp_path: Path) -> None:
+    from conftest import build_tiny, byte_tokenizer
+
+    build_tiny("llama").save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "home"]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1500)))
+    new = {"n_outer_loops": 12, "early_stop": True, "eval_every": 4, "patience": 2, "holdout_batches": 1}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "block_ptq_speed.py"),
+            *("--model", str(tmp_path), "--calib", str(text), "--eval-text", str(text)),
+            *("--preset", "w8a8-ptq", "--hadamard", "--blocks", "1", "--first", "1", "--samples", "8"),
+            *("--seq-len", "32", "--eval-tokens", "256", "--eval-seq-len", "32"),
+            *("--old", json.dumps({"n_outer_loops": 12, "early_stop": False}), "--new", json.dumps(new)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    report = json.loads(lines[0])
+    assert report["benchmark"] == "block_ptq_speed" and report["hadamard"] is True
+    old, new_run = report["old"], report["new"]
+    assert old["blocks_tuned"] == new_run["blocks_tuned"] == [1] and old["blocks"] == 2
+    assert old["steps_per_block"] == [12] and new_run["steps_per_block"][0] <= 12
+    assert old["block_ptq"]["early_stop"] is False and new_run["block_ptq"]["early_stop"] is True
+    for run in (old, new_run):
+        assert run["seconds"] > 0 and run["minutes_all_blocks"] >= run["minutes"] and run["ppl"] > 0
+        assert run["ppl_delta_pct"] == pytest.approx(100 * (run["ppl"] / report["float_ppl"] - 1), abs=0.01)
+    assert report["speedup"] == pytest.approx(old["seconds"] / new_run["seconds"], rel=0.01)

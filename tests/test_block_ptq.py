@@ -307,3 +307,66 @@ def test_resume_fingerprint_hashes_the_recipe_and_what_it_quantizes() -> None:
     assert fingerprint(as_recipe) == fingerprint(base)  # the same steps, however the config is written
     assert fingerprint(base.with_updates(block_ptq={"seed": 1})) != fingerprint(base)
     assert fingerprint(base.with_updates(ignore=["lm_head", "down_proj"])) != fingerprint(base)
+
+
+# --- early stop (issue 21): fewer steps, the best state kept, the old behaviour one config away --------
+EARLY = {"early_stop": True, "eval_every": 5, "patience": 2, "holdout_batches": 1}
+
+
+def test_old_style_config_runs_every_step_on_every_batch() -> None:
+    """`early_stop: false` (and a config written before the key existed) tunes exactly n_outer_loops steps."""
+    text = _config("w4a16-ptq", n_outer_loops=23).to_yaml()
+    old_style = "\n".join(line for line in text.splitlines() if not line.strip().startswith(tuple(EARLY)))
+    assert "early_stop" not in old_style
+    config = PTQConfig.from_yaml(old_style)
+    assert config.block_ptq is not None and config.block_ptq.early_stop is False
+    model = quantize(build_tiny("llama"), config, calibration=_calibration())
+    record = quant_state(model).calibration["block_ptq"]
+    assert record["steps_per_block"] == 23 and "early_stop" not in record
+    assert "early_stop" not in config.to_dict()["block_ptq"]  # written only when set: old bytes kept
+    for entry in _block_log(model):  # no early-stop keys in the log either
+        assert not {"steps", "best_step", "checks", "holdout"} & set(entry), entry
+
+
+def test_early_stop_stops_and_keeps_the_best_state() -> None:
+    """Scales blown up by a huge lr never beat the start: tuning stops after `patience` checks and the
+    block keeps its starting (RTN) rounding and scales, so its MSE is RTN's."""
+    config = _config("w4a16-ptq", n_outer_loops=200, lr_weight_clip=1e3, **EARLY)
+    model = quantize(build_tiny("llama"), config, calibration=_calibration())
+    for entry in _block_log(model):
+        assert entry["steps"] == EARLY["eval_every"] * EARLY["patience"], entry
+        assert entry["best_step"] == 0 and entry["holdout"] == 1, entry
+        assert len(entry["checks"]) == 1 + EARLY["patience"], entry
+        assert entry["ptq_mse"] == pytest.approx(entry["rtn_mse"], rel=1e-5), entry
+
+
+def test_early_stop_freezes_the_best_checked_state() -> None:
+    """With one calibration batch the checks run on it (nothing to hold out, the log says 0), so the
+    frozen block's MSE is exactly the best check's: the state kept is the best one seen, not the last."""
+    config = _config("w4a16-ptq", n_outer_loops=60, n_batches=1, **{**EARLY, "patience": 1000})
+    model = quantize(build_tiny("llama"), config, calibration=_calibration())
+    for entry in _block_log(model):
+        checks, every = entry["checks"], EARLY["eval_every"]
+        assert entry["holdout"] == 0 and entry["steps"] == 60 and len(checks) == 1 + 60 // every, entry
+        assert entry["best_step"] == every * checks.index(min(checks)), entry
+        assert entry["ptq_mse"] / entry["rtn_mse"] == pytest.approx(min(checks), rel=1e-4, abs=1e-6), entry
+
+
+def test_early_stop_keys_round_trip_and_are_checked() -> None:
+    config = PTQConfig(
+        weight_dtype="int4",
+        weights={"strategy": "group", "group_size": 64},
+        block_ptq={
+            "n_outer_loops": 90,
+            "early_stop": True,
+            "eval_every": 7,
+            "patience": 2,
+            "holdout_batches": 3,
+        },
+    )
+    again = PTQConfig.from_yaml(config.to_yaml())
+    assert again == config and again.block_ptq is not None
+    assert (again.block_ptq.early_stop, again.block_ptq.eval_every, again.block_ptq.patience) == (True, 7, 2)
+    for key in ("eval_every", "patience", "holdout_batches"):
+        with pytest.raises(ConfigError, match=key):
+            PTQConfig(block_ptq={key: 0})

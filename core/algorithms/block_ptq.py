@@ -240,6 +240,7 @@ class BlockPTQ:
         self.steps = steps
         self.work_dir = None if work_dir is None else Path(work_dir)
         self.log: list[dict[str, Any]] = []
+        self._stop: dict[str, Any] = {}  # the last block's step count and, with early_stop, its checks
 
     # --- the whole model ------------------------------------------------------------------------
     def run(self, samples: list[torch.Tensor]) -> CalibrationReport:
@@ -313,10 +314,12 @@ class BlockPTQ:
             "cache": "disk" if on_disk else "memory",
             "cache_bytes": cache_bytes,
             "batches": len(calls),
-            "steps_per_block": args.n_outer_loops,
+            "steps_per_block": args.n_outer_loops,  # with early_stop a ceiling: each block logs its steps
             "resumed_at_block": first if first else None,
             "blocks": self.log,
         }
+        if args.early_stop:  # logged only when on: the records of runs without it keep their bytes
+            steps.extra["block_ptq"]["early_stop"] = True
         return report
 
     # --- one block ------------------------------------------------------------------------------
@@ -378,7 +381,7 @@ class BlockPTQ:
             kept = "rtn"
             for name, module in rtn.items():
                 block.module.set_submodule(rel[name], module)
-        entry.update(ptq_mse=ptq_mse, kept=kept, loss_start=losses[0], loss_end=losses[-1])
+        entry.update(ptq_mse=ptq_mse, kept=kept, loss_start=losses[0], loss_end=losses[-1], **self._stop)
         self._write_outputs(block, call_with, q_in, q_out, fp_out, n)
         return entry
 
@@ -425,18 +428,29 @@ class BlockPTQ:
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(kind) for kind, _, _ in groups])
         generator = torch.Generator().manual_seed(args.seed * 100_003 + block.index)
+        # Early stop: train on the first batches, check the hardened block on the last `held` ones (on
+        # every batch when there is only one: then the check is not held out, and the log says so).
+        held = min(args.holdout_batches, n - 1) if args.early_stop else 0
+        train = n - held
+        check = list(range(train, n)) if held else list(range(n))
         order: list[int] = []
         reg_start = int(args.round_reg_warmup * total)
         n_round = sum(m.rounding.numel() for m in learnables.values())
         norm = rtn_mse if rtn_mse > 0 else 1.0
-        losses = []
+        losses: list[float] = []
+        stop: dict[str, Any] = {}
+        if args.early_stop:
+            best_mse = self._hard_mse(block, learnables, call_with, q_in, fp_out, check)
+            best_state = self._learned_state(learnables)
+            stop = {"holdout": held, "best_step": 0, "checks": [round(best_mse / norm, 6)]}
+            since_best = 0
         with (
             torch.enable_grad(),
             tqdm(range(total), desc=f"  {block.name}", leave=False, disable=None) as bar,
         ):
             for step in bar:
                 if not order:
-                    order = torch.randperm(n, generator=generator).tolist()
+                    order = torch.randperm(train, generator=generator).tolist()
                 i = order.pop()
                 out = call_with(i, q_in.get(i)).run(block.module)
                 rec = F.mse_loss(out.float(), fp_out.get(i).float()) / norm
@@ -453,12 +467,64 @@ class BlockPTQ:
                 losses.append(round(float(rec.detach()), 6))
                 if step % 10 == 0:
                     bar.set_postfix(rec=f"{losses[-1]:.4f}")
+                if args.early_stop and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+                    mse = self._hard_mse(block, learnables, call_with, q_in, fp_out, check)
+                    stop["checks"].append(round(mse / norm, 6))
+                    if mse < best_mse:
+                        best_mse, best_state, since_best = mse, self._learned_state(learnables), 0
+                        stop["best_step"] = step + 1
+                    else:
+                        since_best += 1
+                        if since_best >= args.patience:
+                            break
+        if args.early_stop:  # the best state seen, step 0 (RTN's rounding and scales) included
+            with torch.no_grad():
+                for (module, attr), value in best_state.items():
+                    getattr(module, attr).copy_(value)
         for _, params, _ in groups:
             for p in params:
                 p.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
+        # Each block's steps, best step and checks; nothing new without early stop (the log keeps its bytes).
+        self._stop = stop | {"steps": len(losses)} if args.early_stop else {}
         return losses
+
+    @staticmethod
+    def _learned_state(
+        learnables: dict[str, LearnableQuantLinear],
+    ) -> dict[tuple[nn.Module, str], torch.Tensor]:
+        """A copy of what tuning changes: the rounding variables and the weight and activation scales."""
+        state = {}
+        for module in learnables.values():
+            for attr in ("rounding", "log_scale", "log_act_scale"):
+                value = getattr(module, attr)
+                if value is not None:
+                    state[(module, attr)] = value.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def _hard_mse(
+        self,
+        block: BlockLayout,
+        learnables: dict[str, LearnableQuantLinear],
+        call_with: Any,
+        q_in: HiddenStore,
+        fp_out: HiddenStore,
+        batches: list[int],
+    ) -> float:
+        """Mean output MSE over `batches` of the block with its rounding hardened, as `freeze` will."""
+        for module in learnables.values():
+            module.hard = True
+        try:
+            total = 0.0
+            for i in batches:
+                out = call_with(i, q_in.get(i)).run(block.module)
+                total += float(F.mse_loss(out.float(), fp_out.get(i).float()))
+        finally:
+            for module in learnables.values():
+                module.hard = False
+        return total / len(batches)
 
     @torch.no_grad()
     def _mse(

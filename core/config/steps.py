@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import (
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -115,6 +117,15 @@ class BlockPTQArgs(AlgorithmConfig):
     # time) or "auto" (disk when the cache would take more than a quarter of the free RAM).
     cache: Literal["auto", "memory", "disk"] = "auto"
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    # Early stop: the last `holdout_batches` calibration batches are held out of training, and every
+    # `eval_every` steps the block, its rounding hardened as it will be frozen, is run on them; tuning
+    # stops after `patience` checks without a new best held-out MSE and keeps the best state seen
+    # (the RTN start included), so `n_outer_loops` is then a ceiling. Off: exactly `n_outer_loops`
+    # steps over every batch, the behaviour before these keys existed.
+    early_stop: bool = False
+    eval_every: int = Field(default=10, ge=1, le=1 << 24)
+    patience: int = Field(default=3, ge=1, le=1 << 24)
+    holdout_batches: int = Field(default=4, ge=1, le=1 << 20)
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
@@ -128,6 +139,18 @@ class BlockPTQArgs(AlgorithmConfig):
 
     def ptq_fields(self) -> dict[str, Any]:
         return {"block_ptq": self.model_dump(mode="json")}
+
+    # Written only when set off their defaults: configs (and checkpoints) without early stop keep the
+    # bytes they had before these keys existed; reading them back gives the defaults again.
+    _EARLY_STOP_KEYS: ClassVar[tuple[str, ...]] = ("early_stop", "eval_every", "patience", "holdout_batches")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._EARLY_STOP_KEYS:
+            if key in data and getattr(self, key) == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> BlockPTQArgs:
