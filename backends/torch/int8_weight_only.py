@@ -55,7 +55,9 @@ def int8_weight_only_linear(
     Returns:
         [..., out] in x's dtype.
 
-    Two kernels, chosen by what benchmarks/int8_matmul.py measured on CPU (torch 2.13):
+    This functional form runs torch only (it keeps no packed weight); `Int8WeightOnlyLinear` and the vLLM
+    plugin run the native kernels of this module first (AMX, then AVX-512/AVX2) and this where neither
+    applies. Two torch kernels, chosen by what benchmarks/int8_matmul.py measured on CPU (torch 2.13):
     - `aten._weight_int8pack_mm` converts the weight inside the GEMM. It is the fastest for decode
       (one row) in bf16/fp16 (0.35-0.8x the time of fp32 F.linear) and in fp32 on large layers
       (4096x4096: 4.7 ms vs 16 ms), but 15-45x slower than the alternative at 16+ rows. In bf16 it

@@ -181,6 +181,10 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
         if (!wide) return 0;
     }
     const size_t ysize = bf16 ? 2 : 4;
+    /* Rows split into equal blocks (16 rows: 8 + 8, not 12 + 4): a small last block would run its FMAs
+     * with too few accumulators to hide the loads. */
+    const int64_t blocks = (m + RMAX - 1) / RMAX;
+    const int block = (int)((m + blocks - 1) / blocks);
     for (int64_t p = p_lo; p < p_hi; p++) {
         const int8_t *w = packed + p * k * NB;
         const int64_t n0 = p * NB;
@@ -190,8 +194,8 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
                 VSTORE(wide + c * NB, VWIDEN(w + c * NB));
                 VSTORE(wide + c * NB + VW, VWIDEN(w + c * NB + VW));
             }
-        for (int64_t m0 = 0; m0 < m; m0 += RMAX) {
-            const int rows = m - m0 < RMAX ? (int)(m - m0) : RMAX;
+        for (int64_t m0 = 0; m0 < m; m0 += block) {
+            const int rows = m - m0 < block ? (int)(m - m0) : block;
             tile(x + m0 * ldx, ldx, w, wide, k, out, rows);
             store_rows(out, rows, cols, scale + n0, bias ? bias + n0 : 0,
                        (char *)y + (m0 * ldy + n0) * ysize, ldy, bf16);
