@@ -187,3 +187,29 @@ def test_the_runtime_cell_picks_amx_then_simd_then_torch(dtype) -> None:
         flipped = cell(x)
     exact = _reference(x, -weight, scale.reshape(-1), bias.to(dtype))
     assert torch.all((flipped.double() - exact).abs() <= exact.abs() * 2**-6 + 2e-3 * exact.abs().max())
+
+
+@pytest.mark.slow  # importing vLLM takes 10-50 s
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_vllm_w8a16_method_repacks_at_load_and_runs_the_simd_kernel(dtype) -> None:
+    pytest.importorskip("vllm")
+    from quantmint.backends.vllm.linear import W8A16LinearMethod
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randint(-127, 128, (50, 70), dtype=torch.int8, generator=generator)
+    scale, bias = torch.rand(50, 1, generator=generator) * 0.01, torch.randn(50, generator=generator)
+    method, layer = W8A16LinearMethod(), torch.nn.Module()
+    # what create_weights leaves (its vLLM parameters need a tensor-parallel group), as loaded
+    layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale.clone(), requires_grad=False)
+    layer.quantmint_dtype = dtype
+    method.process_weights_after_loading(layer)
+    amx = layer.quantmint_amx
+    assert layer.quantmint_simd == (not amx and _native_name() != "torch")
+    x = torch.randn(3, 70, generator=generator).to(dtype)
+    y = method.apply(layer, x, bias.to(dtype))
+    exact = _reference(x, weight, scale.reshape(-1), bias.to(dtype))
+    if layer.quantmint_simd or (amx and dtype == torch.bfloat16):
+        _check(y, exact, dtype)
+    else:
+        assert torch.all((y.double() - exact).abs() <= exact.abs() * 2**-6 + 2e-3 * exact.abs().max())
