@@ -10,8 +10,10 @@ rows M in {1, 16, 256}.
 * ``float``   -- ``F.linear`` with the dequantized weight, fp32 and bf16 (the baselines).
 * ``w8``      -- weight-only int8, activations stay float:
   ``aten._weight_int8pack_mm`` (fp32 / bf16; scales must have x's dtype),
-  dequantize-then-``F.linear`` done on every call (fp32 / bf16), and quantmint's AMX kernel
-  ``amx_woq_linear`` (bf16, CPUs with AMX-BF16; csrc/woq.c).
+  dequantize-then-``F.linear`` done on every call (fp32 / bf16), quantmint's AMX kernel
+  ``amx_woq_linear`` (bf16, CPUs with AMX-BF16; csrc/woq.c) and its SIMD kernel ``simd_woq_linear``
+  (fp32 / bf16, csrc/w8a16.c: the AVX-512 path where the CPU has it, else AVX2+FMA; on an AVX-512 CPU
+  also the AVX2 path, built with ``-mno-avx512f``, as ``[avx2]``).
 * ``w8a8``    -- int8 weights *and* int8 activations, dynamic activation quantization included in the time:
   ``torch._int_mm`` with per-token quantization + rescale (fp32 / bf16),
   ``torch.ao.nn.quantized.dynamic.Linear`` (engine ``x86``, else ``fbgemm``; per-channel qint8 weight; the
@@ -370,6 +372,55 @@ def build_amx_woq(layer: Layer, x: torch.Tensor) -> Prepared:
     return Prepared(lambda: amx_woq_linear(xd, packed, s))
 
 
+def build_simd_woq(dtype: torch.dtype, flags: tuple[str, ...] = ()) -> Builder:
+    """quantmint's AVX-512 / AVX2 W8A16 kernel (csrc/w8a16.c), what the runtime and the vLLM plugin serve
+    W8A16 layers with where AMX does not apply; `flags` cap the ISA (``-mno-avx512f``: the AVX2 path)."""
+
+    def build(layer: Layer, x: torch.Tensor) -> Prepared:
+        from quantmint.backends.torch.int8_weight_only import (
+            pack_weight_for_simd,
+            simd_woq_kernel,
+            simd_woq_linear,
+        )
+
+        kernel = simd_woq_kernel(flags)
+        if kernel is None:
+            raise ValueError("skipped: no AVX2/AVX-512 W8A16 kernel here (CPU or compiler)")
+        own = simd_woq_kernel()
+        if flags and own is not None and own.isa == kernel.isa:
+            raise ValueError(f"skipped: this CPU's own kernel is already {kernel.name}")
+        xd, s = x.to(dtype), layer.scale.float().contiguous()
+        packed = pack_weight_for_simd(layer.q, kernel)
+        return Prepared(lambda: simd_woq_linear(xd, packed, s, None, kernel))
+
+    return build
+
+
+W8A16_SUMMARY_KERNELS = (
+    "F.linear[bf16]",
+    "quantmint.simd_woq_linear[fp32]",
+    "quantmint.simd_woq_linear[bf16]",
+    "quantmint.simd_woq_linear[avx2][fp32]",
+    "quantmint.simd_woq_linear[avx2][bf16]",
+    "quantmint.amx_woq_linear[bf16]",
+    "_weight_int8pack_mm[fp32]",
+    "_weight_int8pack_mm[bf16]",
+    "convert+F.linear*scale[fp32]",
+    "convert+F.linear*scale[bf16]",
+)
+
+
+def w8a16_summary(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
+    """Per layer and row count: fp32 F.linear's time over each W8A16 kernel's (and bf16 F.linear's), i.e.
+    speed-ups over fp32 (above 1: faster than fp32)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["kernel"] in W8A16_SUMMARY_KERNELS and r.get("ratio_vs_fp32"):
+            key = f"{r['layer']}/M={r['M']}"
+            out.setdefault(key, {})[str(r["kernel"])] = round(1.0 / float(r["ratio_vs_fp32"]), 2)
+    return out
+
+
 def kernels(engine: str | None) -> list[Kernel]:
     ks: list[Kernel] = []
     for act, dtype in DTYPES.items():
@@ -391,6 +442,13 @@ def kernels(engine: str | None) -> list[Kernel]:
             ),
         ]
     ks.append(Kernel("quantmint.amx_woq_linear[bf16]", "w8", "bf16", build_amx_woq))
+    for act, dtype in DTYPES.items():
+        ks.append(Kernel(f"quantmint.simd_woq_linear[{act}]", "w8", act, build_simd_woq(dtype)))
+        ks.append(
+            Kernel(
+                f"quantmint.simd_woq_linear[avx2][{act}]", "w8", act, build_simd_woq(dtype, ("-mno-avx512f",))
+            )
+        )
     if engine is not None:
         ks.append(
             Kernel(
@@ -666,6 +724,7 @@ def run(
         "saturation": saturation_probe(),
         "results": rows,
         "best": best_summary(rows),
+        "w8a16_speedup_vs_fp32": w8a16_summary(rows),
     }
 
 

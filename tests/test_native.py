@@ -346,8 +346,8 @@ def test_amx_kernel_without_avx512_fp16_gives_the_same_results(tmp_path) -> None
     compiler = native._compiler()
     assert compiler is not None
     library = tmp_path / "woq-no-fp16.so"
-    flags = [*native._flags("woq"), "-mno-avx512fp16"]
-    subprocess.run([compiler, *flags, "-o", str(library), str(native._SOURCES / "woq.c")], check=True)
+    flags = [*native._flags(woq.WOQ_FLAGS), "-mno-avx512fp16"]
+    subprocess.run([compiler, *flags, "-o", str(library), str(woq.WOQ_SOURCE)], check=True)
     lib = ctypes.CDLL(str(library))
     assert lib.qm_woq_available()
     fn = lib.qm_woq_linear_bf16

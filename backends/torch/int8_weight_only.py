@@ -1,4 +1,19 @@
-"""W8A16: int8 weights with one float scale per output channel; activations stay float."""
+"""W8A16: int8 weights with one float scale per output channel; activations stay float.
+
+Three kernels, chosen per layer by what the CPU has:
+- AMX-BF16 CPUs serving bf16: `amx_woq_linear` (`csrc/woq.c`, the AMX tile unit);
+- other x86 CPUs with AVX-512 or AVX2+FMA, float32 or bf16 activations: `simd_woq_linear`
+  (`csrc/w8a16.c`: int8 widened to float32 in registers, exact FMAs, float32 sums);
+- elsewhere (fp16/fp64, other CPUs, no C compiler, ``QUANTMINT_NATIVE=0``): `int8_weight_only_linear`'s
+  torch path.
+
+Why our own SIMD kernel rather than torch's: torch 2.13 on CPU has no weight-only int8 GEMM that beats
+its own float32 F.linear on this CPU class (`aten._weight_int8pack_mm` is 15-45x slower than the
+alternatives from 16 rows and reads out of bounds in bf16 when `in` % 16 != 0, `torch._int_mm` and
+oneDNN/mkldnn int8 linear quantize the activations (W8A8, not W8A16), and the cast-then-F.linear path
+pays a float copy of the weight per call), while streaming 1 byte per weight instead of 4 is what makes
+decode faster than float32 (benchmarks/int8_matmul.py).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +30,15 @@ from quantmint.numerics import native
 
 __all__ = [
     "Int8WeightOnlyLinear",
+    "SimdKernel",
     "amx_woq_linear",
     "amx_woq_supported",
     "int8_weight_only_linear",
     "pack_weight_for_amx",
+    "pack_weight_for_simd",
+    "simd_woq_kernel",
+    "simd_woq_linear",
+    "simd_woq_supported",
 ]
 
 
@@ -35,7 +55,9 @@ def int8_weight_only_linear(
     Returns:
         [..., out] in x's dtype.
 
-    Two kernels, chosen by what benchmarks/int8_matmul.py measured on CPU (torch 2.13):
+    This functional form runs torch only (it keeps no packed weight); `Int8WeightOnlyLinear` and the vLLM
+    plugin run the native kernels of this module first (AMX, then AVX-512/AVX2) and this where neither
+    applies. Two torch kernels, chosen by what benchmarks/int8_matmul.py measured on CPU (torch 2.13):
     - `aten._weight_int8pack_mm` converts the weight inside the GEMM. It is the fastest for decode
       (one row) in bf16/fp16 (0.35-0.8x the time of fp32 F.linear) and in fp32 on large layers
       (4096x4096: 4.7 ms vs 16 ms), but 15-45x slower than the alternative at 16+ rows. In bf16 it
@@ -68,6 +90,108 @@ def _use_int8pack(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     if x.dtype == torch.float32:
         return rows == 1 and weight.numel() >= _INT8PACK_MIN_WEIGHT_FP32
     return False
+
+
+# --- the AVX-512 / AVX2 kernel (csrc/w8a16.c) -------------------------------------------------------------
+SIMD_SOURCE = Path(__file__).resolve().parent / "csrc" / "w8a16.c"
+_SIMD: dict[tuple[str, ...], SimdKernel | None] = {}
+_SIMD_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class SimdKernel:
+    """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `panel` the output channels
+    per packed panel (2 vectors), `fn` the ctypes function."""
+
+    def __init__(self, lib: Any) -> None:
+        lib.qm_w8a16_isa.restype = ctypes.c_int
+        lib.qm_w8a16_panel.restype = ctypes.c_int
+        self.isa: int = lib.qm_w8a16_isa()
+        self.panel: int = lib.qm_w8a16_panel()
+        self.name = {512: "AVX-512", 256: "AVX2+FMA"}.get(self.isa, "none")
+        fn = lib.qm_w8a16_linear
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+        fn.restype = ctypes.c_int
+        self.fn = fn
+
+
+def simd_woq_kernel(flags: tuple[str, ...] = ()) -> SimdKernel | None:
+    """The AVX-512 / AVX2 W8A16 kernel built for this CPU (with extra compiler `flags`, e.g. `-mno-avx512f`
+    to build the AVX2 path on an AVX-512 CPU), or None where no path compiles (no AVX2+FMA, not x86, no
+    compiler, ``QUANTMINT_NATIVE=0``). Looked up once per process and flags."""
+    kernel = _SIMD.get(flags, False)
+    if kernel is False:
+        lib = native.library("w8a16", SIMD_SOURCE, (*WOQ_FLAGS, *flags))
+        kernel = SimdKernel(lib) if lib is not None else None
+        if kernel is not None and kernel.isa == 0:
+            kernel = None
+        _SIMD[flags] = kernel
+    return kernel  # type: ignore[return-value]
+
+
+def simd_woq_supported(weight: torch.Tensor, dtype: torch.dtype, kernel: SimdKernel | None = None) -> bool:
+    """Whether `simd_woq_linear` serves this int8 weight [out, in] for `dtype` activations here: a CPU
+    with AVX-512 or AVX2+FMA (and a C compiler), float32 or bf16 activations. Any shape (tails of `out`
+    and `in` are handled) and any int8 value."""
+    return (
+        dtype in _SIMD_DTYPES
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.int8
+        and weight.dim() == 2
+        and weight.numel() > 0
+        and (kernel or simd_woq_kernel()) is not None
+    )
+
+
+def pack_weight_for_simd(weight: torch.Tensor, kernel: SimdKernel | None = None) -> torch.Tensor:
+    """int8 [out, in] -> what `simd_woq_linear` reads: panels of `kernel.panel` output channels, each
+    [in][panel] contiguous, the last zero-padded: [ceil(out / panel), in, panel] int8, where element
+    (n, k) sits at [n // panel, k, n % panel]."""
+    kernel = kernel or simd_woq_kernel()
+    if kernel is None:
+        raise ValueError("no AVX-512 / AVX2 W8A16 kernel here: check simd_woq_supported first")
+    nb = kernel.panel
+    out_features, in_features = weight.shape
+    padded = -out_features % nb
+    if padded:
+        weight = torch.cat([weight, weight.new_zeros(padded, in_features)])
+    return weight.reshape(-1, nb, in_features).transpose(1, 2).contiguous()
+
+
+def simd_woq_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    kernel: SimdKernel | None = None,
+) -> torch.Tensor:
+    """y = x @ (weight * scale).T + bias with `csrc/w8a16.c`, for a weight packed by
+    `pack_weight_for_simd` (with the same `kernel`) and checked by `simd_woq_supported`.
+
+    x: [..., in] float32 or bf16; scale: [out] float32 (one per output channel); bias: [out] float32 or
+    None. Exact products, float32 sums, scale and bias in float32, one rounding to x's dtype. Never falls
+    back to torch: it raises where the kernel cannot run.
+    """
+    kernel = kernel or _SIMD.get(()) or simd_woq_kernel()
+    bf16 = _SIMD_DTYPES.get(x.dtype)
+    if kernel is None or bf16 is None or scale.dtype != torch.float32:
+        raise ValueError(
+            f"simd_woq_linear takes float32 or bf16 activations and float32 scales on an AVX2/AVX-512 CPU "
+            f"(got {x.dtype}, {scale.dtype}, kernel {'built' if kernel else 'unavailable'}): "
+            "check simd_woq_supported first"
+        )
+    out_features, in_features = scale.shape[0], x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    rows, (row_stride, col_stride) = x2.shape[0], x2.stride()
+    if col_stride != 1 or (rows > 1 and row_stride < in_features):
+        x2, row_stride = x2.contiguous(), in_features
+    y = torch.empty((rows, out_features), dtype=x.dtype)
+    if rows and not kernel.fn(
+        x2.data_ptr(), bf16, rows, in_features, row_stride, packed.data_ptr(), out_features,
+        scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+    ):  # fmt: skip
+        raise RuntimeError("the W8A16 SIMD kernel could not run (no workspace memory)")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 # --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
@@ -159,6 +283,16 @@ def amx_woq_linear(
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
+_NativeEntry = tuple[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside it)
+        return -1
+
+
 class Int8WeightOnlyLinear(QuantizedLinear):
     """Weight-only int8 linear (scheme `w8a16`).
 
@@ -183,6 +317,9 @@ class Int8WeightOnlyLinear(QuantizedLinear):
             self.register_buffer("bias", bias)
         # Scales in the activation dtype, made on first use, so the forward pass casts nothing twice.
         self._scale_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # The native kernel's view of the layer, made on first use per activation dtype: (kernel name,
+        # packed weight, float32 scale [out], float32 bias or None), or None for the torch path.
+        self._native_cache: dict[torch.dtype, tuple[tuple[Any, ...], _NativeEntry | None]] = {}
 
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> Int8WeightOnlyLinear:
@@ -210,10 +347,12 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._scale_cache.clear()
+        self._native_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._scale_cache.clear()
+        self._native_cache.clear()
         return super()._apply(fn, recurse)
 
     def _scale_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,5 +363,46 @@ class Int8WeightOnlyLinear(QuantizedLinear):
             self._scale_cache[key] = scale
         return scale
 
+    def kernel_for(self, dtype: torch.dtype) -> str:
+        """Which kernel serves `dtype` activations: "amx" (`csrc/woq.c`), "avx512" / "avx2"
+        (`csrc/w8a16.c`) or "torch"."""
+        entry = self._native_for(dtype)
+        return "torch" if entry is None else entry[0]
+
+    def _native_for(self, dtype: torch.dtype) -> _NativeEntry | None:
+        # Keyed on the tensors' identity and version counters too: a weight written in place (copy_) or
+        # replaced after the first call is packed again, never served stale.
+        stamp = tuple(
+            (id(t), t.data_ptr(), _version(t)) if t is not None else None
+            for t in (self.weight, self.weight_scale, self.bias)
+        )
+        cached = self._native_cache.get(dtype)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        entry = None
+        weight = self.weight
+        if weight.device.type == "cpu":
+            with torch.no_grad():
+                scale = self.weight_scale.reshape(-1).expand(self.out_features).float().contiguous()
+                bias = None if self.bias is None else self.bias.float().contiguous()
+                if amx_woq_supported(weight, dtype):
+                    entry = ("amx", pack_weight_for_amx(weight), scale, bias)
+                else:
+                    kernel = simd_woq_kernel()
+                    if kernel is not None and simd_woq_supported(weight, dtype, kernel):
+                        name = "avx512" if kernel.isa == 512 else "avx2"
+                        entry = (name, pack_weight_for_simd(weight, kernel), scale, bias)
+        self._native_cache[dtype] = (stamp, entry)
+        return entry
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The packed copy is made once per dtype (as many bytes as the int8 weight; `weight` stays for the
+        # state dict) and not tracked by autograd: the native kernels serve inference only.
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            entry = self._native_for(x.dtype)
+            if entry is not None:
+                name, packed, scale, bias = entry
+                if name == "amx":
+                    return amx_woq_linear(x, packed, scale, bias)
+                return simd_woq_linear(x, packed, scale, bias)
         return int8_weight_only_linear(x, self.weight, self._scale_for(x), self.bias)

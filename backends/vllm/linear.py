@@ -37,6 +37,10 @@ from quantmint.backends.torch.int8_weight_only import (
     amx_woq_supported,
     int8_weight_only_linear,
     pack_weight_for_amx,
+    pack_weight_for_simd,
+    simd_woq_kernel,
+    simd_woq_linear,
+    simd_woq_supported,
 )
 from quantmint.numerics.quant_math import qparams_from_absmax
 
@@ -292,10 +296,13 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     """Int8 weights per output channel, float activations.
 
     vLLM 0.32 has no int8 weight-only kernel on CPU (its CPUWNA16 kernel refuses uint8b128), so the layer
-    runs quantmint's own:
+    runs quantmint's own, chosen at load by what the CPU has:
     - on CPUs with AMX-BF16 serving bf16, `amx_woq_linear` (`csrc/woq.c`): the weight is repacked at
       load (w + 128, in the AMX tile order) and widened to bf16 block by block inside the kernel
       (0.33-0.41× the time of a bf16 F.linear at SmolLM2's decode shapes, benchmarks/int8_matmul.py);
+    - on other x86 CPUs with AVX-512 or AVX2+FMA serving float32 or bf16, `simd_woq_linear`
+      (`csrc/w8a16.c`): the weight is repacked at load into panels of 2 vectors of output channels
+      (same bytes, padded to a panel) and widened to float32 in registers;
     - elsewhere `int8_weight_only_linear`: `_weight_int8pack_mm` for decode rows, otherwise the int8
       weight cast inside the GEMM with the scale applied to the output.
     Never a dequantized float copy of the weights.
@@ -304,26 +311,40 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.before_processing()
         weight = layer.weight.data.contiguous()
-        layer.quantmint_amx = amx_woq_supported(weight, layer.quantmint_dtype)
-        if layer.quantmint_amx:
-            logger.info_once(
-                "quantmint W8A16: bf16 layers run the AMX kernel (csrc/woq.c): vLLM's mixed-precision "
-                "kernels on CPU take no int8 weight-only layer (CPUWNA16 refuses uint8b128)"
-            )
+        dtype = layer.quantmint_dtype
+        layer.quantmint_amx = amx_woq_supported(weight, dtype)
+        kernel = None if layer.quantmint_amx else simd_woq_kernel()
+        layer.quantmint_simd = kernel is not None and simd_woq_supported(weight, dtype, kernel)
+        if layer.quantmint_amx or layer.quantmint_simd:
+            if layer.quantmint_amx:
+                logger.info_once(
+                    "quantmint W8A16: bf16 layers run the AMX kernel (csrc/woq.c): vLLM's mixed-precision "
+                    "kernels on CPU take no int8 weight-only layer (CPUWNA16 refuses uint8b128)"
+                )
+                packed = pack_weight_for_amx(weight)
+            else:
+                assert kernel is not None
+                logger.info_once(
+                    f"quantmint W8A16: {dtype} layers run the {kernel.name} kernel (csrc/w8a16.c): vLLM's "
+                    "mixed-precision kernels on CPU take no int8 weight-only layer "
+                    "(CPUWNA16 refuses uint8b128)"
+                )
+                packed = pack_weight_for_simd(weight, kernel)
             out_features = weight.shape[0]
-            replace_parameter(layer, "weight", pack_weight_for_amx(weight))
+            replace_parameter(layer, "weight", packed)
             scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
             replace_parameter(layer, "weight_scale", scale)
             layer.quantmint_bias = None  # (bias, its float32 copy), made on first use
             layer.quantmint_kernel = "quantmint AMX"
             return
         logger.info_once(
-            f"quantmint W8A16: {layer.quantmint_dtype} layers run torch's int8-weight matmul "
-            "(the AMX kernel takes bf16 on CPUs with AMX-BF16; vLLM's mixed-precision kernels on CPU take "
-            "no int8 weight-only layer: CPUWNA16 refuses uint8b128)"
+            f"quantmint W8A16: {dtype} layers run torch's int8-weight matmul "
+            "(quantmint's kernels take float32 or bf16 on x86 CPUs with AVX2+FMA or AVX-512, and bf16 on "
+            "CPUs with AMX-BF16; vLLM's mixed-precision kernels on CPU take no int8 weight-only layer: "
+            "CPUWNA16 refuses uint8b128)"
         )
         replace_parameter(layer, "weight", weight)
-        scale = layer.weight_scale.data.reshape(-1).to(layer.quantmint_dtype)
+        scale = layer.weight_scale.data.reshape(-1).to(dtype)
         replace_parameter(layer, "weight_scale", scale)
         layer.quantmint_kernel = "torch int8-weight matmul"
 
@@ -332,14 +353,16 @@ class W8A16LinearMethod(_Int8WeightsMethod):
     ) -> torch.Tensor:
         if self.rotate_input:
             x = apply_hadamard(x, layer.quantmint_hadamard)
-        if layer.quantmint_amx:
+        if layer.quantmint_amx or layer.quantmint_simd:
             bias32 = None
             if bias is not None:
                 cached = layer.quantmint_bias
                 if cached is None or cached[0] is not bias:
                     cached = layer.quantmint_bias = (bias, bias.float().contiguous())
                 bias32 = cached[1]
-            return amx_woq_linear(x, layer.weight, layer.weight_scale, bias32)
+            if layer.quantmint_amx:
+                return amx_woq_linear(x, layer.weight, layer.weight_scale, bias32)
+            return simd_woq_linear(x, layer.weight, layer.weight_scale, bias32)
         return int8_weight_only_linear(x, layer.weight, layer.weight_scale, bias)
 
 
