@@ -335,7 +335,7 @@ class W8A16LinearMethod(_Int8WeightsMethod):
             scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
             replace_parameter(layer, "weight_scale", scale)
             layer.quantmint_bias = None  # (bias, its float32 copy), made on first use
-            layer.quantmint_kernel = "quantmint AMX"
+            layer.quantmint_kernel = "quantmint AMX" if layer.quantmint_amx else f"quantmint {kernel.name}"
             return
         logger.info_once(
             f"quantmint W8A16: {dtype} layers run torch's int8-weight matmul "
