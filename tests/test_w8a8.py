@@ -328,3 +328,12 @@ def test_linears_with_outlier_tokens_are_kept_w8a16_and_round_trip(
     loaded = load_quantized(save_quantized(model, tmp_path / "mixed"))
     assert quant_state(loaded).modules == schemes
     assert torch.equal(model_output(loaded, input_ids), expected)
+
+
+def test_alpha_search_records_no_alpha_for_a_rotated_pair(calibration) -> None:
+    """With `hadamard`, down_proj's input is rotated and its pair (up -> down) is not smoothed: the report
+    lists an alpha only for the pairs that were."""
+    config = {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.5, 0.8], "hadamard": True}}
+    model = quantize(build_tiny("llama"), config, calibration=calibration)
+    alphas = quant_state(model).calibration["smooth_alpha_per_pair"]
+    assert len(alphas) == 6 and not any(name.endswith("mlp.up_proj") for name in alphas)

@@ -134,9 +134,11 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         chosen: dict[str, float] = {}
         for prev, inputs in captured.inputs.items():
             if inputs:
-                chosen[prev], _ = search_pair_alpha(
+                alpha, errors = search_pair_alpha(
                     steps, ctx.block, ctx.observers, prev, inputs, config.alpha_grid
                 )
+                if errors:  # a pair that is not smoothed (rotated, unobserved) records no alpha
+                    chosen[prev] = alpha
         captured.inputs.clear()
         steps.pair_alphas.update({f"{ctx.block.name}.{prev}": alpha for prev, alpha in chosen.items()})
         ctx.smoothing = SmoothQuant(config.alpha, head_dim=steps.head_dim, pair_alphas=chosen)
