@@ -18,13 +18,18 @@ own child process (run one at a time, never concurrently), and the run prints on
   wikitext-2 ``test.txt`` in independent 512-token windows), plus ``check``: the logits of the first 64
   calibration tokens before vs after quantization (relative error, top-1 agreement) and the number of
   quantized linears, to show the model really is quantized (llm-compressor keeps float weights and
-  fake-quantizes in forward hooks).
+  fake-quantizes in forward hooks);
+* ``ppl_second`` -- perplexity on a second text, so that a setting fitted to wikitext shows up: by default
+  (``--second-text``) the unique paragraph contexts of SQuAD v1.1 dev (Wikipedia prose, untokenized),
+  joined, first ``--eval-tokens`` tokens, same windowing (``quantmint.eval.perplexity.squad_contexts_text``);
+  ``--second-text ''`` skips it.
 
 ``float`` is the float model's perplexity (its own child, system python; with ``--float-in-venv`` also in the
 llm-compressor venv, whose transformers differs, to show both environments score alike). ``comparison``
 holds ``time_ratio`` (llm-compressor calib_s / quantmint calib_s), ``total_time_ratio`` (with loading),
-``rss_ratio`` and ``calib_rss_ratio`` (llm-compressor / quantmint), each tool's ``ppl_delta_pct`` vs float,
-and ``goal_met``: quantmint at least 2x faster at equal or better perplexity.
+``rss_ratio`` and ``calib_rss_ratio`` (llm-compressor / quantmint), each tool's ``ppl_delta_pct`` vs float
+(``ppl_second_delta_pct`` on the second text), and ``goal_met``: quantmint at least 2x faster at equal or
+better perplexity (on both texts when the second one was scored).
 ``comparison_quantmint_alpha0.5_vs_llmcompressor`` does the same for quantmint's fast setting (fixed alpha,
 no search) against llm-compressor's best; the top-level ``goal_met`` is true if either comparison meets it.
 
@@ -33,9 +38,9 @@ drawn once with ``quantmint.io.data.calibration_samples`` and saved as one ``[sa
 tensor in
 a temporary safetensors file that both children read; each reports the sha256 of the ids it read. quantmint
 calibrates in batches of 8 (its default), llm-compressor in batches of ``--llmc-batch-size`` (1, its
-default). Runs: quantmint preset ``w8a8`` (alpha searched per block in {0.5, 0.6, 0.7, 0.8}) vs llm-compressor
-at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5; ``--alpha05``
-adds llm-compressor at 0.5 too.
+default). Runs: quantmint preset ``w8a8`` (alpha searched per smoothing pair in {0.5, 0.6, 0.7, 0.8}) vs
+llm-compressor at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5;
+``--alpha05`` adds llm-compressor at 0.5 too.
 
 Setup, once: llm-compressor lives in its own virtual environment (``--venv``, default
 ``venvs/llmc`` beside the checkout, or ``$QUANTMINT_LLMC_VENV``; below, VENV stands for it) that
@@ -62,8 +67,9 @@ One JSON line goes to stdout; progress and the children's output go to stderr. T
 meaningless (the 1-minute load average before each child is recorded): with another job on the cores, all
 threads (``--threads``, default every core) spin against it and calibration slows several-fold, unevenly
 between the tools. A small ``--samples`` run checks the plumbing, not the speed goal: quantmint's alpha
-search re-runs each block once per grid alpha (4) on its first 4 batches of 8 samples, i.e. 4 extra passes
-over 8 samples but only one extra pass over 128, while llm-compressor's passes do not depend on the count.
+search rounds each smoothing pair's linears once per grid alpha (4) on 1,024 of their input tokens (taken
+from the block's first 4 batches of 8 samples) -- a fixed cost per block that a small calibration set
+weighs more -- while llm-compressor's passes do not depend on the count.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+SQUAD = ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 # Beside the checkout (as shared/ is), or where QUANTMINT_LLMC_VENV says: no machine-specific path.
 DEFAULT_VENV = Path(os.environ.get("QUANTMINT_LLMC_VENV") or ROOT.parent / "venvs" / "llmc")
 LLMC_VERSION = "0.14.0.1"
@@ -144,12 +151,14 @@ def venv_python(venv: str | Path) -> Path:
     return Path(venv) / "bin" / "python"
 
 
-def plan(args: argparse.Namespace, model: str, calib_ids: str) -> list[Child]:
-    """The children in the order they run: float, quantmint, llm-compressor (then the alpha=0.5 pair)."""
+def plan(args: argparse.Namespace, model: str, calib_ids: str, second_text: str | None = None) -> list[Child]:
+    """The children in the order they run: float, quantmint, llm-compressor (then the alpha=0.5 pair).
+    `second_text`: the plain-text file the children score as the second text (default `--second-text`)."""
     common = {
         "model": model,
         "calib_ids": calib_ids,
         "text": str(args.text),
+        "second_text": second_text or args.second_text or None,
         "eval_tokens": args.eval_tokens,
         "eval_seq_len": args.eval_seq_len,
         "threads": args.threads,
@@ -201,11 +210,18 @@ def _delta_pct(ppl: float | None, ref: float | None) -> float | None:
     return round(100.0 * (ppl / ref - 1.0), 3) if ppl is not None and ref else None
 
 
-def compare(float_ppl: float | None, quantmint: dict[str, Any], llmc: dict[str, Any]) -> dict[str, Any]:
+def compare(
+    float_ppl: float | None,
+    quantmint: dict[str, Any],
+    llmc: dict[str, Any],
+    float_second: float | None = None,
+) -> dict[str, Any]:
     """Ratios of one quantmint run and one llm-compressor run (llm-compressor over quantmint).
 
-    Each run is a dict with `calib_s`, `load_s`, `peak_rss_mb`, `calib_peak_rss_mb` and `ppl`.
-    `goal_met`: quantmint calibrates at least `GOAL_SPEEDUP` times faster at equal or better perplexity.
+    Each run is a dict with `calib_s`, `load_s`, `peak_rss_mb`, `calib_peak_rss_mb`, `ppl` and, when the
+    second text was scored, `ppl_second` (`float_second`: the float model's).
+    `goal_met`: quantmint calibrates at least `GOAL_SPEEDUP` times faster at equal or better perplexity,
+    on both texts when both runs scored the second one.
     """
 
     def total(run: dict[str, Any]) -> float | None:
@@ -213,6 +229,17 @@ def compare(float_ppl: float | None, quantmint: dict[str, Any], llmc: dict[str, 
 
     time_ratio = _ratio(llmc.get("calib_s"), quantmint.get("calib_s"))
     ppl_q, ppl_l = quantmint.get("ppl"), llmc.get("ppl")
+    second_q, second_l = quantmint.get("ppl_second"), llmc.get("ppl_second")
+    second: dict[str, Any] = {}
+    if second_q is not None or second_l is not None:
+        second = {
+            "ppl_second_delta_pct": {
+                "quantmint": _delta_pct(second_q, float_second),
+                "llmcompressor": _delta_pct(second_l, float_second),
+            },
+            "ppl_second_quantmint_vs_llmcompressor_pct": _delta_pct(second_q, second_l),
+        }
+    second_ok = not second or (second_q is not None and second_l is not None and second_q <= second_l)
     return {
         "time_ratio": time_ratio,
         "total_time_ratio": _ratio(total(llmc), total(quantmint)),
@@ -223,12 +250,14 @@ def compare(float_ppl: float | None, quantmint: dict[str, Any], llmc: dict[str, 
             "llmcompressor": _delta_pct(ppl_l, float_ppl),
         },
         "ppl_quantmint_vs_llmcompressor_pct": _delta_pct(ppl_q, ppl_l),
+        **second,
         "goal_met": bool(
             time_ratio is not None
             and ppl_q is not None
             and ppl_l is not None
             and time_ratio >= GOAL_SPEEDUP
             and ppl_q <= ppl_l
+            and second_ok
         ),
     }
 
@@ -239,6 +268,7 @@ def assemble(
     """The JSON report from the children's results (keyed by child name) and the run's metadata."""
     float_run = results.get("float", {})
     float_ppl = float_run.get("ppl")
+    float_second = float_run.get("ppl_second")
     report: dict[str, Any] = {"benchmark": "smoothquant_vs_llmcompressor", **meta}
     report["float"] = dict(float_run)
     if "float_venv" in results:
@@ -248,17 +278,22 @@ def assemble(
             venv_ppl is not None and float_ppl is not None and abs(venv_ppl - float_ppl) < 1e-3
         )
     report["runs"] = {name: run for name, run in results.items() if not name.startswith("float")}
-    report["comparison"] = compare(float_ppl, results.get("quantmint", {}), results.get("llmcompressor", {}))
+    report["comparison"] = compare(
+        float_ppl, results.get("quantmint", {}), results.get("llmcompressor", {}), float_second
+    )
     # quantmint at a fixed alpha of 0.5 (no search) against llm-compressor at its own best alpha.
     report["comparison_quantmint_alpha0.5_vs_llmcompressor"] = compare(
-        float_ppl, results.get("quantmint_alpha0.5", {}), results.get("llmcompressor", {})
+        float_ppl, results.get("quantmint_alpha0.5", {}), results.get("llmcompressor", {}), float_second
     )
     report["goal_met"] = any(
         report[key]["goal_met"] for key in ("comparison", "comparison_quantmint_alpha0.5_vs_llmcompressor")
     )
     if alpha05:
         report["comparison_alpha0.5"] = compare(
-            float_ppl, results.get("quantmint_alpha0.5", {}), results.get("llmcompressor_alpha0.5", {})
+            float_ppl,
+            results.get("quantmint_alpha0.5", {}),
+            results.get("llmcompressor_alpha0.5", {}),
+            float_second,
         )
     # Every calibrating child read the ids the parent drew, and every child scored the same eval ids.
     calib_hashes = {run["calib_sha256"] for run in results.values() if "calib_sha256" in run}
@@ -267,9 +302,11 @@ def assemble(
         "same_ids_in_every_child": calib_hashes == {meta["calibration"]["sha256"]},
     }
     eval_hashes = {run.get("eval_sha256") for run in results.values()}
+    second_hashes = {run.get("second_eval_sha256") for run in results.values()}
     report["eval"] = {
         **meta["eval"],
         "same_ids_in_every_child": len(eval_hashes) == 1 and None not in eval_hashes,
+        "same_second_ids_in_every_child": len(second_hashes) == 1,
     }
     return report
 
@@ -422,6 +459,17 @@ def write_calibration(model: str, args: argparse.Namespace, path: Path) -> dict[
     }
 
 
+def write_second_text(source: str | None, path: Path) -> str | None:
+    """The second text as a plain UTF-8 file that every child reads alike (both venvs' quantmint may differ):
+    a SQuAD .json becomes its unique contexts, joined (`squad_contexts_text`, this checkout's)."""
+    if not source:
+        return None
+    from quantmint.eval.perplexity import read_text
+
+    path.write_text(read_text(source), encoding="utf-8")
+    return str(path)
+
+
 def run_child(child: Child, out: Path, threads: int) -> dict[str, Any]:
     """Run one child to completion; its result JSON plus `peak_rss_mb` (wait4) and `wall_s`."""
     from quantmint.tools.memory import maxrss_mb
@@ -449,8 +497,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sq-vs-llmc-") as tmp:
         calib_path = Path(tmp) / "calibration.safetensors"
         calibration = write_calibration(model, args, calib_path)
+        second = write_second_text(args.second_text, Path(tmp) / "second_text.txt")
         results: dict[str, dict[str, Any]] = {}
-        for child in plan(args, model, str(calib_path)):
+        for child in plan(args, model, str(calib_path), second):
             child_load = loadavg()
             results[child.name] = run_child(child, Path(tmp) / f"{child.name}.json", args.threads)
             results[child.name]["loadavg_1m_at_start"] = child_load
@@ -464,12 +513,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": calibration,
         "eval": {
             "file": str(args.text),
+            "second_file": args.second_text or None,
             "max_tokens": args.eval_tokens,
             "seq_len": args.eval_seq_len,
             "windowing": PERPLEXITY_WINDOWING,
         },
         "settings": {
-            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block), batch 8",
+            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per smoothing pair), "
+            "batch 8",
             "llmcompressor": f"SmoothQuantModifier(smoothing_strength={args.llmc_alpha}) default mappings + "
             f"QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']), "
             f"batch {args.llmc_batch_size}, default pipeline",
@@ -510,15 +561,22 @@ def _score(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """quantmint's perplexity of `model` on the spec's text, and the sha256 of the ids it scored."""
     from quantmint.eval.perplexity import perplexity, read_text
 
-    text = read_text(spec["text"])
-    ppl = perplexity(model, tokenizer, text, max_tokens=spec["eval_tokens"], seq_len=spec["eval_seq_len"])
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][: ppl["tokens"]]
-    return {
-        "ppl": round(ppl["ppl"], 4),
-        "eval_tokens": ppl["tokens"],
-        "eval_seconds": ppl["seconds"],
-        "eval_sha256": ids_sha256(ids),
-    }
+    scores: dict[str, Any] = {}
+    for key, path in (("", spec["text"]), ("second_", spec.get("second_text"))):
+        if not path:
+            continue
+        text = read_text(path)  # the parent wrote the second text as plain text (`write_second_text`)
+        ppl = perplexity(model, tokenizer, text, max_tokens=spec["eval_tokens"], seq_len=spec["eval_seq_len"])
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][: ppl["tokens"]]
+        scores.update(
+            {
+                "ppl" if not key else "ppl_second": round(ppl["ppl"], 4),
+                f"{key}eval_tokens": ppl["tokens"],
+                f"{key}eval_seconds": ppl["seconds"],
+                f"{key}eval_sha256": ids_sha256(ids),
+            }
+        )
+    return scores
 
 
 def _probe_logits(model: Any, ids: Any) -> Any:
@@ -684,7 +742,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--text", type=Path, default=DATA / "test.txt", help="perplexity text (wikitext-2 test)")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="perplexity tokens (default 32768)")
+    p.add_argument(
+        "--second-text",
+        default=str(SQUAD),
+        help="second perplexity text: a text file, or a SQuAD v1.1 .json whose unique contexts are joined "
+        "(default SQuAD v1.1 dev; '' skips it)",
+    )
+    p.add_argument(
+        "--eval-tokens", type=int, default=32768, help="perplexity tokens per text (default 32768)"
+    )
     p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window (default 512)")
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)"

@@ -146,6 +146,36 @@ def test_smoothquant_vs_llmcompressor_report() -> None:
     assert sq.assemble(results, meta)["calibration"]["same_ids_in_every_child"] is False
 
 
+def test_smoothquant_vs_llmcompressor_scores_a_second_text(tmp_path: Path) -> None:
+    sq = _sq_module()
+    args = sq.parse_args([])
+    assert args.second_text == str(sq.SQUAD)  # on by default: SQuAD v1.1 dev contexts
+    children = sq.plan(args, "M", "I", "SECOND.txt")
+    assert {c.spec["second_text"] for c in children} == {"SECOND.txt"}
+    assert {c.spec["second_text"] for c in sq.plan(sq.parse_args(["--second-text", ""]), "M", "I")} == {None}
+    # A SQuAD file becomes its unique contexts as one plain text, written once for every child.
+    squad = tmp_path / "dev.json"
+    paragraphs = [{"context": "Alpha is a letter.", "qas": []}, {"context": "Beta is too.", "qas": []}]
+    squad.write_text(json.dumps({"data": [{"paragraphs": paragraphs}, {"paragraphs": paragraphs[:1]}]}))
+    written = sq.write_second_text(str(squad), tmp_path / "second.txt")
+    assert Path(written).read_text() == "Alpha is a letter.\n\nBeta is too."
+    assert sq.write_second_text(None, tmp_path / "none.txt") is None
+    from quantmint.errors import QuantmintError
+
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(QuantmintError, match="not a SQuAD v1.1 JSON file"):
+        sq.write_second_text(str(tmp_path / "bad.json"), tmp_path / "x.txt")
+
+    quantmint = {**_sq_run(100.0, 26.276, 2000.0), "ppl_second": 20.9}
+    llmc = {**_sq_run(350.0, 26.333, 3000.0), "ppl_second": 21.0}
+    cmp = sq.compare(26.149, quantmint, llmc, float_second=20.8)
+    assert cmp["ppl_second_delta_pct"] == {"quantmint": 0.481, "llmcompressor": 0.962}
+    assert cmp["goal_met"] is True
+    worse = sq.compare(26.149, {**quantmint, "ppl_second": 21.1}, llmc, float_second=20.8)
+    assert worse["goal_met"] is False  # better on wikitext, worse on the second text
+    assert "ppl_second_delta_pct" not in sq.compare(26.149, _sq_run(1.0, 1.0, 1.0), _sq_run(1.0, 1.0, 1.0))
+
+
 def test_smoothquant_vs_llmcompressor_refuses_torch_and_cuda_in_the_venv() -> None:
     sq = _sq_module()
 

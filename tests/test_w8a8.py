@@ -166,7 +166,7 @@ def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_i
     assert (q_proj.input_scale is not None) == (config is W8A8_STATIC)
 
 
-def test_alpha_search_picks_from_the_grid_per_block(calibration, input_ids) -> None:
+def test_alpha_search_picks_from_the_grid_per_pair(calibration, input_ids) -> None:
     results = {}
     for name, args in (("fixed", {}), ("search", {"smooth_alpha_grid": [0.2, 0.4, 0.6, 0.8]})):
         model = build_tiny("llama")
@@ -174,10 +174,96 @@ def test_alpha_search_picks_from_the_grid_per_block(calibration, input_ids) -> N
         ref = model_output(model, input_ids)
         quantize(model, {**W8A8_SMOOTH, "algorithm_args": args}, calibration=calibration)
         results[name] = (sqnr_db(ref, model_output(model, input_ids)), quant_state(model).calibration)
-    alphas = results["search"][1]["smooth_alpha_per_block"]
-    assert len(alphas) == 2 and set(alphas) <= {0.2, 0.4, 0.6, 0.8}
+    alphas = results["search"][1]["smooth_alpha_per_pair"]  # every pair of both blocks, by `prev`
+    pairs = ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")
+    assert set(alphas) == {f"model.layers.{i}.{prev}" for i in range(2) for prev in pairs}
+    assert set(alphas.values()) <= {0.2, 0.4, 0.6, 0.8}
+    assert "smooth_alpha_per_block" not in results["search"][1]
     assert results["fixed"][1]["smooth_alpha_per_block"] == [0.5, 0.5]
+    assert "smooth_alpha_per_pair" not in results["fixed"][1]
     assert results["search"][0] >= results["fixed"][0] - 1.0
+
+
+def test_alpha_search_takes_the_smaller_linear_output_error(calibration, monkeypatch) -> None:
+    """Activation outliers (two norm channels x 100, the weights left alone): alpha 0 leaves them in the
+    int8 activations (s = 1 / max|W|), alpha 0.8 moves them into the weights. The search measures each
+    alpha's error on the pair's linears, keeps the smaller one, applies it and records it."""
+    from quantmint.algorithms import builtin
+
+    searched = {}
+    search = builtin.search_pair_alpha
+
+    def spy(steps, block, observers, prev, inputs, grid):
+        alpha, errors = search(steps, block, observers, prev, inputs, grid)
+        searched[f"{block.name}.{prev}"] = (alpha, errors)
+        return alpha, errors
+
+    monkeypatch.setattr(builtin, "search_pair_alpha", spy)
+    model = build_tiny("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17]] *= 100.0
+    config = {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.0, 0.8]}}
+    quantize(model, config, calibration=calibration)
+    chosen = quant_state(model).calibration["smooth_alpha_per_pair"]
+    assert {name: alpha for name, (alpha, _) in searched.items()} == chosen
+    for name, (alpha, errors) in searched.items():
+        assert set(errors) == {0.0, 0.8} and errors[alpha] == min(errors.values())
+        if name.endswith("layernorm"):  # the pairs with planted outliers
+            assert alpha == 0.8 and errors[0.0] > 4 * errors[0.8], (name, errors)
+
+
+def test_alpha_search_error_is_the_smoothed_rounded_linears_error(input_ids) -> None:
+    """`search_pair_alpha`'s error for an alpha is what smoothing the block at that alpha and rounding it
+    (the real pipeline) gives on the pair's linears (q, k, v after the input norm), on the same tokens."""
+    import copy
+
+    from quantmint.algorithms.builtin import PairInputs, search_pair_alpha
+    from quantmint.algorithms.ptq import PTQ, BlockSteps, QuantState
+
+    model = build_tiny("llama")
+    _plant_outliers(model)
+    ptq = PTQ({**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.3, 0.7]}})
+
+    def qkv_outputs(m):
+        attn = m.model.layers[0].self_attn
+        outs = []
+        hooks = [
+            lin.register_forward_hook(lambda _m, _a, y: outs.append(y.float()))
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj)
+        ]
+        with torch.no_grad():
+            m(input_ids=input_ids)
+        for hook in hooks:
+            hook.remove()
+        return outs
+
+    layout = ptq.layout(model)
+    block = layout.blocks[0]
+    steps = BlockSteps(ptq, model, layout, ptq.targets(layout), QuantState(ptq.config, layout.family.name))
+    captured = PairInputs(block, layout.family, calls=1, tokens=10**6)  # every token
+    observers, handles = attach_input_observers(block.linears)
+    reference = qkv_outputs(model)
+    for handle in [*handles, captured]:
+        handle.remove()
+    _, errors = search_pair_alpha(
+        steps, block, observers, "input_layernorm", captured.inputs["input_layernorm"], [0.3, 0.7]
+    )
+    for alpha in (0.3, 0.7):
+        trial = copy.deepcopy(model)
+        trial_layout = ptq.layout(trial)
+        folded = ptq._transform_block(
+            trial_layout.blocks[0],
+            trial_layout.family,
+            observers,
+            ptq.targets(trial_layout),
+            SmoothQuant(alpha, head_dim=steps.head_dim),
+        )
+        q, k, v = qkv_outputs(trial)
+        v = v * folded["model.layers.0.self_attn.v_proj"]  # v's rows carry the o_proj pair's smoothing
+        measured = sum(float((y - ref).pow(2).sum()) for y, ref in zip((q, k, v), reference, strict=True))
+        assert errors[alpha] == pytest.approx(measured, rel=0.02)
 
 
 def test_alpha_grid_is_validated() -> None:
@@ -242,3 +328,12 @@ def test_linears_with_outlier_tokens_are_kept_w8a16_and_round_trip(
     loaded = load_quantized(save_quantized(model, tmp_path / "mixed"))
     assert quant_state(loaded).modules == schemes
     assert torch.equal(model_output(loaded, input_ids), expected)
+
+
+def test_alpha_search_records_no_alpha_for_a_rotated_pair(calibration) -> None:
+    """With `hadamard`, down_proj's input is rotated and its pair (up -> down) is not smoothed: the report
+    lists an alpha only for the pairs that were."""
+    config = {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.5, 0.8], "hadamard": True}}
+    model = quantize(build_tiny("llama"), config, calibration=calibration)
+    alphas = quant_state(model).calibration["smooth_alpha_per_pair"]
+    assert len(alphas) == 6 and not any(name.endswith("mlp.up_proj") for name in alphas)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from quantmint.algorithms.calibration import BlockCall, CalibrationReport
+    from quantmint.algorithms.calibration import CalibrationReport
     from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.extension.family import ModelLayout
@@ -114,57 +114,122 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         return True
 
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
+        return 0  # the search reads the linears' inputs captured while the block runs (`PairInputs`)
+
+    def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         assert isinstance(config, SmoothQuantConfig)
-        return config.search_batches
+        if config.alpha_grid:
+            ctx.handles.append(PairInputs(ctx.block, ctx.steps.family, config.search_batches))
 
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         from quantmint.algorithms.smooth_quant import SmoothQuant
 
         assert isinstance(config, SmoothQuantConfig)
         steps = ctx.steps
-        alpha = config.alpha
-        if config.alpha_grid:
-            alpha, _ = search_alpha(
-                steps,
-                ctx.block,
-                ctx.observers,
-                ctx.calls,
-                ctx.outputs,
-                config.alpha_grid,
-                config.search_batches,
-            )
-        steps.alphas.append(alpha)
-        ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
+        if not config.alpha_grid:
+            steps.alphas.append(config.alpha)
+            ctx.smoothing = SmoothQuant(config.alpha, head_dim=steps.head_dim)
+            return
+        captured = next(h for h in ctx.handles if isinstance(h, PairInputs))
+        chosen: dict[str, float] = {}
+        for prev, inputs in captured.inputs.items():
+            if inputs:
+                alpha, errors = search_pair_alpha(
+                    steps, ctx.block, ctx.observers, prev, inputs, config.alpha_grid
+                )
+                if errors:  # a pair that is not smoothed (rotated, unobserved) records no alpha
+                    chosen[prev] = alpha
+        captured.inputs.clear()
+        steps.pair_alphas.update({f"{ctx.block.name}.{prev}": alpha for prev, alpha in chosen.items()})
+        ctx.smoothing = SmoothQuant(config.alpha, head_dim=steps.head_dim, pair_alphas=chosen)
 
 
-def search_alpha(
+# Tokens of the linears' inputs per smoothing pair that the alpha search rounds and multiplies, spread
+# evenly over the first `search_batches` calibration calls of the block.
+SEARCH_TOKENS = 1024
+
+
+class PairInputs:
+    """While a block runs on its calibration calls, keeps a strided sample of the input of each
+    smoothing pair's linears (at most `SEARCH_TOKENS` tokens from the first `calls` calls): what
+    `search_pair_alpha` rounds. A handle of `BlockContext.handles` (`remove` drops the hooks)."""
+
+    def __init__(self, block: BlockLayout, family: Any, calls: int, tokens: int | None = None) -> None:
+        self.calls = calls
+        self.per_call = -(-(tokens or SEARCH_TOKENS) // calls)
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self._hooks = []
+        for pair in family.smooth_pairs:
+            self.inputs[pair.prev] = []
+            module = block.module.get_submodule(pair.linears[0])
+            self._hooks.append(module.register_forward_pre_hook(self._hook(self.inputs[pair.prev])))
+
+    def _hook(self, store: list[torch.Tensor]) -> Any:
+        import torch
+
+        def capture(_module: Any, args: tuple[Any, ...]) -> None:
+            if len(store) >= self.calls:
+                return
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] > self.per_call:
+                x = x[torch.linspace(0, x.shape[0] - 1, self.per_call).round().long()]
+            store.append(x.clone())
+
+        return capture
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def search_pair_alpha(
     steps: BlockSteps,
     block: BlockLayout,
     observers: dict[str, InputObserver],
-    calls: list[BlockCall],
-    outputs: list[torch.Tensor],
+    prev: str,
+    inputs: list[torch.Tensor],
     grid: list[float],
-    search_batches: int,
 ) -> tuple[float, dict[float, float]]:
-    """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
-    on the first `search_batches` calls."""
+    """The alpha of `grid` that smooths the pair whose `prev` is `prev` (relative to the block) best: the
+    smallest squared error, summed over the pair's linears, between their float outputs and the outputs
+    of their smoothed, rounded twins (the recipe's rounding: int8 weights and activations) on `inputs`
+    (the linears' float inputs as captured by `PairInputs`). Nothing in the block is changed.
+
+    Only the pair's linears are compared: smoothing a pair changes no other linear's rounding (`prev`'s
+    rows are divided by a scale, and a per-channel or per-group weight scale absorbs that), so the pairs
+    of a block can be chosen one by one. Returns (alpha, {alpha: error}); a pair that `smooth_block`
+    would skip (rotated, unobserved) gets the first alpha with no errors."""
     import copy
 
-    from quantmint.algorithms.smooth_quant import SmoothQuant
+    import torch
 
-    subset = range(min(len(calls), search_batches))
-    losses = {}
+    from quantmint.algorithms.smooth_quant import SmoothQuant, smoothable_pairs
+
+    pair = next((p for p in smoothable_pairs(block, steps.family, observers) if p.prev == prev), None)
+    if pair is None:
+        return grid[0], {}
+    adapter = steps.family.adapter
+    names = [f"{block.name}.{rel}" for rel in pair.linears]
+    linears = [block.module.get_submodule(rel) for rel in pair.linears]
+    dtype = adapter.weight(linears[0]).dtype
+    x = torch.cat(inputs).to(dtype)
+    reference = [m(x).float() for m in linears]
+    smooth = SmoothQuant(head_dim=steps.head_dim)
+    errors: dict[float, float] = {}
     for alpha in grid:
-        trial = copy.deepcopy(block.module)
-        trial_layout = BlockLayout(
-            index=block.index,
-            name=block.name,
-            module=trial,
-            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
-        )
-        steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
-        losses[alpha] = sum(float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset)
-    return min(losses, key=losses.__getitem__), losses
+        scales, _ = smooth.pair_scales(block.module, pair, adapter, observers[names[0]].absmax, alpha)
+        x_in = (x.float() / scales).to(dtype)
+        error = 0.0
+        for name, module, ref in zip(names, linears, reference, strict=True):
+            trial = copy.deepcopy(module)
+            w = adapter.weight(module).detach()
+            adapter.set_weight(trial, (w.float() * scales[None, :]).to(w.dtype))
+            fake = steps.ptq._fake_linear(trial, steps.family, observers[name], scales, name=name)
+            error += float((fake(x_in).float() - ref).pow(2).sum())
+        errors[alpha] = error
+    return min(errors, key=errors.__getitem__), errors
 
 
 class RTN(AlgorithmBase):

@@ -350,7 +350,8 @@ class BlockSteps:
         rounding = ptq.rounding
         self.percentile = None if rounding is None else rounding.input_percentile
         self.kv_modules = {block.name: name for name, block in ptq.kv_attention_modules(layout).items()}
-        self.alphas: list[float] = []
+        self.alphas: list[float] = []  # a fixed alpha, per block
+        self.pair_alphas: dict[str, float] = {}  # the searched alpha of each smoothing pair, by `prev`'s name
         self.extra: dict[str, Any] = {}
 
     def attach(self, block: BlockLayout) -> BlockContext:
@@ -415,6 +416,8 @@ class BlockSteps:
         }
         if self.alphas:
             result["smooth_alpha_per_block"] = self.alphas
+        if self.pair_alphas:
+            result["smooth_alpha_per_pair"] = self.pair_alphas
         kept = sorted(n for n, scheme in self.state.modules.items() if scheme != self.ptq.scheme)
         if kept:
             result["kept_w8a16"] = kept

@@ -19,7 +19,7 @@ from quantmint.algorithms.rotation import is_rotated
 from quantmint.errors import ModelMappingError
 from quantmint.extension.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
 
-__all__ = ["SmoothQuant", "smoothing_scales"]
+__all__ = ["SmoothQuant", "smoothable_pairs", "smoothing_scales"]
 
 _EPS = 1e-5
 
@@ -30,12 +30,37 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
     return s.clamp(min=_EPS, max=1 / _EPS)
 
 
-class SmoothQuant:
-    """The outlier-smoothing algorithm module (`outliers_suppression: smooth`)."""
+def smoothable_pairs(
+    block: BlockLayout, family: ModelFamily, observers: dict[str, InputObserver]
+) -> list[SmoothPair]:
+    """The family's pairs that `SmoothQuant.smooth_block` smooths in this block: those whose linears are
+    not rotated and whose inputs were observed."""
+    chosen = []
+    for pair in family.smooth_pairs:
+        names = [f"{block.name}.{rel}" for rel in pair.linears]
+        if any(is_rotated(block.module.get_submodule(rel)) for rel in pair.linears):
+            continue  # a rotated input's channels are not the channels `prev` produces
+        if any(name not in observers or observers[name].absmax is None for name in names):
+            continue
+        chosen.append(pair)
+    return chosen
 
-    def __init__(self, alpha: float = 0.5, head_dim: int | None = None) -> None:
+
+class SmoothQuant:
+    """The outlier-smoothing algorithm module (`outliers_suppression: smooth`).
+
+    `alpha` smooths every pair, except the pairs named in `pair_alphas` (the pair's `prev`, relative to
+    the block -> its own alpha, as the per-pair search chose it)."""
+
+    def __init__(
+        self, alpha: float = 0.5, head_dim: int | None = None, pair_alphas: dict[str, float] | None = None
+    ) -> None:
         self.alpha = alpha
         self.head_dim = head_dim
+        self.pair_alphas = dict(pair_alphas or {})
+
+    def alpha_for(self, pair: SmoothPair) -> float:
+        return self.pair_alphas.get(pair.prev, self.alpha)
 
     @torch.no_grad()
     def smooth_block(
@@ -51,23 +76,20 @@ class SmoothQuant:
         """
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
-        for pair in family.smooth_pairs:
+        for pair in smoothable_pairs(block, family, observers):
             names = [f"{block.name}.{rel}" for rel in pair.linears]
-            if any(is_rotated(block.module.get_submodule(rel)) for rel in pair.linears):
-                continue  # a rotated input's channels are not the channels `prev` produces
-            if any(name not in observers or observers[name].absmax is None for name in names):
-                continue
             scales = self._smooth_pair(block.module, pair, family.adapter, observers[names[0]].absmax)
             inputs.update(dict.fromkeys(names, scales[0]))
             outputs[f"{block.name}.{pair.prev}"] = scales[1]
         return inputs, outputs
 
-    def _smooth_pair(
-        self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
+    def pair_scales(
+        self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, prev_scales) that smoothing `pair` of `block` at `alpha` would use, nothing changed:
+        the linears' input is divided by `scales` [in], `prev`'s output by `prev_scales` [prev out]."""
         prev = block.get_submodule(pair.prev)
-        linears = [block.get_submodule(rel) for rel in pair.linears]
-        weights = [adapter.weight(m).detach() for m in linears]
+        weights = [adapter.weight(block.get_submodule(rel)).detach() for rel in pair.linears]
         w_absmax = torch.cat(weights, dim=0).abs().amax(dim=0).float()
         prev_is_linear = adapter.is_linear(prev)
         groups = 1
@@ -90,10 +112,20 @@ class SmoothQuant:
         if groups > 1:
             x_red = _reduce_groups(x_absmax, groups, self.head_dim)
             w_red = _reduce_groups(w_absmax, groups, self.head_dim)
-            prev_scales = smoothing_scales(x_red, w_red, self.alpha)
+            prev_scales = smoothing_scales(x_red, w_red, alpha)
             scales = _expand_groups(prev_scales, groups, self.head_dim)
         else:
-            scales = prev_scales = smoothing_scales(x_absmax, w_absmax, self.alpha)
+            scales = prev_scales = smoothing_scales(x_absmax, w_absmax, alpha)
+        return scales, prev_scales
+
+    def _smooth_pair(
+        self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = block.get_submodule(pair.prev)
+        linears = [block.get_submodule(rel) for rel in pair.linears]
+        weights = [adapter.weight(m).detach() for m in linears]
+        scales, prev_scales = self.pair_scales(block, pair, adapter, x_absmax, self.alpha_for(pair))
+        prev_is_linear = adapter.is_linear(prev)
         if prev_is_linear:
             w = adapter.weight(prev).detach()
             adapter.set_weight(prev, (w.float() / prev_scales[:, None]).to(w.dtype))

@@ -53,7 +53,9 @@ class AlgorithmArgs(StrictConfig):
     """Knobs of the algorithm modules (the seeds' `algorithm_args`)."""
 
     smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Non-empty: pick each block's alpha from this grid by the MSE of its quantized output vs float.
+    # Non-empty: pick each smoothing pair's alpha from this grid: the one whose smoothed, rounded linears'
+    # outputs are closest (squared error) to their float outputs on a sample of their calibration inputs
+    # (1024 tokens taken evenly from the block's first `smooth_search_batches` calibration batches).
     smooth_alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     smooth_search_batches: int = Field(default=4, ge=1, le=1 << 20)
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
@@ -180,7 +182,8 @@ class HadamardConfig(AlgorithmConfig):
 
 
 class SmoothQuantConfig(AlgorithmConfig):
-    """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per block."""
+    """SmoothQuant: migrate activation outliers into the weights, alpha fixed or searched per smoothing
+    pair (see `AlgorithmArgs.smooth_alpha_grid`)."""
 
     name: ClassVar[str] = "smooth_quant"
     mindformers_method: ClassVar[str | None] = "smooth_quant"

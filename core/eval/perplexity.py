@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from quantmint.errors import QuantmintError
 
-__all__ = ["PERPLEXITY_WINDOWING", "perplexity", "read_text"]
+__all__ = ["PERPLEXITY_WINDOWING", "perplexity", "read_text", "squad_contexts_text"]
 
 PERPLEXITY_WINDOWING = (
     "the file's text is tokenized whole without special tokens; the first max_tokens tokens are cut into "
@@ -36,14 +36,38 @@ def new_cache(model: nn.Module) -> Any:
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file as one string (wikitext-2's `test.txt` as shipped, lines and all)."""
+    """A UTF-8 text file as one string (wikitext-2's `test.txt` as shipped, lines and all); a `.json` file
+    is read as SQuAD v1.1, its unique paragraph contexts joined (`squad_contexts_text`)."""
     path = Path(path)
     if not path.is_file():
         raise QuantmintError(f"text file {path} does not exist")
+    if path.suffix == ".json":
+        return squad_contexts_text(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise QuantmintError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+def squad_contexts_text(path: str | Path) -> str:
+    """A second perplexity text: the unique paragraph contexts of a SQuAD v1.1 JSON file (Wikipedia prose,
+    untokenized, unlike wikitext-2), in file order, joined by blank lines. A `.json` path given to
+    `read_text` is read this way."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        paragraphs = [p for article in data["data"] for p in article["paragraphs"]]
+        contexts = [p["context"] for p in paragraphs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QuantmintError(
+            f"{path} is not a SQuAD v1.1 JSON file (data/paragraphs/context): {exc}"
+        ) from None
+    unique = list(dict.fromkeys(c.strip() for c in contexts if c.strip()))
+    if not unique:
+        raise QuantmintError(f"{path} holds no paragraph context")
+    return "\n\n".join(unique)
 
 
 @torch.no_grad()
