@@ -282,8 +282,8 @@ def test_block_ptq_runs_on_top_of_the_alpha_search() -> None:
     config = _config("w8a8-ptq").with_updates(algorithm_args={"smooth_alpha_grid": [0.3, 0.8]})
     model = quantize(build_tiny("llama"), config, calibration=_calibration())
     calibration = quant_state(model).calibration
-    alphas = calibration["smooth_alpha_per_pair"]  # 4 smoothing pairs in each of the 2 blocks
-    assert len(alphas) == 8 and set(alphas.values()) <= {0.3, 0.8}
+    assert len(calibration["smooth_alpha_per_block"]) == 2
+    assert set(calibration["smooth_alpha_per_block"]) <= {0.3, 0.8}
     assert all(e["ptq_mse"] < e["rtn_mse"] for e in calibration["block_ptq"]["blocks"])
 
 

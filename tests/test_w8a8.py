@@ -166,9 +166,40 @@ def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_i
     assert (q_proj.input_scale is not None) == (config is W8A8_STATIC)
 
 
-def test_alpha_search_picks_from_the_grid_per_pair(calibration, input_ids) -> None:
+def test_alpha_search_picks_from_the_grid_per_block(calibration, input_ids) -> None:
+    """The default search (`smooth_alpha_search: block`, the presets'): one alpha per block."""
     results = {}
     for name, args in (("fixed", {}), ("search", {"smooth_alpha_grid": [0.2, 0.4, 0.6, 0.8]})):
+        model = build_tiny("llama")
+        torch.manual_seed(0)
+        ref = model_output(model, input_ids)
+        quantize(model, {**W8A8_SMOOTH, "algorithm_args": args}, calibration=calibration)
+        results[name] = (sqnr_db(ref, model_output(model, input_ids)), quant_state(model).calibration)
+    alphas = results["search"][1]["smooth_alpha_per_block"]
+    assert len(alphas) == 2 and set(alphas) <= {0.2, 0.4, 0.6, 0.8}
+    assert "smooth_alpha_per_pair" not in results["search"][1]
+    assert results["fixed"][1]["smooth_alpha_per_block"] == [0.5, 0.5]
+    assert results["search"][0] >= results["fixed"][0] - 1.0
+
+
+def test_smooth_alpha_search_key_is_written_only_when_not_the_default() -> None:
+    """`smooth_alpha_search: pair` round-trips through YAML; the default (block) is written nowhere, so
+    configs and checkpoints keep the bytes they had before the key; other values are refused."""
+    from quantmint.config import PTQConfig, get_preset
+
+    assert "smooth_alpha_search" not in get_preset("w8a8").to_yaml()
+    pair = get_preset("w8a8").with_updates(algorithm_args={"smooth_alpha_search": "pair"})
+    assert "smooth_alpha_search: pair" in pair.to_yaml()
+    again = PTQConfig.from_yaml(pair.to_yaml())
+    assert again == pair and again.algorithm_args.smooth_alpha_search == "pair"
+    with pytest.raises(ConfigError, match="smooth_alpha_search"):
+        PTQConfig(algorithm_args={"smooth_alpha_search": "layer"})
+
+
+def test_alpha_search_picks_from_the_grid_per_pair(calibration, input_ids) -> None:
+    results = {}
+    pair = {"smooth_alpha_search": "pair"}
+    for name, args in (("fixed", pair), ("search", {**pair, "smooth_alpha_grid": [0.2, 0.4, 0.6, 0.8]})):
         model = build_tiny("llama")
         _plant_outliers(model)
         ref = model_output(model, input_ids)
@@ -204,7 +235,10 @@ def test_alpha_search_takes_the_smaller_linear_output_error(calibration, monkeyp
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17]] *= 100.0
-    config = {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.0, 0.8]}}
+    config = {
+        **W8A8_SMOOTH,
+        "algorithm_args": {"smooth_alpha_grid": [0.0, 0.8], "smooth_alpha_search": "pair"},
+    }
     quantize(model, config, calibration=calibration)
     chosen = quant_state(model).calibration["smooth_alpha_per_pair"]
     assert {name: alpha for name, (alpha, _) in searched.items()} == chosen
@@ -333,7 +367,8 @@ def test_linears_with_outlier_tokens_are_kept_w8a16_and_round_trip(
 def test_alpha_search_records_no_alpha_for_a_rotated_pair(calibration) -> None:
     """With `hadamard`, down_proj's input is rotated and its pair (up -> down) is not smoothed: the report
     lists an alpha only for the pairs that were."""
-    config = {**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.5, 0.8], "hadamard": True}}
+    args = {"smooth_alpha_grid": [0.5, 0.8], "hadamard": True, "smooth_alpha_search": "pair"}
+    config = {**W8A8_SMOOTH, "algorithm_args": args}
     model = quantize(build_tiny("llama"), config, calibration=calibration)
     alphas = quant_state(model).calibration["smooth_alpha_per_pair"]
     assert len(alphas) == 6 and not any(name.endswith("mlp.up_proj") for name in alphas)

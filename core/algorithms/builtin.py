@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from quantmint.algorithms.calibration import CalibrationReport
+    from quantmint.algorithms.calibration import BlockCall, CalibrationReport
     from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.extension.family import ModelLayout
@@ -114,11 +114,14 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         return True
 
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
-        return 0  # the search reads the linears' inputs captured while the block runs (`PairInputs`)
+        assert isinstance(config, SmoothQuantConfig)
+        if config.alpha_grid and config.search == "block":
+            return config.search_batches  # the block search re-runs the block on these calls
+        return 0  # the pair search reads the linears' inputs captured while the block runs (`PairInputs`)
 
     def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         assert isinstance(config, SmoothQuantConfig)
-        if config.alpha_grid:
+        if config.alpha_grid and config.search == "pair":
             ctx.handles.append(PairInputs(ctx.block, ctx.steps.family, config.search_batches))
 
     def before_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
@@ -126,9 +129,20 @@ class SmoothQuantAlgorithm(AlgorithmBase):
 
         assert isinstance(config, SmoothQuantConfig)
         steps = ctx.steps
-        if not config.alpha_grid:
-            steps.alphas.append(config.alpha)
-            ctx.smoothing = SmoothQuant(config.alpha, head_dim=steps.head_dim)
+        if not config.alpha_grid or config.search == "block":
+            alpha = config.alpha
+            if config.alpha_grid:
+                alpha, _ = search_alpha(
+                    steps,
+                    ctx.block,
+                    ctx.observers,
+                    ctx.calls,
+                    ctx.outputs,
+                    config.alpha_grid,
+                    config.search_batches,
+                )
+            steps.alphas.append(alpha)
+            ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
             return
         captured = next(h for h in ctx.handles if isinstance(h, PairInputs))
         chosen: dict[str, float] = {}
@@ -182,6 +196,38 @@ class PairInputs:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def search_alpha(
+    steps: BlockSteps,
+    block: BlockLayout,
+    observers: dict[str, InputObserver],
+    calls: list[BlockCall],
+    outputs: list[torch.Tensor],
+    grid: list[float],
+    search_batches: int,
+) -> tuple[float, dict[float, float]]:
+    """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
+    on the first `search_batches` calls (`smooth_alpha_search: block`, the presets' search): every grid
+    point rounds a copy of the whole block and runs it, so the choice sees what the block's other
+    operations (attention, the MLP's gate) make of each linear's error."""
+    import copy
+
+    from quantmint.algorithms.smooth_quant import SmoothQuant
+
+    subset = range(min(len(calls), search_batches))
+    losses = {}
+    for alpha in grid:
+        trial = copy.deepcopy(block.module)
+        trial_layout = BlockLayout(
+            index=block.index,
+            name=block.name,
+            module=trial,
+            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
+        )
+        steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
+        losses[alpha] = sum(float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset)
+    return min(losses, key=losses.__getitem__), losses
 
 
 def search_pair_alpha(

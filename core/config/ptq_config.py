@@ -220,6 +220,7 @@ class PTQConfig(StrictConfig):
                     alpha=args.smooth_alpha,
                     alpha_grid=list(args.smooth_alpha_grid),
                     search_batches=args.smooth_search_batches,
+                    search=args.smooth_alpha_search,
                 )
             )
         if self.weight_dtype:

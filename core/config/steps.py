@@ -53,11 +53,18 @@ class AlgorithmArgs(StrictConfig):
     """Knobs of the algorithm modules (the seeds' `algorithm_args`)."""
 
     smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Non-empty: pick each smoothing pair's alpha from this grid: the one whose smoothed, rounded linears'
-    # outputs are closest (squared error) to their float outputs on a sample of their calibration inputs
-    # (1024 tokens taken evenly from the block's first `smooth_search_batches` calibration batches).
+    # Non-empty: pick alphas from this grid, as `smooth_alpha_search` says:
+    # - "block" (default): one alpha per block, the one whose quantized block output is closest (MSE) to
+    #   the float block's on its first `smooth_search_batches` calibration batches (the block is rounded
+    #   and re-run once per grid point);
+    # - "pair": one alpha per smoothing pair, the one whose smoothed, rounded linears' outputs are closest
+    #   (squared error) to their float outputs on 1024 of their calibration input tokens, taken evenly
+    #   from the block's first `smooth_search_batches` batches: several times faster, but it favours
+    #   larger alphas that fit the calibration text (docs/benchmarks.md, "Calibration speed and a second
+    #   text"), so it is not the presets' choice.
     smooth_alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     smooth_search_batches: int = Field(default=4, ge=1, le=1 << 20)
+    smooth_alpha_search: Literal["block", "pair"] = "block"
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
@@ -73,6 +80,14 @@ class AlgorithmArgs(StrictConfig):
         if bad:
             raise ValueError(f"smooth_alpha_grid values must lie in [0, 1], got {bad}")
         return value
+
+    # Written only when not the default: configs and checkpoints keep the bytes they had before the key.
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("smooth_alpha_search") == "block":
+            del data["smooth_alpha_search"]
+        return data
 
 
 class BlockPTQArgs(AlgorithmConfig):
@@ -190,6 +205,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     search_batches: int = Field(default=4, ge=1, le=1 << 20)
+    search: Literal["block", "pair"] = "block"
 
     @field_validator("alpha_grid")
     @classmethod
@@ -198,6 +214,13 @@ class SmoothQuantConfig(AlgorithmConfig):
         if bad:
             raise ValueError(f"alpha_grid values must lie in [0, 1], got {bad}")
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("search") == "block":  # the default, written nowhere (as `smooth_alpha_search`)
+            del data["search"]
+        return data
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if not quantizes_activations(recipe):
@@ -213,6 +236,7 @@ class SmoothQuantConfig(AlgorithmConfig):
                 "smooth_alpha": self.alpha,
                 "smooth_alpha_grid": list(self.alpha_grid),
                 "smooth_search_batches": self.search_batches,
+                "smooth_alpha_search": self.search,
             },
         }
 
