@@ -38,7 +38,7 @@ drawn once with ``quantmint.io.data.calibration_samples`` and saved as one ``[sa
 tensor in
 a temporary safetensors file that both children read; each reports the sha256 of the ids it read. quantmint
 calibrates in batches of 8 (its default), llm-compressor in batches of ``--llmc-batch-size`` (1, its
-default). Runs: quantmint preset ``w8a8`` (alpha searched per smoothing pair in {0.5, 0.6, 0.7, 0.8}) vs
+default). Runs: quantmint preset ``w8a8`` (alpha searched per block in {0.5, 0.6, 0.7, 0.8}) vs
 llm-compressor at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5;
 ``--alpha05`` adds llm-compressor at 0.5 too.
 
@@ -67,9 +67,8 @@ One JSON line goes to stdout; progress and the children's output go to stderr. T
 meaningless (the 1-minute load average before each child is recorded): with another job on the cores, all
 threads (``--threads``, default every core) spin against it and calibration slows several-fold, unevenly
 between the tools. A small ``--samples`` run checks the plumbing, not the speed goal: quantmint's alpha
-search rounds each smoothing pair's linears once per grid alpha (4) on 1,024 of their input tokens (taken
-from the block's first 4 batches of 8 samples) -- a fixed cost per block that a small calibration set
-weighs more -- while llm-compressor's passes do not depend on the count.
+search re-runs each block once per grid alpha (4) on its first 4 batches of 8 samples -- a fixed cost per
+block that a small calibration set weighs more -- while llm-compressor's passes do not depend on the count.
 """
 
 from __future__ import annotations
@@ -519,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "windowing": PERPLEXITY_WINDOWING,
         },
         "settings": {
-            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per smoothing pair), "
+            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block), "
             "batch 8",
             "llmcompressor": f"SmoothQuantModifier(smoothing_strength={args.llmc_alpha}) default mappings + "
             f"QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']), "
