@@ -518,8 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "windowing": PERPLEXITY_WINDOWING,
         },
         "settings": {
-            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block), "
-            "batch 8",
+            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block), batch 8",
             "llmcompressor": f"SmoothQuantModifier(smoothing_strength={args.llmc_alpha}) default mappings + "
             f"QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']), "
             f"batch {args.llmc_batch_size}, default pipeline",
