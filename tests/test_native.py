@@ -155,7 +155,7 @@ def _cpu_has_amx_bf16() -> bool:
 @pytest.mark.skipif(_cpu_has_amx_bf16(), reason="this CPU has AMX-BF16: the AMX tests above cover it")
 def test_amx_kernel_is_off_where_the_cpu_has_no_amx() -> None:
     # csrc/woq.c built with -march=native on a CPU without AMX compiles no tile instruction and says so;
-    # W8A16 then runs torch's kernels, bf16 included.
+    # W8A16 then runs csrc/w8a16.c (AVX-512 or AVX2+FMA) or torch, bf16 included.
     from quantmint.backends.torch import int8_weight_only as woq
 
     lib = woq.woq_library()
@@ -248,7 +248,7 @@ def _amx_ready() -> bool:
 
 
 needs_amx = pytest.mark.skipif(
-    not _amx_ready(), reason="no AMX-BF16 here (or no C compiler): W8A16 uses its torch kernels"
+    not _amx_ready(), reason="no AMX-BF16 here (or no C compiler): W8A16 uses csrc/w8a16.c or torch"
 )
 
 

@@ -827,7 +827,7 @@ def test_smollm2_greedy_tokens_agree_with_the_torch_runtime(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _amx_ready(), reason="no AMX-BF16 here: bf16 W8A16 runs torch's kernels")
+@pytest.mark.skipif(not _amx_ready(), reason="no AMX-BF16 here: bf16 W8A16 runs csrc/w8a16.c or torch")
 def test_smollm2_w8a16_in_bf16_runs_the_amx_kernel_and_agrees(
     smollm2_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
