@@ -181,10 +181,7 @@ def simd_woq_linear(
             "check simd_woq_supported first"
         )
     out_features, in_features = scale.shape[0], x.shape[-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    rows, (row_stride, col_stride) = x2.shape[0], x2.stride()
-    if col_stride != 1 or (rows > 1 and row_stride < in_features):
-        x2, row_stride = x2.contiguous(), in_features
+    x2, rows, row_stride = _kernel_rows(x, in_features)
     y = torch.empty((rows, out_features), dtype=x.dtype)
     if rows and not kernel.fn(
         x2.data_ptr(), bf16, rows, in_features, row_stride, packed.data_ptr(), out_features,
@@ -192,6 +189,16 @@ def simd_woq_linear(
     ):  # fmt: skip
         raise RuntimeError("the W8A16 SIMD kernel could not run (no workspace memory)")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _kernel_rows(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int, int]:
+    """x [..., in] as the native kernels read it: (rows [rows, in] with unit column stride and rows at
+    least `in` apart, copied only where needed; the number of rows; the row stride in elements)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    rows, (row_stride, col_stride) = x2.shape[0], x2.stride()
+    if col_stride != 1 or (rows > 1 and row_stride < in_features):
+        x2, row_stride = x2.contiguous(), in_features
+    return x2, rows, row_stride
 
 
 # --- the AMX kernel (csrc/woq.c) -----------------------------------------------------------------------
@@ -270,10 +277,7 @@ def amx_woq_linear(
         )
     # Runs once per layer and decode step: every torch call here costs about a microsecond.
     out_features, in_features = scale.shape[0], x.shape[-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    rows, (row_stride, col_stride) = x2.shape[0], x2.stride()
-    if col_stride != 1 or (rows > 1 and row_stride < in_features):
-        x2, row_stride = x2.contiguous(), in_features
+    x2, rows, row_stride = _kernel_rows(x, in_features)
     y = torch.empty((rows, out_features), dtype=torch.bfloat16)
     if rows and not fn(
         x2.data_ptr(), rows, in_features, row_stride, packed.data_ptr(), out_features,
