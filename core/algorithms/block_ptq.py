@@ -50,7 +50,7 @@ from quantmint.algorithms.calibration import BlockCall, CalibrationReport, batch
 from quantmint.algorithms.rotation import carry_rotation, mark_rotated
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import BlockPTQArgs
-from quantmint.errors import ConfigError
+from quantmint.errors import ConfigError, NotSupportedError
 from quantmint.extension.family import BlockLayout
 from quantmint.numerics import quant_math
 from quantmint.tools.memory import available_memory_bytes
@@ -246,6 +246,11 @@ class BlockPTQ:
     def run(self, samples: list[torch.Tensor]) -> CalibrationReport:
         start = time.perf_counter()
         args, steps = self.args, self.steps
+        if steps.world.distributed:
+            raise NotSupportedError(
+                f"block_ptq does not run data-parallel: its {steps.world.size} ranks would each tune on "
+                "their own batches; run it in one process (without torchrun)"
+            )
         batches = batch_samples(samples, args.batch_size)
         if len(batches) > args.n_batches:
             batches = batches[: args.n_batches]
@@ -336,7 +341,7 @@ class BlockPTQ:
         n = len(calls)
 
         def call_with(i: int, hidden: torch.Tensor) -> BlockCall:
-            return BlockCall(hidden=hidden, args=calls[i].args, kwargs=calls[i].kwargs)
+            return BlockCall(hidden=hidden, args=calls[i].args, kwargs=calls[i].kwargs, index=i)
 
         # 1. float pass: targets, and the statistics smoothing / static ranges / C8 need.
         attached = steps.attach(block)

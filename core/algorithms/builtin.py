@@ -197,6 +197,18 @@ class PairInputs:
             hook.remove()
         self._hooks = []
 
+    def reduce(self, world: Any, calls: int) -> None:
+        """Data-parallel calibration: the inputs of the first `self.calls` batches of the whole
+        calibration set, in one-process order, on every rank."""
+        if not world.distributed:
+            return
+        from quantmint.algorithms.distributed import interleave
+
+        parts = world.gather(self.inputs)
+        for prev in self.inputs:
+            merged = interleave([(len(part[prev]), part[prev]) for part in parts])
+            self.inputs[prev] = merged[: self.calls]
+
 
 def search_alpha(
     steps: BlockSteps,
@@ -215,8 +227,10 @@ def search_alpha(
 
     from quantmint.algorithms.smooth_quant import SmoothQuant
 
-    subset = range(min(len(calls), search_batches))
-    losses = {}
+    # The first `search_batches` batches of the calibration set; in data-parallel calibration each rank
+    # runs the ones it holds and the losses are summed in one-process order on every rank.
+    subset = [i for i, call in enumerate(calls) if call.index < search_batches]
+    local: dict[float, list[tuple[int, float]]] = {}
     for alpha in grid:
         trial = copy.deepcopy(block.module)
         trial_layout = BlockLayout(
@@ -226,7 +240,12 @@ def search_alpha(
             linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
         )
         steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
-        losses[alpha] = sum(float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()) for i in subset)
+        local[alpha] = [
+            (calls[i].index, float((calls[i].run(trial) - outputs[i]).float().pow(2).mean())) for i in subset
+        ]
+    parts = steps.world.gather(local)
+    merged = {alpha: [loss for part in parts for loss in part[alpha]] for alpha in grid}
+    losses = {alpha: sum(loss for _, loss in sorted(merged[alpha])) for alpha in grid}
     return min(losses, key=losses.__getitem__), losses
 
 

@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from quantmint.errors import ConfigError
 from quantmint.extension.family import BlockLayout, ModelLayout
 
-__all__ = ["BlockCall", "CalibrationReport", "batch_samples", "capture_block_inputs", "run_sequential"]
+__all__ = [
+    "BlockCall",
+    "CalibrationReport",
+    "batch_samples",
+    "capture_block_inputs",
+    "run_sequential",
+    "share_batches",
+]
 
 
 class _StopForward(Exception):
@@ -40,6 +47,9 @@ class BlockCall:
     hidden: torch.Tensor
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    # The batch's place among all calibration batches (in data-parallel calibration this rank holds
+    # some of them: `quantmint.algorithms.distributed`).
+    index: int = 0
 
     def run(self, block: nn.Module) -> torch.Tensor:
         out = block(self.hidden, *self.args, **self.kwargs)
@@ -85,6 +95,21 @@ def _check_token_ids(model: nn.Module, batches: list[torch.Tensor]) -> None:
             f"calibration token id {top:,} is outside the model's vocabulary of {size:,} entries: the "
             "samples were tokenized by another model's tokenizer; use this model's own"
         )
+
+
+def share_batches(batches: list[torch.Tensor], batch_size: int) -> list[tuple[int, torch.Tensor]]:
+    """This process's calibration batches, each with its index among `batches`: all of them, or in
+    data-parallel calibration every N-th (`quantmint.algorithms.distributed`)."""
+    from quantmint.algorithms.distributed import current_world
+
+    world = current_world()
+    if len(batches) < world.size:
+        raise ConfigError(
+            f"{world.size} ranks share {len(batches)} calibration batch(es) of up to {batch_size} samples: "
+            f"every rank needs one; give at least {world.size * batch_size} calibration samples or start "
+            "fewer ranks"
+        )
+    return world.share(batches)
 
 
 @torch.no_grad()
@@ -139,8 +164,11 @@ def run_sequential(
     """
     start = time.perf_counter()
     batches = batch_samples(samples, batch_size)
-    calls = capture_block_inputs(model, layout, batches)
     report = CalibrationReport(samples=len(samples), tokens=sum(b.numel() for b in batches))
+    mine = share_batches(batches, batch_size)
+    calls = capture_block_inputs(model, layout, [batch for _, batch in mine])
+    for call, (index, _) in zip(calls, mine, strict=True):
+        call.index = index
     for block in tqdm(layout.blocks, desc=desc, unit="block", disable=None):
         t0 = time.perf_counter()
         state = attach(block)

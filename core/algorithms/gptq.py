@@ -101,6 +101,27 @@ class HessianStore:
             return None
         return self.sums[owner] * (2.0 / n)
 
+    def remove(self) -> None:
+        """Nothing: a handle of `BlockContext.handles` for `reduce` only (the hooks are removed apart)."""
+
+    def reduce(self, world: Any, calls: int) -> None:
+        """Data-parallel calibration: every rank's x^T x summed (float64) and token counts added."""
+        if not world.distributed:
+            return
+        parts = world.gather(
+            ({n: (tuple(t.shape), self.counts[n]) for n, t in self.sums.items()}, dict(self.alias))
+        )
+        for _, alias in parts:
+            self.alias.update(alias)
+        shapes = {n: shape for sums, _ in parts for n, (shape, _) in sums.items()}
+        for name in sorted(shapes):
+            total = self.sums.get(name)
+            if total is None:
+                total = torch.zeros(shapes[name], dtype=torch.float64)
+            self.sums[name] = world.sum_(total)
+            self.counts[name] = sum(sums[name][1] for sums, _ in parts if name in sums)
+        self._last = None
+
     def forget(self, names: Any) -> None:
         for name in names:
             self.sums.pop(name, None)
@@ -398,6 +419,7 @@ class GPTQ(RTN):
         for name, module in ctx.block.linears.items():
             if name in ctx.steps.targets:
                 ctx.handles.append(module.register_forward_pre_hook(store.hook(name)))
+        ctx.handles.append(store)  # reduced across ranks in data-parallel calibration
 
     def after_round(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         rounding = self._rounding_of(ctx)

@@ -142,6 +142,19 @@ class KVObserver:
         for handle in self.handles:
             handle.remove()
 
+    def reduce(self, world: Any, calls: int) -> None:
+        """Take the maxima over every rank's calibration batches (data-parallel calibration)."""
+        if not world.distributed:
+            return
+        from quantmint.algorithms.distributed import max_of
+
+        parts = world.gather((self.k_absmax, self.v_absmax, self.cache.k_absmax, self.cache.v_absmax))
+        self.k_absmax = max_of([p[0] for p in parts])
+        self.v_absmax = max_of([p[1] for p in parts])
+        for i, seen in ((2, self.cache.k_absmax), (3, self.cache.v_absmax)):
+            for layer in sorted({layer for p in parts for layer in p[i]}):
+                seen[layer] = max_of([p[i].get(layer) for p in parts])  # type: ignore[assignment]
+
     @property
     def cached(self) -> bool:
         """Whether the block handed its K/V to the cache (else the projections' outputs are used)."""

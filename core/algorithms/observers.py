@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from quantmint.algorithms.distributed import World
 
 __all__ = ["InputObserver", "attach_input_observers"]
 
@@ -38,6 +42,19 @@ class InputObserver:
             if flat.numel() > _QUANTILE_MAX_ELEMENTS:
                 flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
             self.percentiles.append(float(torch.quantile(flat, self.percentile / 100.0)))
+
+    def reduce(self, world: World, calls: int) -> None:
+        """Combine what every rank observed on its `calls` calibration batches (data-parallel
+        calibration, see `quantmint.algorithms.distributed`): the channel maxima exactly, the per-batch
+        lists in one-process order."""
+        if not world.distributed:
+            return
+        from quantmint.algorithms.distributed import interleave, max_of
+
+        parts = world.gather((calls, self.absmax, self.token_absmax, self.percentiles))
+        self.absmax = max_of([absmax for _, absmax, _, _ in parts])
+        self.token_absmax = interleave([(n, tokens) for n, _, tokens, _ in parts])
+        self.percentiles = interleave([(n, percentiles) for n, _, _, percentiles in parts])
 
     def token_outlier_ratio(self) -> float:
         """max over tokens of max_j |x_tj|, over its median: how far one token's range stands out.

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from quantmint.algorithms.base import Algorithm, BlockContext, Rounding, check_recipe, recipe_rounding
 from quantmint.algorithms.calibration import BlockCall, CalibrationReport, run_sequential
+from quantmint.algorithms.distributed import current_world, samples_digest
 from quantmint.algorithms.observers import InputObserver, attach_input_observers
 from quantmint.algorithms.rotation import carry_rotation, rotate_linear
 from quantmint.cells.base import QuantizedLinear
@@ -282,6 +283,10 @@ class PTQ:
         steps = BlockSteps(self, model, layout, targets, state)
         steps.loader = self.block_loader
         steps.work_dir = work_dir
+        # Data-parallel calibration: the ranks must calibrate the same thing, or the result is no one's.
+        steps.world.same_everywhere(
+            "configs or calibration samples", f"{self.config.to_yaml()}\n{samples_digest(samples)}"
+        )
         for step, algorithm in self.algorithms:  # a step that drives calibration itself (block PTQ)
             driven = algorithm.run(step, steps, samples)
             if driven is not None:
@@ -353,6 +358,8 @@ class BlockSteps:
         self.alphas: list[float] = []  # a fixed alpha, per block
         self.pair_alphas: dict[str, float] = {}  # the searched alpha of each smoothing pair, by `prev`'s name
         self.extra: dict[str, Any] = {}
+        # The ranks calibrating together (data-parallel calibration under torchrun; else one process).
+        self.world = current_world()
 
     def attach(self, block: BlockLayout) -> BlockContext:
         if self.loader is not None:
@@ -372,6 +379,12 @@ class BlockSteps:
         # Every hook goes before anything runs the block again (the alpha search runs copies of it).
         for handle in ctx.handles:
             handle.remove()
+        if self.world.distributed:  # every rank's statistics combined before anything is chosen
+            for observer in ctx.observers.values():
+                observer.reduce(self.world, len(calls))
+            for handle in ctx.handles:
+                if callable(getattr(handle, "reduce", None)):
+                    handle.reduce(self.world, len(calls))
         ctx.calls, ctx.outputs = calls, outputs
         observers = ctx.observers
         for step, algorithm in self.ptq.algorithms:
@@ -414,6 +427,8 @@ class BlockSteps:
             "seconds": report.seconds,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        if self.world.distributed:  # samples and tokens above are the whole set's, shared by the ranks
+            result["ranks"] = self.world.size
         if self.alphas:
             result["smooth_alpha_per_block"] = self.alphas
         if self.pair_alphas:

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from quantmint.algorithms.base import per_block_steps
+from quantmint.algorithms.distributed import World, current_world
 from quantmint.algorithms.ptq import PTQ, as_config, cell_class, quant_state
 from quantmint.algorithms.rotation import carry_rotation
 from quantmint.config import PTQConfig
@@ -469,12 +470,52 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _write_group(producer: _RTNProducer, out: Path, shards: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Write these shards (file name, tensor names) of the plan into `out`; their manifest entries."""
+    return {
+        name: write_shard(out / name, [TensorSpec.of(t, producer.state[t]) for t in tensors], producer.fetch)
+        for name, tensors in shards
+    }
+
+
+def _stream_rtn_rank(path: Path, config: PTQConfig, family: str | None, world: World) -> None:
+    """A rank other than 0 of streaming RTN under torchrun: write the shards `_balance` gives it into
+    rank 0's staging directory, and hand rank 0 their manifest entries."""
+    producer = _RTNProducer(path, config, family)
+    job = world.broadcast(None)  # (staging directory, the plan) from rank 0's `write_shards`
+    written: dict[str, Any] | BaseException = {}
+    if job is not None:
+        tmp, groups = job
+        try:
+            with _gc_frozen():
+                mine = groups[world.rank] if world.rank < len(groups) else []
+                written = _write_group(producer, Path(tmp), mine)
+        except OSError as exc:  # rank 0 reports it (and removes the staging directory)
+            written = exc
+    world.gather(written)
+
+
 def _stream_rtn(
-    path: Path, config: PTQConfig, family: str | None, workers: int
+    path: Path, config: PTQConfig, family: str | None, workers: int, world: World | None = None
 ) -> tuple[nn.Module, checkpoint.ShardsWriter]:
     producer = _RTNProducer(path, config, family)
+    world = world or World()
 
     def write_shards(out: Path, planned: Planned) -> dict[str, dict[str, Any]]:
+        if world.distributed:  # every rank writes its share of the shards (`_stream_rtn_rank`)
+            balanced = _balance(planned, world.size)
+            groups = [[(name, [s.name for s in specs]) for name, specs in g] for g in balanced]
+            world.broadcast((str(out), groups))
+            written: dict[str, Any] = {}
+            try:
+                written = _write_group(producer, out, groups[0])
+            finally:
+                parts = world.gather(written)
+            for part in parts:
+                if isinstance(part, BaseException):
+                    raise part
+                written.update(part)
+            return {name: written[name] for name, _ in planned}
         if workers <= 1 or len(planned) == 1:
             # The shard writer's thread writes and hashes while torch rounds the next tensor: leave it
             # a core (OpenMP threads that lose theirs stall every parallel region; measured).
@@ -525,7 +566,14 @@ def quantize_checkpoint(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
-    prepare_output(out, [path], overwrite)
+    world = current_world()  # under torchrun the ranks share the work and rank 0 writes `out`
+    if world.distributed and workers > 1:
+        raise ConfigError(
+            f"workers={workers} under torchrun's {world.size} ranks: the ranks already write the shards "
+            "in parallel; drop --workers (or run one process with --workers)"
+        )
+    if world.is_main:
+        prepare_output(out, [path], overwrite)
     max_bytes = checkpoint.parse_size(max_shard_size)
     ptq = PTQ(config, family=family)
     calibrated = ptq.needs_calibration
@@ -553,14 +601,19 @@ def quantize_checkpoint(
                 path, config, family, calibration, scratch, None if work_dir is None else Path(work_dir)
             )
             write_shards = None
+        elif not world.is_main:
+            _stream_rtn_rank(path, config, family, world)
+            model = None
         else:
-            model, write_shards = _stream_rtn(path, config, family, workers)
-        with staged_directory(out, overwrite=overwrite, inputs=[path]) as tmp:
-            checkpoint.write_checkpoint(model, tmp, tokenizer, max_bytes, write_shards)
+            model, write_shards = _stream_rtn(path, config, family, workers, world)
+        if world.is_main:
+            with staged_directory(out, overwrite=overwrite, inputs=[path]) as tmp:
+                checkpoint.write_checkpoint(model, tmp, tokenizer, max_bytes, write_shards)
     state = quant_state(model)
     return {
         "mode": "calibrated" if calibrated else "rtn",
         "workers": 1 if calibrated else workers,
+        "ranks": world.size,
         "input_bytes": sum(f.stat().st_size for f in CheckpointFiles(path).files),
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": peak_rss_mb(children=True),

@@ -26,6 +26,15 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize a model; under torchrun, calibration is shared by the ranks and rank 0 writes the output
+    (`quantmint.algorithms.distributed`)."""
+    from quantmint.algorithms.distributed import launched
+
+    with launched() as world:
+        _quantize(args, world)
+
+
+def _quantize(args: argparse.Namespace, world: Any) -> None:
     from quantmint.algorithms.base import algorithm_for
     from quantmint.algorithms.ptq import quant_state, quantize
     from quantmint.config import PTQConfig, get_preset
@@ -54,7 +63,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise _usage_error(f"output directory {out} already exists; pass --overwrite to replace it")
     from quantmint.io.outdir import prepare_output
 
-    prepare_output(out, [args.model], args.overwrite)  # before minutes of work: the -o rules
+    if world.is_main:  # the rank that writes -o checks it, before minutes of work: the -o rules
+        prepare_output(out, [args.model], args.overwrite)
     start = time.perf_counter()
     stream = args.stream or _too_big_for_memory(Path(args.model))
     model = None if stream else load_float_model(args.model)
@@ -96,17 +106,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
-        _print_json(_quantize_report(args, out, streamed, start, loaded))
+        if world.is_main:
+            _print_json(_quantize_report(args, out, streamed, start, loaded, world))
         return
     quantize(model, config, family=args.family, calibration=calibration, work_dir=work_dir)
     quantized = time.perf_counter()
+    if not world.is_main:  # rank 0 writes the checkpoint; every rank holds the same model
+        return
     save_quantized(
         model, out, tokenizer=tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite
     )
     saved = time.perf_counter()
     if work_dir is not None:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = _quantize_report(args, out, None, start, loaded)
+    report = _quantize_report(args, out, None, start, loaded, world)
     report["seconds"] = {
         "load": round(loaded - start, 2),
         "quantize": round(quantized - loaded, 2),
@@ -164,7 +177,12 @@ def _too_big_for_memory(model_dir: Path) -> bool:
 
 
 def _quantize_report(
-    args: argparse.Namespace, out: Path, streamed: dict[str, Any] | None, start: float, loaded: float
+    args: argparse.Namespace,
+    out: Path,
+    streamed: dict[str, Any] | None,
+    start: float,
+    loaded: float,
+    world: Any = None,
 ) -> dict[str, Any]:
     from quantmint.formats.summary import checkpoint_summary
 
@@ -183,6 +201,8 @@ def _quantize_report(
         "checkpoint_files_bytes": summary["checkpoint_files_bytes"],
         "peak_rss_mb": peak_rss_mb(),
     }
+    if world is not None and world.distributed:  # rank 0's figures; every rank calibrated its share
+        report["ranks"] = world.size
     if streamed is not None:
         seconds = round(time.perf_counter() - start, 2)
         report["streamed"] = {k: streamed[k] for k in ("mode", "workers", "input_bytes")}

@@ -1,0 +1,8 @@
+"""`python -m quantmint ...`: the `quantmint` command (what torchrun runs: `torchrun ... -m quantmint quantize`)."""
+
+import sys
+
+from quantmint.tools.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
