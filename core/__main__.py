@@ -1,4 +1,4 @@
-"""`python -m quantmint ...`: the `quantmint` command (what torchrun runs: `torchrun ... -m quantmint quantize`)."""
+"""`python -m quantmint ...`: the `quantmint` command (what torchrun starts: `torchrun ... -m quantmint`)."""
 
 import sys
 

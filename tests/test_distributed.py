@@ -117,9 +117,48 @@ def test_ranks_refuse_what_they_cannot_share(tiny_model_dir, tmp_path: Path) -> 
     few = _quantize(2, src, tmp_path / "few", *_calibrated("w8a8"), "--calib-samples", "4")
     assert few.returncode != 0
     assert "2 ranks share 1 calibration batch" in few.stderr and "start fewer ranks" in few.stderr
-    tuned = _quantize(2, src, tmp_path / "tuned", *_calibrated("w8a8-ptq"))
-    assert tuned.returncode != 0 and "block_ptq does not run data-parallel" in tuned.stderr
+    config = tmp_path / "ptq.yaml"
+    config.write_text(_block_ptq_yaml(steps=2, batch_size=1))
+    tuned = _quantize(2, src, tmp_path / "tuned", *_calibrated("w8a8-ptq")[2:], "--config", str(config))
+    assert tuned.returncode != 0
+    assert "set block_ptq.batch_size to at least 2" in tuned.stderr
     assert not (tmp_path / "few").exists() and not (tmp_path / "tuned").exists()
+
+
+def _block_ptq_yaml(steps: int, batch_size: int | None = None) -> str:
+    from quantmint.config import get_preset
+
+    config = get_preset("w8a8-ptq")
+    args = {"n_outer_loops": steps, **({"batch_size": batch_size} if batch_size else {})}
+    return config.with_updates(block_ptq=config.block_ptq.model_copy(update=args)).to_yaml()
+
+
+@needs_data
+def test_two_ranks_tune_block_ptq_as_one_process_does(tiny_model_dir, tmp_path: Path) -> None:
+    """Every step takes the batch one process takes, its samples shared by the ranks and the gradients
+    summed: the same tuning up to float sums (after hundreds of Adam steps those differences grow, so two
+    steps are compared here, closely)."""
+    src = tiny_model_dir("llama")
+    config = tmp_path / "ptq.yaml"
+    config.write_text(_block_ptq_yaml(steps=2))
+    options = [*_calibrated("w8a8-ptq")[2:], "--config", str(config)]
+    for ranks in (1, 2):
+        run = _quantize(ranks, src, tmp_path / str(ranks), *options)
+        assert run.returncode == 0, run.stderr[-2000:]
+    one, two = (_calibration_record(tmp_path / str(r))["block_ptq"] for r in (1, 2))
+    assert one["batches"] == two["batches"]
+    for a, b in zip(one["blocks"], two["blocks"], strict=True):
+        assert a["kept"] == b["kept"] and a["loss_start"] == b["loss_start"]
+        for key in ("rtn_mse", "ptq_mse", "loss_end"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    a = load_file(tmp_path / "1" / "model.safetensors")
+    b = load_file(tmp_path / "2" / "model.safetensors")
+    for name in a:
+        if a[name].dtype == torch.int8:
+            moved = (a[name].int() - b[name].int()).abs()
+            assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) <= 1e-3, name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7)
 
 
 def test_ranks_with_different_calibration_samples_are_refused(tiny_model_dir, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from quantmint.algorithms.calibration import BlockCall, CalibrationReport, batch
 from quantmint.algorithms.rotation import carry_rotation, mark_rotated
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import BlockPTQArgs
-from quantmint.errors import ConfigError, NotSupportedError
+from quantmint.errors import ConfigError
 from quantmint.extension.family import BlockLayout
 from quantmint.numerics import quant_math
 from quantmint.tools.memory import available_memory_bytes
@@ -241,20 +241,19 @@ class BlockPTQ:
         self.work_dir = None if work_dir is None else Path(work_dir)
         self.log: list[dict[str, Any]] = []
         self._stop: dict[str, Any] = {}  # the last block's step count and, with early_stop, its checks
+        self.weights: list[float] = []  # each calibration batch's share on this rank (see `_share`)
 
     # --- the whole model ------------------------------------------------------------------------
     def run(self, samples: list[torch.Tensor]) -> CalibrationReport:
         start = time.perf_counter()
         args, steps = self.args, self.steps
-        if steps.world.distributed:
-            raise NotSupportedError(
-                f"block_ptq does not run data-parallel: its {steps.world.size} ranks would each tune on "
-                "their own batches; run it in one process (without torchrun)"
-            )
         batches = batch_samples(samples, args.batch_size)
         if len(batches) > args.n_batches:
             batches = batches[: args.n_batches]
-        calls = capture_block_inputs(steps.model, steps.layout, batches)
+        calls = capture_block_inputs(steps.model, steps.layout, self._share(batches))
+        for i, call in enumerate(calls):
+            call.index = i
+            call.weight = self.weights[i]
         streams = 3 if args.inputs == "quantized" else 2
         cache_bytes = streams * sum(c.hidden.numel() * c.hidden.element_size() for c in calls)
         on_disk = args.cache == "disk" or (
@@ -327,6 +326,36 @@ class BlockPTQ:
             steps.extra["block_ptq"]["early_stop"] = True
         return report
 
+    def _share(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's part of every batch. One process: the batches. N ranks (data-parallel, under
+        torchrun): samples r, r + N, ... of every batch, so that each tuning step takes the batch that
+        one process takes, its loss and gradient summed over the ranks weighted by their shares
+        (`self.weights`), and the ranks tune the same block, equal to one process's up to float sums."""
+        world = self.steps.world
+        self.weights = [1.0] * len(batches)
+        if not world.distributed:
+            return batches
+        small = min(len(batch) for batch in batches)
+        if small < world.size:
+            raise ConfigError(
+                f"block_ptq on {world.size} ranks shares every calibration batch's samples among them, and a "
+                f"batch holds {small}: set block_ptq.batch_size to at least {world.size} and give a multiple "
+                "of it as calibration samples, or start fewer ranks"
+            )
+        if self.work_dir is not None:
+            if world.is_main:
+                message = f"block PTQ: {world.size} ranks keep no resume state in {self.work_dir}"
+                print(message, file=sys.stderr)
+            self.work_dir = None
+        self.weights = [len(batch[world.rank :: world.size]) / len(batch) for batch in batches]
+        return [batch[world.rank :: world.size] for batch in batches]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the ranks (float64; as they are in one process)."""
+        if not self.steps.world.distributed:
+            return values
+        return self.steps.world.sum_(torch.tensor(values, dtype=torch.float64)).tolist()
+
     # --- one block ------------------------------------------------------------------------------
     def _tune_block(
         self,
@@ -341,7 +370,8 @@ class BlockPTQ:
         n = len(calls)
 
         def call_with(i: int, hidden: torch.Tensor) -> BlockCall:
-            return BlockCall(hidden=hidden, args=calls[i].args, kwargs=calls[i].kwargs, index=i)
+            call = calls[i]
+            return BlockCall(hidden, call.args, call.kwargs, index=call.index, weight=call.weight)
 
         # 1. float pass: targets, and the statistics smoothing / static ranges / C8 need.
         attached = steps.attach(block)
@@ -351,7 +381,7 @@ class BlockPTQ:
         search = n if wanted is None else min(n, wanted)
         search_calls = [call_with(i, fp_in.get(i)) for i in range(search)]
         # 2. smoothing, RTN fake-quantization, kv scales.
-        steps.finish(block, attached, search_calls, [fp_out.get(i) for i in range(search)])
+        steps.finish(block, attached, search_calls, [fp_out.get(i) for i in range(search)], observed=n)
         del search_calls
 
         rel = {name: name[len(block.name) + 1 :] for name in block.linears if name in steps.targets}
@@ -419,6 +449,8 @@ class BlockPTQ:
             for p in params:
                 p.requires_grad_(True)
         optimizer = torch.optim.Adam([{"params": params, "lr": lr} for _, params, lr in groups])
+        world = self.steps.world
+        trained = [p for _, params, _ in groups for p in params]
         warmup = int(args.warmup_ratio * total)
 
         def schedule(kind: str) -> Any:
@@ -460,16 +492,22 @@ class BlockPTQ:
                 out = call_with(i, q_in.get(i)).run(block.module)
                 rec = F.mse_loss(out.float(), fp_out.get(i).float()) / norm
                 loss = rec
+                if world.distributed:  # this rank's share of the batch's loss (its gradients are summed)
+                    rec = rec * self.weights[i]
+                    loss = rec
                 if step >= reg_start and args.round_reg > 0:
                     progress = (step - reg_start) / max(1, total - reg_start)
                     beta = args.beta_end + (args.beta_start - args.beta_end) * (1 - progress)
                     reg = sum(m.rounding_regulariser(beta) for m in learnables.values()) / n_round
-                    loss = rec + args.round_reg * reg
+                    loss = rec + args.round_reg * reg / world.size  # once over the ranks' sum
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                rec_value = float(rec.detach())
+                if world.distributed:
+                    rec_value = _sum_gradients(world, trained, rec_value)
                 optimizer.step()
                 scheduler.step()
-                losses.append(round(float(rec.detach()), 6))
+                losses.append(round(rec_value, 6))
                 if step % 10 == 0:
                     bar.set_postfix(rec=f"{losses[-1]:.4f}")
                 if args.early_stop and ((step + 1) % args.eval_every == 0 or step + 1 == total):
@@ -525,11 +563,11 @@ class BlockPTQ:
             total = 0.0
             for i in batches:
                 out = call_with(i, q_in.get(i)).run(block.module)
-                total += float(F.mse_loss(out.float(), fp_out.get(i).float()))
+                total += self.weights[i] * float(F.mse_loss(out.float(), fp_out.get(i).float()))
         finally:
             for module in learnables.values():
                 module.hard = False
-        return total / len(batches)
+        return self._all_sum([total])[0] / len(batches)
 
     @torch.no_grad()
     def _mse(
@@ -539,8 +577,8 @@ class BlockPTQ:
         total = 0.0
         for i in range(n):
             out = call_with(i, q_in.get(i)).run(block.module)
-            total += float(F.mse_loss(out.float(), fp_out.get(i).float()))
-        return total / n
+            total += self.weights[i] * float(F.mse_loss(out.float(), fp_out.get(i).float()))
+        return self._all_sum([total])[0] / n
 
     @torch.no_grad()
     def _write_outputs(
@@ -671,6 +709,19 @@ class BlockPTQ:
             file=sys.stderr,
         )
         return first
+
+
+def _sum_gradients(world: Any, params: list[nn.Parameter], value: float) -> float:
+    """Data-parallel tuning: every rank's gradients of `params` summed into each rank's, in one
+    all-reduce that also sums `value` (the ranks' shares of the step's loss); returns that sum."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([value])])
+    world.sum_(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].reshape(g.shape).to(g.dtype)
+        offset += g.numel()
+    return float(flat[-1])
 
 
 def _linear_record(module: nn.Module) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def search_alpha(
     # The first `search_batches` batches of the calibration set; in data-parallel calibration each rank
     # runs the ones it holds and the losses are summed in one-process order on every rank.
     subset = [i for i, call in enumerate(calls) if call.index < search_batches]
-    local: dict[float, list[tuple[int, float]]] = {}
+    local: dict[float, list[tuple[int, float, float]]] = {}
     for alpha in grid:
         trial = copy.deepcopy(block.module)
         trial_layout = BlockLayout(
@@ -241,12 +241,25 @@ def search_alpha(
         )
         steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
         local[alpha] = [
-            (calls[i].index, float((calls[i].run(trial) - outputs[i]).float().pow(2).mean())) for i in subset
+            (calls[i].index, calls[i].weight, float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()))
+            for i in subset
         ]
     parts = steps.world.gather(local)
-    merged = {alpha: [loss for part in parts for loss in part[alpha]] for alpha in grid}
-    losses = {alpha: sum(loss for _, loss in sorted(merged[alpha])) for alpha in grid}
+    losses = {alpha: _sum_by_batch([entry for part in parts for entry in part[alpha]]) for alpha in grid}
     return min(losses, key=losses.__getitem__), losses
+
+
+def _sum_by_batch(entries: list[tuple[int, float, float]]) -> float:
+    """The sum over batches, in batch order, of each batch's loss from its (batch index, share, loss)
+    entries: one whole batch's loss as it is, shares of one batch (block PTQ's ranks) weighted."""
+    by_batch: dict[int, list[tuple[float, float]]] = {}
+    for index, weight, loss in entries:
+        by_batch.setdefault(index, []).append((weight, loss))
+    total = 0.0
+    for index in sorted(by_batch):
+        shares = by_batch[index]
+        total += shares[0][1] if len(shares) == 1 else sum(w * loss for w, loss in shares)
+    return total
 
 
 def search_pair_alpha(

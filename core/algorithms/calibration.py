@@ -50,6 +50,9 @@ class BlockCall:
     # The batch's place among all calibration batches (in data-parallel calibration this rank holds
     # some of them: `quantmint.algorithms.distributed`).
     index: int = 0
+    # The share of that batch's samples this call holds: 1 for a whole batch; block PTQ under N ranks
+    # gives each rank some samples of every batch.
+    weight: float = 1.0
 
     def run(self, block: nn.Module) -> torch.Tensor:
         out = block(self.hidden, *self.args, **self.kwargs)

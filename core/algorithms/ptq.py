@@ -374,17 +374,25 @@ class BlockSteps:
         return ctx
 
     def finish(
-        self, block: BlockLayout, ctx: BlockContext, calls: list[BlockCall], outputs: list[torch.Tensor]
+        self,
+        block: BlockLayout,
+        ctx: BlockContext,
+        calls: list[BlockCall],
+        outputs: list[torch.Tensor],
+        observed: int | None = None,
     ) -> bool:
+        """`observed`: how many calls the observers saw when `calls` holds fewer (block PTQ passes only
+        what the steps read)."""
         # Every hook goes before anything runs the block again (the alpha search runs copies of it).
         for handle in ctx.handles:
             handle.remove()
         if self.world.distributed:  # every rank's statistics combined before anything is chosen
+            seen = len(calls) if observed is None else observed
             for observer in ctx.observers.values():
-                observer.reduce(self.world, len(calls))
+                observer.reduce(self.world, seen)
             for handle in ctx.handles:
                 if callable(getattr(handle, "reduce", None)):
-                    handle.reduce(self.world, len(calls))
+                    handle.reduce(self.world, seen)
         ctx.calls, ctx.outputs = calls, outputs
         observers = ctx.observers
         for step, algorithm in self.ptq.algorithms:
