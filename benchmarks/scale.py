@@ -12,10 +12,10 @@ tokenizer so text calibration works), made once under ``--dir`` and reused.
   faster is the reference, so neither side gains from the page cache's moods;
 * ``rtn`` -- ``quantmint quantize --stream --preset w8a16``
 (`quantmint.algorithms.streaming.quantize_checkpoint`)
-  with ``--workers`` 1 and 2 (processes writing output shards at once).
+  in one process and under torchrun with ``--ranks`` 2 (ranks writing their share of the shards).
 
 It reports seconds, GB/s of input, ``ratio_vs_io`` (I/O seconds / RTN seconds: the goal is >= 0.5) and the
-child's peak RSS (``os.wait4``, the largest of the child and its workers), with the largest tensor for
+child's peak RSS (``os.wait4``, the largest of the child and its ranks), with the largest tensor for
 scale; ``rss_spread`` is the largest peak RSS over the smallest across sizes (flat: close to 1).
 ``marginal`` compares the two sides on the bytes the largest checkpoint has beyond the smallest (extra
 seconds of I/O over extra seconds of RTN), which cancels what does not grow with the checkpoint: process
@@ -35,9 +35,9 @@ Needs permission to create cgroups (root in this container).
 
 Run::
 
-    python benchmarks/scale.py rtn [--sizes 500MB,2GB,8GB] [--workers 1,2] [--dir DIR] [--mem-cap 4G]
+    python benchmarks/scale.py rtn [--sizes 500MB,2GB,8GB] [--ranks 1,2] [--dir DIR] [--mem-cap 4G]
     python benchmarks/scale.py smoothquant --sizes 8GB --calib-samples 16 --mem-cap 4G
-    python benchmarks/scale.py rtn --sizes 60MB --workers 1 --dir /tmp/x      # smoke test (seconds)
+    python benchmarks/scale.py rtn --sizes 60MB --ranks 1 --dir /tmp/x      # smoke test (seconds)
 
 One JSON line goes to stdout; progress to stderr.
 """
@@ -267,16 +267,19 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
         output_bytes = estimate_output_bytes(src)
         io_times = [measure_io(src, out, input_bytes, output_bytes, size, cgroup)]
         rtn = []
-        for workers in (int(w) for w in args.workers.split(",")):
+        for ranks in (int(r) for r in args.ranks.split(",")):
             settle(src, cgroup)
-            log(f"{size}: streaming RTN, {workers} worker(s)")
-            argv = [sys.executable, "-m", "quantmint.tools.cli", "quantize", str(src), "-o", str(out)]
-            result = run_child([*argv, "--stream", "--workers", str(workers), "--preset", "w8a16"], cgroup)
+            log(f"{size}: streaming RTN, {ranks} rank(s)")
+            argv = [sys.executable, "-m", "quantmint", "quantize", str(src), "-o", str(out)]
+            if ranks > 1:  # torchrun's ranks share the output shards (one thread each, torchrun's default)
+                launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                argv = [sys.executable, *launcher, *argv[1:]]
+            result = run_child([*argv, "--stream", "--preset", "w8a16"], cgroup)
             output_bytes = checkpoint_bytes(out) if out.exists() else 0
             shutil.rmtree(out, ignore_errors=True)
             rtn.append(
                 {
-                    "workers": workers,
+                    "ranks": ranks,
                     "seconds": result["wall_s"],
                     "quantize_seconds": result.get("seconds", {}).get("quantize_and_save"),
                     "gbps": round(input_bytes / result["wall_s"] / 1e9, 3),
@@ -306,7 +309,7 @@ def bench_rtn(args: argparse.Namespace, cgroup: Cgroup | None) -> dict[str, Any]
                 "rtn": rtn,
             }
         )
-    peaks = [entry["peak_rss_mb"] for run in runs for entry in run["rtn"] if entry["workers"] == 1]
+    peaks = [entry["peak_rss_mb"] for run in runs for entry in run["rtn"] if entry["ranks"] == 1]
     spread = round(max(peaks) / min(peaks), 3) if peaks else None
     return {"runs": runs, "rss_spread": spread, **marginal(runs)}
 
@@ -318,7 +321,7 @@ def marginal(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(runs) < 2:
         return {}
     small, large = min(runs, key=lambda r: r["input_bytes"]), max(runs, key=lambda r: r["input_bytes"])
-    one = [next((e for e in r["rtn"] if e["workers"] == 1), None) for r in (small, large)]
+    one = [next((e for e in r["rtn"] if e["ranks"] == 1), None) for r in (small, large)]
     if None in one or large["input_bytes"] == small["input_bytes"]:
         return {}
     extra = large["input_bytes"] - small["input_bytes"]
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument(
         "--sizes", default=None, help="checkpoint sizes (default rtn 500MB,2GB,8GB; smoothquant 8GB)"
     )
-    parser.add_argument("--workers", default="1,2", help="rtn: worker counts to run (default 1,2)")
+    parser.add_argument("--ranks", default="1,2", help="rtn: torchrun rank counts to run (default 1,2)")
     parser.add_argument(
         "--dir",
         default="synth-checkpoints",

@@ -251,7 +251,7 @@ SCALE = [sys.executable, str(ROOT / "benchmarks" / "scale.py")]
 @pytest.mark.slow
 def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*SCALE, "rtn", "--sizes", "50MB,80MB", "--workers", "2,1", "--dir", str(tmp_path)],
+        [*SCALE, "rtn", "--sizes", "50MB,80MB", "--ranks", "2,1", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -264,7 +264,7 @@ def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     small, run = report["runs"]
     assert run["input_bytes"] > 40e6 and 0 < run["output_bytes"] < run["input_bytes"]
     rtn, one = run["rtn"]
-    assert rtn["exit_code"] == 0 and rtn["workers"] == 2 and one["exit_code"] == 0 and one["workers"] == 1
+    assert rtn["exit_code"] == 0 and rtn["ranks"] == 2 and one["exit_code"] == 0 and one["ranks"] == 1
     marginal = report["marginal"]  # one worker, on the bytes 80MB has beyond 50MB
     assert marginal["sizes"] == ["50MB", "80MB"]
     assert marginal["extra_bytes"] == run["input_bytes"] - small["input_bytes"] > 20e6
@@ -313,3 +313,43 @@ def test_block_ptq_speed_prints_both_settings(tmp_path: Path) -> None:
         assert run["seconds"] > 0 and run["minutes_all_blocks"] >= run["minutes"] and run["ppl"] > 0
         assert run["ppl_delta_pct"] == pytest.approx(100 * (run["ppl"] / report["float_ppl"] - 1), abs=0.01)
     assert report["speedup"] == pytest.approx(old["seconds"] / new_run["seconds"], rel=0.01)
+
+
+# --- distributed: one process and torchrun ranks side by side, one JSON line ------------------------------
+def test_distributed_benchmark_compares_ranks_with_one_process(tiny_model_dir, tmp_path: Path) -> None:
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "home"]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1500)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "distributed.py"),
+            *("--model", str(tiny_model_dir("llama")), "--calib", str(text), "--samples", "16"),
+            *("--seq-len", "32", "--ranks", "2", "--threads", "2", "--max-shard-size", "40KB"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    report = json.loads(lines[0])
+    assert report["benchmark"] == "distributed" and report["ranks"] == 2
+    calibrate, stream = report["calibrate"], report["stream"]
+    assert calibrate["ranks"]["ranks"] == 2 and calibrate["ranks"]["threads_per_process"] == 1
+    assert calibrate["one_all_threads"]["threads_per_process"] == 2
+    assert calibrate["identical"] is True and stream["identical"] is True
+    ratio = calibrate["one_split_threads"]["calibration_s"] / calibrate["ranks"]["calibration_s"]
+    assert calibrate["scaling"] == pytest.approx(ratio, rel=0.01)
+    ranks_vs_one = stream["one"]["wall_s"] / stream["ranks"]["wall_s"]
+    assert stream["ranks_vs_one"] == pytest.approx(ranks_vs_one, rel=0.01)
+
+
+def test_distributed_benchmark_refuses_threads_it_cannot_split() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--ranks", "2", "--threads", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--threads 3 is not a multiple of --ranks 2" in result.stderr

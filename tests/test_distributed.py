@@ -106,8 +106,9 @@ def test_two_ranks_share_the_shards_of_streaming_rtn(tiny_model_dir, tmp_path: P
     assert len(list((tmp_path / "two").glob("*.safetensors"))) > 2
     assert json.loads(two.stdout)["ranks"] == 2
     _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
-    refused = _quantize(2, src, tmp_path / "three", *shards, "--workers", "2")
-    assert refused.returncode != 0 and "drop --workers" in refused.stderr
+    refused = _quantize(1, src, tmp_path / "three", *shards, "--workers", "2")  # the option torchrun replaced
+    assert refused.returncode == 2 and "--workers was replaced by torchrun" in refused.stderr
+    assert "torchrun --standalone --nproc-per-node N -m quantmint quantize" in refused.stderr
     assert not (tmp_path / "three").exists()
 
 

@@ -65,17 +65,11 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "preset", "workers"),
-    [
-        ("llama", "w8a16", 1),
-        ("llama", "w4a16", 2),
-        ("llama", "w4a16-asym", 2),
-        ("gpt2", "w8a16", 2),
-        ("bert", "w8a16", 1),
-    ],
+    ("family", "preset"),
+    [("llama", "w8a16"), ("llama", "w4a16"), ("llama", "w4a16-asym"), ("gpt2", "w8a16"), ("bert", "w8a16")],
 )
 def test_streaming_rtn_is_byte_identical_to_in_memory(
-    family: str, preset: str, workers: int, tiny_model_dir, tmp_path: Path
+    family: str, preset: str, tiny_model_dir, tmp_path: Path
 ) -> None:
     src = tiny_model_dir(family)
     config = get_preset(preset)
@@ -83,12 +77,12 @@ def test_streaming_rtn_is_byte_identical_to_in_memory(
         config = config.with_updates(weights={**config.weights.model_dump(), "group_size": 32})
     _in_memory(src, tmp_path / "memory", config)
     report = quantize_checkpoint(
-        src, tmp_path / "stream", config, tokenizer=byte_tokenizer(), workers=workers, max_shard_size="40KB"
+        src, tmp_path / "stream", config, tokenizer=byte_tokenizer(), max_shard_size="40KB"
     )
-    assert report["mode"] == "rtn" and report["workers"] == workers
-    assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1  # sharded: workers share them
+    assert report["mode"] == "rtn" and report["ranks"] == 1
+    assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1  # sharded
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
-    assert not list(tmp_path.glob(".stream*")), "no staging or worker file is left behind"
+    assert not list(tmp_path.glob(".stream*")), "no staging file is left behind"
 
 
 def _fast_block_ptq() -> PTQConfig:
@@ -444,9 +438,7 @@ def test_synthetic_llama_has_the_asked_size_and_quantizes(tmp_path: Path) -> Non
         tmp_path / "again" / "model-00001-of-00003.safetensors",
         shallow=False,
     )
-    report = quantize_checkpoint(
-        tmp_path / "synth", tmp_path / "q", "w8a16", workers=2, max_shard_size="20MB"
-    )
+    report = quantize_checkpoint(tmp_path / "synth", tmp_path / "q", "w8a16", max_shard_size="20MB")
     assert report["input_bytes"] > 60e6 * 0.75
     model = load_quantized(tmp_path / "q")
     logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
@@ -467,15 +459,13 @@ def test_cli_streams_when_asked_and_when_memory_is_short(tiny_model_dir, tmp_pat
             "-o",
             str(tmp_path / "a"),
             "--stream",
-            "--workers",
-            "2",
         ],
         capture_output=True,
         text=True,
         check=True,
     )
     report = json.loads(result.stdout)
-    assert report["streamed"]["mode"] == "rtn" and report["streamed"]["workers"] == 2
+    assert report["streamed"]["mode"] == "rtn" and report["streamed"]["ranks"] == 1
     assert available_memory_bytes() > 0
     monkeypatch.setattr("quantmint.tools.memory.available_memory_bytes", lambda: 1000)
     assert cli._too_big_for_memory(src)

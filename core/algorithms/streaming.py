@@ -9,8 +9,8 @@ at a time (`quantmint.formats.safetensors_io`) and writing the same checkpoint, 
   written as its tensors are produced: a quantized linear is read, rounded and converted on its own
   (a plain per-channel weight is rounded a chunk of rows at a time as it is read:
   `native_rtn.quantize_weight_from_file`); every other tensor is copied. Peak memory is the largest
-  linear plus a constant. With `workers > 1` the output shards are written by that many processes
-  at once.
+  linear plus a constant. Under torchrun the ranks share the output shards, rank 0 writing the index
+  and manifest (`quantmint.algorithms.distributed`).
 - **Out-of-core calibration** (SmoothQuant, static activations, C8, block PTQ): the skeleton's
   embeddings, final norm and head are read in, every block stays on `meta`, and the sequential
   engine (`quantmint.algorithms.calibration`, or block PTQ's) reads one block's weights when it reaches it.
@@ -24,13 +24,9 @@ at a time (`quantmint.formats.safetensors_io`) and writing the same checkpoint, 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +55,7 @@ from quantmint.formats.safetensors_io import (
     ShardWriter,
     TensorSpec,
 )
-from quantmint.io.outdir import OUTPUT_ERRNOS, output_errors, prepare_output, staging_prefix
+from quantmint.io.outdir import output_errors, prepare_output, staging_prefix
 from quantmint.numerics import native_rtn
 from quantmint.tools.memory import peak_rss_mb
 
@@ -371,85 +367,9 @@ class _RTNProducer:
         return tensor.detach()  # a persistent buffer the checkpoint does not hold: as built
 
 
-# A worker that the output filesystem failed (OUTPUT_ERRNOS) exits with this plus the errno.
-_OSERROR_EXIT = 64
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """End this worker when its parent dies (a `kill -9` of `quantmint quantize`), instead of
-    writing on into a staging directory that no process will rename or remove.
-
-    Linux: the kernel sends SIGKILL on the parent's death (`prctl(PR_SET_PDEATHSIG)`); the parent
-    pid is compared afterwards in case it died before the call. Elsewhere the worker runs to its end.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _worker_main(job_file: str) -> None:
-    """One worker process of streaming RTN (`python -m quantmint.algorithms.streaming JOB.json`): writes the
-    shards the job names and their manifest entries into JOB.json's `result`."""
-    job = json.loads(Path(job_file).read_text())
-    _die_with_parent(job["parent"])
-    torch.set_num_threads(job["threads"])
-    producer = _RTNProducer(Path(job["model"]), PTQConfig.from_dict(job["config"]), job["family"])
-    out = Path(job["out"])
-    written = {}
-    with _gc_frozen():
-        for name, tensors in job["shards"]:
-            specs = [TensorSpec.of(t, producer.state[t]) for t in tensors]
-            written[name] = write_shard(out / name, specs, producer.fetch)
-    Path(job_file).write_text(json.dumps({**job, "result": written}))
-
-
-def _run_workers(
-    path: Path, config: PTQConfig, family: str | None, groups: list[Planned], out: Path
-) -> dict[str, dict[str, Any]]:
-    """Start one `python -m quantmint.algorithms.streaming` process per group of shards and wait for all."""
-    threads = max(1, torch.get_num_threads() // len(groups))
-    procs = []
-    for i, group in enumerate(groups):
-        job_file = out / f".worker-{i}.json"
-        job = {
-            "model": str(path),
-            "config": config.to_dict(),
-            "family": family,
-            "out": str(out),
-            "threads": threads,
-            "parent": os.getpid(),
-            "shards": [(name, [s.name for s in specs]) for name, specs in group],
-        }
-        job_file.write_text(json.dumps(job))
-        command = [sys.executable, "-m", "quantmint.algorithms.streaming", str(job_file)]
-        procs.append((job_file, subprocess.Popen(command)))
-    written: dict[str, dict[str, Any]] = {}
-    failed = []
-    for job_file, proc in procs:
-        if proc.wait() != 0:
-            failed.append(proc.returncode)
-            continue
-        written.update(json.loads(job_file.read_text())["result"])
-        job_file.unlink()
-    for status in failed:
-        if status - _OSERROR_EXIT in OUTPUT_ERRNOS:
-            code = status - _OSERROR_EXIT
-            raise OSError(code, os.strerror(code))  # the staging directory's: one line from there
-    if failed:
-        raise QuantmintError(
-            f"{len(failed)} of {len(procs)} streaming workers failed (exit status {failed}); see above"
-        )
-    return written
-
-
-def _balance(planned: Planned, workers: int) -> list[Planned]:
-    """Shards shared out among workers, largest first to the least loaded."""
-    groups: list[Planned] = [[] for _ in range(min(workers, len(planned)))]
+def _balance(planned: Planned, ranks: int) -> list[Planned]:
+    """Shards shared out among ranks, largest first to the least loaded."""
+    groups: list[Planned] = [[] for _ in range(min(ranks, len(planned)))]
     loads = [0] * len(groups)
     for job in sorted(planned, key=lambda j: -sum(s.nbytes for s in j[1])):
         i = loads.index(min(loads))
@@ -496,10 +416,9 @@ def _stream_rtn_rank(path: Path, config: PTQConfig, family: str | None, world: W
 
 
 def _stream_rtn(
-    path: Path, config: PTQConfig, family: str | None, workers: int, world: World | None = None
+    path: Path, config: PTQConfig, family: str | None, world: World
 ) -> tuple[nn.Module, checkpoint.ShardsWriter]:
     producer = _RTNProducer(path, config, family)
-    world = world or World()
 
     def write_shards(out: Path, planned: Planned) -> dict[str, dict[str, Any]]:
         if world.distributed:  # every rank writes its share of the shards (`_stream_rtn_rank`)
@@ -516,17 +435,14 @@ def _stream_rtn(
                     raise part
                 written.update(part)
             return {name: written[name] for name, _ in planned}
-        if workers <= 1 or len(planned) == 1:
-            # The shard writer's thread writes and hashes while torch rounds the next tensor: leave it
-            # a core (OpenMP threads that lose theirs stall every parallel region; measured).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, threads - 1))
-            try:
-                return {name: write_shard(out / name, specs, producer.fetch) for name, specs in planned}
-            finally:
-                torch.set_num_threads(threads)
-        written = _run_workers(path, config, family, _balance(planned, workers), out)
-        return {name: written[name] for name, _ in planned}
+        # The shard writer's thread writes and hashes while torch rounds the next tensor: leave it a
+        # core (OpenMP threads that lose theirs stall every parallel region; measured).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            return {name: write_shard(out / name, specs, producer.fetch) for name, specs in planned}
+        finally:
+            torch.set_num_threads(threads)
 
     return producer.model, write_shards
 
@@ -539,7 +455,6 @@ def quantize_checkpoint(
     family: str | None = None,
     calibration: list[torch.Tensor] | None = None,
     tokenizer: Any = None,
-    workers: int = 1,
     work_dir: str | os.PathLike[str] | None = None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
@@ -551,27 +466,19 @@ def quantize_checkpoint(
 
     Args:
         config: a `PTQConfig`, a preset name or a mapping. Configs that calibrate need `calibration`.
-        workers: processes writing output shards at once (streaming RTN; calibration runs in one).
         work_dir: block PTQ's resume directory (see `PTQ.apply`).
         Others as in `save_quantized`.
     Returns:
-        What was done: `mode` (`rtn` or `calibrated`), input bytes, seconds, peak RSS (MB, the
-        largest of this process and its workers) and, when calibrated, the calibration report.
+        What was done: `mode` (`rtn` or `calibrated`), the ranks (1 outside torchrun), input bytes,
+        seconds, this process's peak RSS (MB) and, when calibrated, the calibration report.
     """
     start = time.perf_counter()
     path = Path(model_dir)
     out = Path(out_dir)
     config = as_config(config).with_updates(mode="quantize")
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True")
     world = current_world()  # under torchrun the ranks share the work and rank 0 writes `out`
-    if world.distributed and workers > 1:
-        raise ConfigError(
-            f"workers={workers} under torchrun's {world.size} ranks: the ranks already write the shards "
-            "in parallel; drop --workers (or run one process with --workers)"
-        )
     if world.is_main:
         prepare_output(out, [path], overwrite)
     max_bytes = checkpoint.parse_size(max_shard_size)
@@ -605,26 +512,16 @@ def quantize_checkpoint(
             _stream_rtn_rank(path, config, family, world)
             model = None
         else:
-            model, write_shards = _stream_rtn(path, config, family, workers, world)
+            model, write_shards = _stream_rtn(path, config, family, world)
         if world.is_main:
             with staged_directory(out, overwrite=overwrite, inputs=[path]) as tmp:
                 checkpoint.write_checkpoint(model, tmp, tokenizer, max_bytes, write_shards)
     state = quant_state(model)
     return {
         "mode": "calibrated" if calibrated else "rtn",
-        "workers": 1 if calibrated else workers,
         "ranks": world.size,
         "input_bytes": sum(f.stat().st_size for f in CheckpointFiles(path).files),
         "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mb": peak_rss_mb(children=True),
+        "peak_rss_mb": peak_rss_mb(),
         "calibration": state.calibration if state is not None else None,
     }
-
-
-if __name__ == "__main__":
-    try:
-        _worker_main(sys.argv[1])
-    except OSError as exc:  # a full or read-only disk: the parent reports it, in one line
-        if exc.errno not in OUTPUT_ERRNOS or exc.errno >= 256 - _OSERROR_EXIT:
-            raise
-        sys.exit(_OSERROR_EXIT + exc.errno)

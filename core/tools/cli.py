@@ -41,6 +41,11 @@ def _quantize(args: argparse.Namespace, world: Any) -> None:
     from quantmint.formats.checkpoint import save_quantized
     from quantmint.io.models import load_float_model, load_tokenizer
 
+    if args.workers is not None:
+        raise _usage_error(
+            "--workers was replaced by torchrun, which shares the shards (and calibration) among its ranks: "
+            "torchrun --standalone --nproc-per-node N -m quantmint quantize ... (docs/distributed.md)"
+        )
     config = PTQConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.ignore:
         config = config.with_updates(ignore=[*config.ignore, *args.ignore])
@@ -99,7 +104,6 @@ def _quantize(args: argparse.Namespace, world: Any) -> None:
             family=args.family,
             calibration=calibration,
             tokenizer=tokenizer,
-            workers=args.workers,
             work_dir=work_dir,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
@@ -205,7 +209,7 @@ def _quantize_report(
         report["ranks"] = world.size
     if streamed is not None:
         seconds = round(time.perf_counter() - start, 2)
-        report["streamed"] = {k: streamed[k] for k in ("mode", "workers", "input_bytes")}
+        report["streamed"] = {k: streamed[k] for k in ("mode", "ranks", "input_bytes")}
         report["seconds"] = {"load": round(loaded - start, 2), "quantize_and_save": streamed["seconds"]}
         report["seconds"]["total"] = seconds
         report["calibration"] = streamed["calibration"]
@@ -490,12 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="never load the whole model: RTN streams tensor by tensor, calibration loads one block at a "
         "time (automatic when the weights take more than half the free memory)",
     )
-    q.add_argument(
-        "--workers",
-        type=int_at_least(1, 1024),
-        default=1,
-        help="with --stream and a config that needs no calibration: processes writing shards at once",
-    )
+    q.add_argument("--workers", help=argparse.SUPPRESS)  # replaced by torchrun: refused with the command
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float or quantized model (JSON)")

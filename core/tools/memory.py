@@ -59,10 +59,6 @@ def maxrss_mb(*usages: resource.struct_rusage) -> float:
     return round(max(usage.ru_maxrss for usage in usages) / 1024, 1)
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident set size of this process in MiB; with `children`, the larger of it and the largest
-    peak of its waited-for children (worker processes)."""
-    usages = [resource.getrusage(resource.RUSAGE_SELF)]
-    if children:
-        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
-    return maxrss_mb(*usages)
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF))

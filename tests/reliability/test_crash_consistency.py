@@ -228,14 +228,9 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True)
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [[], ["--stream", "--workers", "2", "--max-shard-size", "20KB"]],
-    ids=["in-memory", "stream-workers"],
-)
+@pytest.mark.parametrize("extra", [[], ["--stream", "--max-shard-size", "20KB"]], ids=["in-memory", "stream"])
 def test_a_really_full_filesystem_is_one_line(tmp_path: Path, tiny_model_dir, capsys, extra) -> None:
-    """The same on a 64 KiB tmpfs, where the kernel can mount one (root, a permissive sandbox); with
-    streaming workers, the disk fills in a worker process."""
+    """The same on a 64 KiB tmpfs, where the kernel can mount one (root, a permissive sandbox)."""
     small = tmp_path / "small"
     if not _try_mount(small, "size=64k"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
@@ -245,6 +240,29 @@ def test_a_really_full_filesystem_is_one_line(tmp_path: Path, tiny_model_dir, ca
         assert code != 0
         line = _error_line(err)
         assert "No space left on device" in line and str(small / "q") in line, line
+        assert list(small.iterdir()) == []
+    finally:
+        _umount(small)
+
+
+def test_a_full_filesystem_under_torchrun_is_one_line(tmp_path: Path, tiny_model_dir) -> None:
+    """Streaming RTN's ranks each write their share of the shards into rank 0's staging directory: the
+    disk fills in one of them, rank 0 reports it in one line and removes the staging directory (then
+    torchrun reports the failed rank in its own words)."""
+    small = tmp_path / "small"
+    if not _try_mount(small, "size=64k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        command += ["-m", "quantmint", "quantize", str(tiny_model_dir("llama")), "-o", str(small / "q")]
+        command += ["--stream", "--max-shard-size", "20KB"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode != 0
+        ours = [line for line in done.stderr.splitlines() if line.startswith("quantmint quantize: error:")]
+        assert len(ours) == 1, done.stderr
+        assert "Traceback" not in done.stderr.split(ours[0])[0], done.stderr
+        assert "No space left on device" in ours[0] and str(small / "q") in ours[0], ours[0]
         assert list(small.iterdir()) == []
     finally:
         _umount(small)

@@ -304,8 +304,6 @@ def test_calibration_samples_beyond_vocab_are_refused_by_the_library(small_vocab
         ["quantize", "{model}", "-o", "{out}", "--calib-samples", "-5"],
         ["quantize", "{model}", "-o", "{out}", "--calib-seq-len", "0"],
         ["quantize", "{model}", "-o", "{out}", "--calib-seq-len", "-1"],
-        ["quantize", "{model}", "-o", "{out}", "--workers", "0"],
-        ["quantize", "{model}", "-o", "{out}", "--workers", "-2"],
         ["quantize", "{model}", "-o", "{out}", "--calib-seed", "-1"],
         ["eval", "{model}", "--text", "{model}/config.json", "--max-tokens", "0"],
         ["eval", "{model}", "--text", "{model}/config.json", "--max-tokens", "-100"],
