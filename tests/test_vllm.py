@@ -553,7 +553,7 @@ def test_w4a16_generation_agrees_with_the_torch_runtime(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w8a8+hadamard"])
 def test_tensor_parallel_serving_gives_the_single_ranks_tokens(
     preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
@@ -564,7 +564,9 @@ def test_tensor_parallel_serving_gives_the_single_ranks_tokens(
     rounding (and W8A8's, where such a difference moves an activation across a rounding midpoint, by a
     code). W8A8's row-parallel layers take each token's scale over both ranks' features (an all-reduce
     of its max), so they round as one rank does: with vLLM's kernel, each rank's half of the features
-    would set its own scale, and greedy tokens here diverged from one rank's after 12 steps."""
+    would set its own scale, and greedy tokens here diverged from one rank's after 12 steps. A
+    Hadamard-rotated down_proj gathers both ranks' halves of its input, rotates the whole row as one
+    rank does and keeps its half."""
     path = tiny_checkpoint("llama", preset)
     tasks = [
         {"kind": "generate", "prompts": PROMPTS, "max_tokens": 16},
@@ -580,7 +582,9 @@ def test_tensor_parallel_serving_gives_the_single_ranks_tokens(
         ]
     )
     assert drift.max() <= (1e-3 if preset == "w8a16" else 0.1), drift.tolist()
-    if preset == "w8a8":
+    if preset.endswith("+hadamard"):
+        assert any("rotate it whole" in line for line in two["quantmint_log"]), two
+    if preset.startswith("w8a8"):
         assert any("over all tensor-parallel ranks" in line for line in two["quantmint_log"]), two
 
 

@@ -102,16 +102,20 @@ class _Int8WeightsMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
-        if self.rotate_input and input_size_per_partition != input_size:
-            raise ValueError(
-                f"a quantmint layer with a Hadamard-rotated input ({input_size} features) cannot be split "
-                f"over tensor-parallel ranks ({input_size_per_partition} per rank): the rotation mixes all "
-                "features. Serve with tensor_parallel_size=1, or quantize without algorithm_args.hadamard"
-            )
-        if self.rotate_input:  # kept on the layer: no cache lookup inside a compiled forward
-            layer.quantmint_hadamard = hadamard_factors_for(input_size)
         # A row-parallel layer under tensor parallelism: each rank holds a slice of the input features.
         layer.quantmint_input_split = input_size_per_partition != input_size
+        if self.rotate_input:  # kept on the layer: no cache lookup inside a compiled forward
+            layer.quantmint_hadamard = hadamard_factors_for(input_size)
+            if layer.quantmint_input_split:  # this rank's columns of the rotated input (`_rotate`)
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                logger.info_once(
+                    "quantmint: Hadamard-rotated row-parallel layers all-gather their input over the "
+                    "tensor-parallel ranks, rotate it whole and keep their columns (as on one rank)"
+                )
+
+                start = get_tensor_model_parallel_rank() * input_size_per_partition
+                layer.quantmint_input_slice = (start, input_size_per_partition)
         weight_loader = extra_weight_attrs["weight_loader"]
         _create_int8_weights(
             layer, input_size_per_partition, output_partition_sizes, weight_loader, self.transposed
@@ -123,6 +127,21 @@ class _Int8WeightsMethod(LinearMethodBase):
         self, layer: torch.nn.Module, output_partition_sizes: list[int], weight_loader: Callable[..., Any]
     ) -> None:
         """More tensors of the scheme (none by default)."""
+
+
+def _rotate(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's input rotated by the Hadamard matrix its weight folded in: (this rank's part, the whole
+    rotated row or None). A row-parallel rank holds a slice of the features and the rotation mixes all
+    of them (and cannot be folded into what comes before: down_proj's input is act(gate) * up), so the
+    slices are all-gathered over the tensor-parallel group, rotated whole as on one rank, and the rank
+    keeps its columns (those of its weight shard). Costs one all-gather of the layer's input per call."""
+    if not layer.quantmint_input_split:
+        return apply_hadamard(x, layer.quantmint_hadamard), None
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    whole = apply_hadamard(tensor_model_parallel_all_gather(x.contiguous(), dim=-1), layer.quantmint_hadamard)
+    start, size = layer.quantmint_input_slice
+    return whole[..., start : start + size], whole
 
 
 # ---------------------------------------------------------------- W8A8
@@ -254,31 +273,40 @@ class W8A8LinearMethod(_Int8WeightsMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        whole = None
         if self.rotate_input:
-            x = apply_hadamard(x, layer.quantmint_hadamard)
+            x, whole = _rotate(layer, x)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         if not self.static_input and layer.quantmint_input_split:
-            return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias)
+            return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias, whole)
         return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
 
 
 def _row_parallel_int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    whole: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's part of a row-parallel W8A8 layer (x: its slice of the input features), with each
     token's scale taken over the whole row: the max of |x| over every rank's slice (an all-reduce of one
-    float per token over the tensor-parallel group), so every rank rounds as one rank would
-    (`quant_math.quantize_activation`'s per-token rounding, with the row's absmax). vLLM's
-    RowParallelLinear then sums the ranks' partial outputs, as for any layer (the bias is passed to one
-    rank only)."""
-    import torch.distributed as dist
-    from vllm.distributed import get_tp_group
-
+    float per token over the tensor-parallel group; from `whole`, the row itself, when the rank has it),
+    so every rank rounds as one rank would (`quant_math.quantize_activation`'s per-token rounding, with
+    the row's absmax). vLLM's RowParallelLinear then sums the ranks' partial outputs, as for any layer
+    (the bias is passed to one rank only)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    absmax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True)
-    dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=get_tp_group().device_group)
+    if whole is not None:
+        absmax = torch.linalg.vector_norm(whole.reshape(x2.shape[0], -1).float(), ord=float("inf"), dim=-1)
+        absmax = absmax.unsqueeze(-1)
+    else:
+        import torch.distributed as dist
+        from vllm.distributed import get_tp_group
+
+        absmax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True)
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=get_tp_group().device_group)
     scale = qparams_from_absmax(absmax)
     x_q = (x2 / scale).round_().clamp_(-127, 127).to(torch.int8)
     y = int8_int8_matmul(x_q, weight).float()
@@ -352,7 +380,7 @@ class W8A16LinearMethod(_Int8WeightsMethod):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.rotate_input:
-            x = apply_hadamard(x, layer.quantmint_hadamard)
+            x, _ = _rotate(layer, x)
         if layer.quantmint_amx or layer.quantmint_simd:
             bias32 = None
             if bias is not None:

@@ -137,13 +137,6 @@ def serve_command(
         )
     if tensor_parallel_size < 1:
         raise QuantmintError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}")
-    if block is not None and block.rotated_modules and tensor_parallel_size > 1:
-        raise QuantmintError(
-            f"{path} rotates the inputs of {len(block.rotated_modules)} layers by a Hadamard matrix "
-            "(algorithm_args.hadamard), which mixes all of a layer's input features: tensor parallelism "
-            "would split them over ranks. Serve it with --tensor-parallel-size 1, or quantize without "
-            "hadamard"
-        )
     env = dict(os.environ if environ is None else environ)
     for key, value in CPU_ENV_DEFAULTS.items():
         env.setdefault(key, value)
