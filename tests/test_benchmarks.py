@@ -276,15 +276,20 @@ def test_scale_benchmark_prints_rtn_and_io_figures(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("out-*")), "outputs are removed after measuring"
 
 
+def _word_text(path: Path) -> Path:
+    """A small text of a few words in a fixed order: calibration and perplexity for a tiny model."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "home"]
+    path.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1500)))
+    return path
+
+
 # --- block_ptq_speed: both settings on a tiny Llama, one JSON line ----------------------------------------
 def test_block_ptq_speed_prints_both_settings(tmp_path: Path) -> None:
     from conftest import build_tiny, byte_tokenizer
 
     build_tiny("llama").save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "home"]
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1500)))
+    text = _word_text(tmp_path / "text.txt")
     new = {"n_outer_loops": 12, "early_stop": True, "eval_every": 4, "patience": 2, "holdout_batches": 1}
     result = subprocess.run(
         [
@@ -317,9 +322,7 @@ def test_block_ptq_speed_prints_both_settings(tmp_path: Path) -> None:
 
 # --- distributed: one process and torchrun ranks side by side, one JSON line ------------------------------
 def test_distributed_benchmark_compares_ranks_with_one_process(tiny_model_dir, tmp_path: Path) -> None:
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "home"]
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1500)))
+    text = _word_text(tmp_path / "text.txt")
     result = subprocess.run(
         [
             sys.executable,
