@@ -284,9 +284,10 @@ class PTQ:
         steps.loader = self.block_loader
         steps.work_dir = work_dir
         # Data-parallel calibration: the ranks must calibrate the same thing, or the result is no one's.
-        steps.world.same_everywhere(
-            "configs or calibration samples", f"{self.config.to_yaml()}\n{samples_digest(samples)}"
-        )
+        if steps.world.distributed:
+            steps.world.same_everywhere(
+                "configs or calibration samples", f"{self.config.to_yaml()}\n{samples_digest(samples)}"
+            )
         for step, algorithm in self.algorithms:  # a step that drives calibration itself (block PTQ)
             driven = algorithm.run(step, steps, samples)
             if driven is not None:
