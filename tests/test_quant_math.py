@@ -80,3 +80,19 @@ def test_sqnr() -> None:
 def test_unknown_granularity() -> None:
     with pytest.raises(ValueError, match="granularity"):
         qm.absmax(torch.ones(2, 2), "group")
+
+
+def test_row_absmax_is_the_inf_norm_of_each_row() -> None:
+    """The per-token absmax of activation rounding: equal to torch's inf-norm, NaN and inf included."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 33) * 5
+    x[1] = float("nan")
+    x[2, 3] = float("-inf")
+    x[3] = 0.0
+    x[4] = -1.5  # a row whose largest magnitude is negative
+    want = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)
+    got = qm.row_absmax(x)
+    assert got.shape == (7, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(got[1]).all() and float(got[2]) == float("inf") and float(got[4]) == 1.5
+    assert qm.row_absmax(x, keepdim=False).shape == (7,)

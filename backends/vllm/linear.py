@@ -42,7 +42,7 @@ from quantmint.backends.torch.int8_weight_only import (
     simd_woq_linear,
     simd_woq_supported,
 )
-from quantmint.numerics.quant_math import qparams_from_absmax
+from quantmint.numerics.quant_math import qparams_from_absmax, row_absmax
 
 __all__ = ["W4A16LinearMethod", "W8A8LinearMethod", "W8A16LinearMethod", "vllm_int8_kernel_is_exact"]
 
@@ -299,13 +299,12 @@ def _row_parallel_int8_linear(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
     if whole is not None:
-        absmax = torch.linalg.vector_norm(whole.reshape(x2.shape[0], -1).float(), ord=float("inf"), dim=-1)
-        absmax = absmax.unsqueeze(-1)
+        absmax = row_absmax(whole.reshape(x2.shape[0], -1).float())
     else:
         import torch.distributed as dist
         from vllm.distributed import get_tp_group
 
-        absmax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True)
+        absmax = row_absmax(x2)
         dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=get_tp_group().device_group)
     scale = qparams_from_absmax(absmax)
     x_q = (x2 / scale).round_().clamp_(-127, 127).to(torch.int8)

@@ -57,6 +57,7 @@ __all__ = [
     "quantize_symmetric",
     "quantize_weight",
     "quantize_weight_asymmetric",
+    "row_absmax",
     "sqnr_db",
     "uint_range",
     "unpack_int4",
@@ -107,6 +108,13 @@ def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
     if dims is None:
         return x.amin(), x.amax()
     return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+
+
+def row_absmax(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """max |x| over the last dimension (what `torch.linalg.vector_norm(x, inf, dim=-1)` computes, NaN
+    and inf alike), as the larger of the row's max and its negated min: two vectorised reductions,
+    several times faster on CPU than the inf-norm kernel (an all-zero row may give -0.0)."""
+    return torch.maximum(x.amax(dim=-1, keepdim=keepdim), x.amin(dim=-1, keepdim=keepdim).neg_())
 
 
 def qparams_from_absmax(amax: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
@@ -251,7 +259,7 @@ def quantize_activation(
     """
     xf = x if x.dtype == torch.float32 else x.float()
     if input_scale is None:
-        absmax = torch.linalg.vector_norm(xf.detach(), ord=float("inf"), dim=-1, keepdim=True)
+        absmax = row_absmax(xf.detach())
         scale = qparams_from_absmax(absmax)
     else:
         scale = input_scale.reshape((1,) * xf.dim())
