@@ -33,15 +33,24 @@ class InputObserver:
     token_absmax: list[torch.Tensor] = field(default_factory=list)
 
     def observe(self, x: torch.Tensor) -> None:
+        self.add(*self.measure(x))
+
+    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """What one batch's input x contributes: channel maxima, token maxima and the percentile."""
         x2 = x.detach().reshape(-1, x.shape[-1]).float().abs()
-        amax = x2.amax(dim=0)
-        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        self.token_absmax.append(x2.amax(dim=1))
+        percentile = None
         if self.percentile is not None:
             flat = x2.flatten()
             if flat.numel() > _QUANTILE_MAX_ELEMENTS:
                 flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
-            self.percentiles.append(float(torch.quantile(flat, self.percentile / 100.0)))
+            percentile = float(torch.quantile(flat, self.percentile / 100.0))
+        return x2.amax(dim=0), x2.amax(dim=1), percentile
+
+    def add(self, amax: torch.Tensor, token_amax: torch.Tensor, percentile: float | None) -> None:
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.token_absmax.append(token_amax)
+        if percentile is not None:
+            self.percentiles.append(percentile)
 
     def reduce(self, world: World, calls: int) -> None:
         """Combine what every rank observed on its `calls` calibration batches (data-parallel
@@ -84,11 +93,24 @@ class InputObserver:
 def attach_input_observers(
     modules: dict[str, nn.Module], percentile: float | None = None
 ) -> tuple[dict[str, InputObserver], list[RemovableHandle]]:
-    """Hook an `InputObserver` on the input of every module; remove the handles when done."""
+    """Hook an `InputObserver` on the input of every module; remove the handles when done.
+
+    Linears that read one tensor (a block's q/k/v, gate/up) are measured once per call: the last input
+    seen and what it gave are kept, and a module handed that same tensor object next reuses them."""
     observers: dict[str, InputObserver] = {}
     handles = []
+    last: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, float | None]]] = []
+
+    def hook(observer: InputObserver, x: torch.Tensor) -> None:
+        if last and last[0][0] is x:
+            observer.add(*last[0][1])
+            return
+        measured = observer.measure(x)
+        last[:] = [(x, measured)]
+        observer.add(*measured)
+
     for name, module in modules.items():
         observer = InputObserver(percentile=percentile)
         observers[name] = observer
-        handles.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: obs.observe(args[0])))
+        handles.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: hook(obs, args[0])))
     return observers, handles
