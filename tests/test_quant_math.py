@@ -95,4 +95,5 @@ def test_row_absmax_is_the_inf_norm_of_each_row() -> None:
     assert got.shape == (7, 1)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(got[1]).all() and float(got[2]) == float("inf") and float(got[4]) == 1.5
+    assert not torch.signbit(got[3]).any()  # an all-zero row: +0.0, as the inf-norm
     assert qm.row_absmax(x, keepdim=False).shape == (7,)

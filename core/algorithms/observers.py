@@ -37,13 +37,14 @@ class InputObserver:
 
     def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """What one batch's input x contributes: channel maxima, token maxima and the percentile."""
-        x2 = x.detach().reshape(-1, x.shape[-1]).float().abs()
-        percentile = None
-        if self.percentile is not None:
-            flat = x2.flatten()
-            if flat.numel() > _QUANTILE_MAX_ELEMENTS:
-                flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
-            percentile = float(torch.quantile(flat, self.percentile / 100.0))
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.percentile is None:  # max |x| as max(max x, -min x): no |x| copy (as `row_absmax`)
+            return _absmax(x2, 0), _absmax(x2, 1), None
+        x2 = x2.abs()
+        flat = x2.flatten()
+        if flat.numel() > _QUANTILE_MAX_ELEMENTS:
+            flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
+        percentile = float(torch.quantile(flat, self.percentile / 100.0))
         return x2.amax(dim=0), x2.amax(dim=1), percentile
 
     def add(self, amax: torch.Tensor, token_amax: torch.Tensor, percentile: float | None) -> None:
@@ -88,6 +89,11 @@ class InputObserver:
         if self.percentile is None or not self.percentiles:
             return smoothed
         return sum(self.percentiles) / len(self.percentiles) * (smoothed / raw if raw > 0 else 1.0)
+
+
+def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |x| along `dim`, equal to `x.abs().amax(dim)` (NaN, inf and +0.0 alike)."""
+    return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg_()).abs_()
 
 
 def attach_input_observers(

@@ -113,8 +113,8 @@ def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
 def row_absmax(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
     """max |x| over the last dimension (what `torch.linalg.vector_norm(x, inf, dim=-1)` computes, NaN
     and inf alike), as the larger of the row's max and its negated min: two vectorised reductions,
-    several times faster on CPU than the inf-norm kernel (an all-zero row may give -0.0)."""
-    return torch.maximum(x.amax(dim=-1, keepdim=keepdim), x.amin(dim=-1, keepdim=keepdim).neg_())
+    several times faster on CPU than the inf-norm kernel (the last `abs_` makes an all-zero row +0.0)."""
+    return torch.maximum(x.amax(dim=-1, keepdim=keepdim), x.amin(dim=-1, keepdim=keepdim).neg_()).abs_()
 
 
 def qparams_from_absmax(amax: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
