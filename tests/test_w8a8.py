@@ -196,6 +196,125 @@ def test_smooth_alpha_search_key_is_written_only_when_not_the_default() -> None:
         PTQConfig(algorithm_args={"smooth_alpha_search": "layer"})
 
 
+def test_block_call_head_cuts_the_batch_and_nothing_else() -> None:
+    from quantmint.algorithms.calibration import BlockCall
+
+    hidden = torch.randn(4, 6, 8)
+    cos, sin = torch.randn(1, 6, 8), torch.randn(4, 6, 8)
+    mask = torch.zeros(4, 1, 6, 6)
+    call = BlockCall(
+        hidden,
+        (torch.arange(6),),
+        {"position_embeddings": (cos, sin), "attention_mask": mask, "flag": True},
+        index=3,
+        weight=1.0,
+    )
+    cut = call.head(2)
+    assert torch.equal(cut.hidden, hidden[:2]) and cut.index == 3 and cut.weight == 1.0
+    assert torch.equal(cut.args[0], torch.arange(6))  # not batched: passed as it is
+    assert cut.kwargs["position_embeddings"][0] is cos  # broadcast over the batch
+    assert torch.equal(cut.kwargs["position_embeddings"][1], sin[:2])
+    assert cut.kwargs["attention_mask"].shape == (2, 1, 6, 6) and cut.kwargs["flag"] is True
+    assert call.head(4) is call and call.head(9) is call
+
+
+@torch.no_grad()
+def test_alpha_search_on_fewer_samples_scores_their_rows_of_the_block_output(calibration) -> None:
+    """`smooth_search_samples`: each grid alpha runs only the first rows of the search batches; the
+    losses are those rows' MSE against the same rows of the float block's output."""
+    import copy
+
+    from quantmint.algorithms.builtin import search_alpha
+    from quantmint.algorithms.calibration import BlockCall
+    from quantmint.algorithms.ptq import BlockSteps
+
+    model = build_tiny("llama")
+    ptq = PTQ({**W8A8_SMOOTH, "algorithm_args": {"smooth_alpha_grid": [0.3, 0.7]}})
+    layout = resolve_layout(model, registry.find_family(model))
+    from quantmint.algorithms.ptq import QuantState
+
+    steps = BlockSteps(ptq, model, layout, ptq.targets(layout), QuantState(config=ptq.config, family="llama"))
+    calls = []
+
+    def finish(block, attached, block_calls, outputs):
+        observers, handles = attached
+        for handle in handles:
+            handle.remove()
+        if block.index == 0:  # the engine hands the outputs on to the next block in these calls
+            kept = [BlockCall(c.hidden, c.args, c.kwargs, c.index, c.weight) for c in block_calls]
+            calls.append((block, observers, kept, list(outputs)))
+        return False
+
+    run_sequential(
+        model, layout, calibration, lambda b: attach_input_observers(b.linears), finish, batch_size=4
+    )
+    block, observers, block_calls, outputs = calls[0]
+    assert len(block_calls) == 2 and block_calls[0].hidden.shape[0] == 4
+    _, whole = search_alpha(steps, block, observers, block_calls, outputs, [0.3, 0.7], 2)
+    assert steps.cut_calls_ok is None  # nothing cut, nothing checked
+    alpha, losses = search_alpha(steps, block, observers, block_calls, outputs, [0.3, 0.7], 2, 2)
+    assert steps.cut_calls_ok is True and alpha in (0.3, 0.7)
+    for a in (0.3, 0.7):  # the same losses, computed by hand on each batch's first sample
+        trial = copy.deepcopy(block.module)
+        from quantmint.extension.family import BlockLayout
+
+        layout_t = BlockLayout(
+            index=block.index,
+            name=block.name,
+            module=trial,
+            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
+        )
+        steps.round_block(layout_t, observers, SmoothQuant(a, steps.head_dim))
+        want = sum(
+            float((c.head(1).run(trial) - o[:1]).float().pow(2).mean())
+            for c, o in zip(block_calls, outputs, strict=True)
+        )
+        assert losses[a] == pytest.approx(want, rel=1e-5)
+        assert losses[a] != pytest.approx(whole[a], rel=1e-9)  # fewer samples: another sum
+
+
+def test_alpha_search_runs_whole_batches_when_a_cut_call_computes_something_else(caplog) -> None:
+    """A block argument whose first dimension is the batch's size by chance (here a [batch, hidden] table
+    summed over its rows) makes the cut call disagree with the whole one: the search says so and keeps
+    whole batches."""
+    from quantmint.algorithms.builtin import _cut_calls_agree
+    from quantmint.algorithms.calibration import BlockCall
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, table):
+            return hidden + table.sum(0)
+
+    hidden, table = torch.randn(4, 3, 5), torch.randn(4, 5)
+    whole = BlockCall(hidden, (table,), {})
+    out = whole.run(Block())
+    with caplog.at_level("WARNING"):
+        assert not _cut_calls_agree(Block(), [whole.head(2)], [out])
+    assert "whole calibration batches" in caplog.text
+
+    class Rowwise(torch.nn.Module):
+        def forward(self, hidden, table):
+            return hidden * table[:, None, :]
+
+    out = whole.run(Rowwise())
+    assert _cut_calls_agree(Rowwise(), [whole.head(2)], [out])
+
+
+def test_smooth_search_samples_is_written_only_when_set() -> None:
+    from quantmint.config import PTQConfig, get_preset
+
+    base = get_preset("w8a8").with_updates(
+        algorithm_args={"smooth_alpha_grid": [0.5], "smooth_search_samples": 0}
+    )
+    assert "smooth_search_samples" not in base.to_yaml()
+    few = base.with_updates(algorithm_args={"smooth_alpha_grid": [0.5], "smooth_search_samples": 4})
+    assert "smooth_search_samples: 4" in few.to_yaml()
+    again = PTQConfig.from_yaml(few.to_yaml())
+    assert again == few
+    assert [step.search_samples for step in again.recipe() if step.name == "smooth_quant"] == [4]
+    with pytest.raises(ConfigError, match="smooth_search_samples"):
+        PTQConfig(algorithm_args={"smooth_search_samples": -1})
+
+
 def test_alpha_search_picks_from_the_grid_per_pair(calibration, input_ids) -> None:
     results = {}
     pair = {"smooth_alpha_search": "pair"}
@@ -372,3 +491,32 @@ def test_alpha_search_records_no_alpha_for_a_rotated_pair(calibration) -> None:
     model = quantize(build_tiny("llama"), config, calibration=calibration)
     alphas = quant_state(model).calibration["smooth_alpha_per_pair"]
     assert len(alphas) == 6 and not any(name.endswith("mlp.up_proj") for name in alphas)
+
+
+def test_linears_reading_one_input_are_measured_once_per_call(calibration, monkeypatch) -> None:
+    """q/k/v (and gate/up) read one tensor: its statistics are measured once and given to each of their
+    observers, equal to what each would have measured alone."""
+    from quantmint.algorithms.observers import InputObserver
+
+    model = build_tiny("llama")
+    layout = resolve_layout(model, registry.find_family(model))
+    block = layout.blocks[0]
+    measured = []
+    measure = InputObserver.measure
+    monkeypatch.setattr(InputObserver, "measure", lambda self, x: measured.append(x) or measure(self, x))
+    observers, handles = attach_input_observers(block.linears)
+    seen = {}
+    for name, module in block.linears.items():
+        handles.append(
+            module.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, args[0].clone()))
+        )
+    with torch.no_grad():
+        model(torch.stack(calibration[:2]))
+    for handle in handles:
+        handle.remove()
+    assert len(measured) == 4  # attention input, o_proj input, MLP input, down_proj input
+    for name, observer in observers.items():
+        alone = InputObserver()
+        alone.observe(seen[name])
+        assert torch.equal(observer.absmax, alone.absmax)
+        assert torch.equal(observer.token_absmax[0], alone.token_absmax[0])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantmint.algorithms.base import AlgorithmBase, BlockContext, Rounding
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from quantmint.algorithms.observers import InputObserver
     from quantmint.algorithms.ptq import BlockSteps
     from quantmint.extension.family import ModelLayout
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BlockPTQAlgorithm", "HadamardRotation", "KVCacheCalibration", "RTN", "SmoothQuantAlgorithm"]
 
@@ -140,6 +143,7 @@ class SmoothQuantAlgorithm(AlgorithmBase):
                     ctx.outputs,
                     config.alpha_grid,
                     config.search_batches,
+                    config.search_samples,
                 )
             steps.alphas.append(alpha)
             ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
@@ -218,11 +222,15 @@ def search_alpha(
     outputs: list[torch.Tensor],
     grid: list[float],
     search_batches: int,
+    search_samples: int = 0,
 ) -> tuple[float, dict[float, float]]:
     """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
     on the first `search_batches` calls (`smooth_alpha_search: block`, the presets' search): every grid
     point rounds a copy of the whole block and runs it, so the choice sees what the block's other
-    operations (attention, the MLP's gate) make of each linear's error."""
+    operations (attention, the MLP's gate) make of each linear's error.
+
+    `search_samples` > 0: only that many samples, the first ceil(search_samples / search_batches) of
+    each of those batches, are run per grid point (the cost of the search is linear in them)."""
     import copy
 
     from quantmint.algorithms.smooth_quant import SmoothQuant
@@ -230,6 +238,17 @@ def search_alpha(
     # The first `search_batches` batches of the calibration set; in data-parallel calibration each rank
     # runs the ones it holds and the losses are summed in one-process order on every rank.
     subset = [i for i, call in enumerate(calls) if call.index < search_batches]
+    runs = [calls[i] for i in subset]
+    targets = [outputs[i] for i in subset]
+    if search_samples:
+        rows = -(-search_samples // search_batches)
+        cut = [call.head(rows) for call in runs]
+        if steps.cut_calls_ok is None:  # checked once: every block is called with the same arguments
+            # (by every rank, on the batches it holds, so that all ranks cut or none)
+            verdicts = steps.world.gather(_cut_calls_agree(block.module, cut, targets) if cut else None)
+            steps.cut_calls_ok = False not in verdicts
+        if steps.cut_calls_ok:
+            runs, targets = cut, [out[: c.hidden.shape[0]] for out, c in zip(targets, cut, strict=True)]
     local: dict[float, list[tuple[int, float, float]]] = {}
     for alpha in grid:
         trial = copy.deepcopy(block.module)
@@ -241,12 +260,29 @@ def search_alpha(
         )
         steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
         local[alpha] = [
-            (calls[i].index, calls[i].weight, float((calls[i].run(trial) - outputs[i]).float().pow(2).mean()))
-            for i in subset
+            (call.index, call.weight, float((call.run(trial) - target).float().pow(2).mean()))
+            for call, target in zip(runs, targets, strict=True)
         ]
     parts = steps.world.gather(local)
     losses = {alpha: _sum_by_batch([entry for part in parts for entry in part[alpha]]) for alpha in grid}
     return min(losses, key=losses.__getitem__), losses
+
+
+def _cut_calls_agree(module: nn.Module, cut: list[BlockCall], outputs: list[torch.Tensor]) -> bool:
+    """Whether the float block on each cut call (`BlockCall.head`) gives the first rows of the whole
+    call's output: a family whose block takes an argument that only looks batched (first dimension
+    the batch's size by chance) would not, and its search then runs whole batches (logged)."""
+    for call, out in zip(cut, outputs, strict=True):
+        got = call.run(module).float()
+        want = out[: got.shape[0]].float()
+        # Batch-size-dependent float kernels differ by ~1e-7 of the norm; a wrong cut by far more.
+        if got.shape != want.shape or float((got - want).norm()) > 1e-4 * float(want.norm()):
+            logger.warning(
+                "the alpha search runs whole calibration batches: this model's blocks computed something "
+                "else on the first samples of a batch alone (an argument that looks batched is not)"
+            )
+            return False
+    return True
 
 
 def _sum_by_batch(entries: list[tuple[int, float, float]]) -> float:

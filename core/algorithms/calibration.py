@@ -58,6 +58,29 @@ class BlockCall:
         out = block(self.hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def head(self, rows: int) -> BlockCall:
+        """This call on its batch's first `rows` samples: the hidden states, and every tensor argument
+        whose first dimension is the batch's size, cut to `rows` (anything else passed as it is). An
+        argument that only looks batched could make the cut call compute something else: whoever uses
+        it checks the cut call's output against the whole call's (see `search_alpha`)."""
+        batch = int(self.hidden.shape[0])
+        if rows >= batch:
+            return self
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[:rows] if value.dim() >= 1 and value.shape[0] == batch else value
+            if isinstance(value, tuple):
+                items = [cut(v) for v in value]
+                return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+            if isinstance(value, list):
+                return [cut(v) for v in value]
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        return BlockCall(self.hidden[:rows], cut(self.args), cut(self.kwargs), self.index, self.weight)
+
 
 @dataclass
 class CalibrationReport:

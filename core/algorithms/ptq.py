@@ -359,6 +359,9 @@ class BlockSteps:
         self.alphas: list[float] = []  # a fixed alpha, per block
         self.pair_alphas: dict[str, float] = {}  # the searched alpha of each smoothing pair, by `prev`'s name
         self.extra: dict[str, Any] = {}
+        # Whether a block gives the same output on the first samples of a batch as on the whole batch
+        # (checked once by the alpha search before it runs fewer samples; None: not checked yet).
+        self.cut_calls_ok: bool | None = None
         # The ranks calibrating together (data-parallel calibration under torchrun; else one process).
         self.world = current_world()
 

@@ -220,6 +220,7 @@ class PTQConfig(StrictConfig):
                     alpha=args.smooth_alpha,
                     alpha_grid=list(args.smooth_alpha_grid),
                     search_batches=args.smooth_search_batches,
+                    search_samples=args.smooth_search_samples,
                     search=args.smooth_alpha_search,
                 )
             )
@@ -334,6 +335,7 @@ class PTQConfig(StrictConfig):
         "smooth_alpha": "smooth_alpha",
         "smooth_alpha_grid": "smooth_alpha_grid",
         "smooth_search_batches": "smooth_search_batches",
+        "smooth_search_samples": "smooth_search_samples",
     }
     # quantmint's own extension: MindFormers has no 4-bit groups nor zero points; `group_size` and
     # `symmetric` (false: asymmetric 4-bit weights) carry them.
@@ -453,4 +455,6 @@ class PTQConfig(StrictConfig):
         if self.algorithm_args.smooth_alpha_grid:
             args["smooth_alpha_grid"] = list(self.algorithm_args.smooth_alpha_grid)
             args["smooth_search_batches"] = self.algorithm_args.smooth_search_batches
+            if self.algorithm_args.smooth_search_samples:
+                args["smooth_search_samples"] = self.algorithm_args.smooth_search_samples
         return args

@@ -64,6 +64,9 @@ class AlgorithmArgs(StrictConfig):
     #   text"), so it is not the presets' choice.
     smooth_alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     smooth_search_batches: int = Field(default=4, ge=1, le=1 << 20)
+    # The block search: how many samples per grid point, the first ceil(n / smooth_search_batches) of
+    # each of those batches (0: all their samples). Its cost is linear in them.
+    smooth_search_samples: int = Field(default=0, ge=0, le=1 << 20)
     smooth_alpha_search: Literal["block", "pair"] = "block"
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
@@ -87,6 +90,8 @@ class AlgorithmArgs(StrictConfig):
         data = handler(self)
         if data.get("smooth_alpha_search") == "block":
             del data["smooth_alpha_search"]
+        if data.get("smooth_search_samples") == 0:
+            del data["smooth_search_samples"]
         return data
 
 
@@ -205,6 +210,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     alpha_grid: list[float] = Field(default_factory=list, max_length=101)
     search_batches: int = Field(default=4, ge=1, le=1 << 20)
+    search_samples: int = Field(default=0, ge=0, le=1 << 20)  # 0: every sample of those batches
     search: Literal["block", "pair"] = "block"
 
     @field_validator("alpha_grid")
@@ -220,6 +226,8 @@ class SmoothQuantConfig(AlgorithmConfig):
         data = handler(self)
         if data.get("search") == "block":  # the default, written nowhere (as `smooth_alpha_search`)
             del data["search"]
+        if data.get("search_samples") == 0:  # likewise
+            del data["search_samples"]
         return data
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
@@ -236,6 +244,7 @@ class SmoothQuantConfig(AlgorithmConfig):
                 "smooth_alpha": self.alpha,
                 "smooth_alpha_grid": list(self.alpha_grid),
                 "smooth_search_batches": self.search_batches,
+                "smooth_search_samples": self.search_samples,
                 "smooth_alpha_search": self.search,
             },
         }
