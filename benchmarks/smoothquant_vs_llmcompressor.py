@@ -67,8 +67,9 @@ One JSON line goes to stdout; progress and the children's output go to stderr. T
 meaningless (the 1-minute load average before each child is recorded): with another job on the cores, all
 threads (``--threads``, default every core) spin against it and calibration slows several-fold, unevenly
 between the tools. A small ``--samples`` run checks the plumbing, not the speed goal: quantmint's alpha
-search re-runs each block once per grid alpha (4) on its first 4 batches of 8 samples -- a fixed cost per
-block that a small calibration set weighs more -- while llm-compressor's passes do not depend on the count.
+search re-runs each block once per grid alpha (4) on one sample of each of its first 4 batches -- a fixed
+cost per block that a small calibration set weighs more -- while llm-compressor's passes do not depend on
+the count.
 """
 
 from __future__ import annotations
