@@ -222,9 +222,8 @@ def test_block_call_head_cuts_the_batch_and_nothing_else() -> None:
 def test_alpha_search_on_fewer_samples_scores_their_rows_of_the_block_output(calibration) -> None:
     """`smooth_search_samples`: each grid alpha runs only the first rows of the search batches; the
     losses are those rows' MSE against the same rows of the float block's output."""
-    import copy
 
-    from quantmint.algorithms.builtin import search_alpha
+    from quantmint.algorithms.builtin import rounded_copy, search_alpha
     from quantmint.algorithms.calibration import BlockCall
     from quantmint.algorithms.ptq import BlockSteps
 
@@ -255,16 +254,7 @@ def test_alpha_search_on_fewer_samples_scores_their_rows_of_the_block_output(cal
     alpha, losses = search_alpha(steps, block, observers, block_calls, outputs, [0.3, 0.7], 2, 2)
     assert steps.cut_calls_ok is True and alpha in (0.3, 0.7)
     for a in (0.3, 0.7):  # the same losses, computed by hand on each batch's first sample
-        trial = copy.deepcopy(block.module)
-        from quantmint.extension.family import BlockLayout
-
-        layout_t = BlockLayout(
-            index=block.index,
-            name=block.name,
-            module=trial,
-            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
-        )
-        steps.round_block(layout_t, observers, SmoothQuant(a, steps.head_dim))
+        trial = rounded_copy(steps, block, observers, SmoothQuant(a, steps.head_dim))
         want = sum(
             float((c.head(1).run(trial) - o[:1]).float().pow(2).mean())
             for c, o in zip(block_calls, outputs, strict=True)

@@ -231,7 +231,6 @@ def search_alpha(
 
     `search_samples` > 0: only that many samples, the first ceil(search_samples / search_batches) of
     each of those batches, are run per grid point (the cost of the search is linear in them)."""
-    import copy
 
     from quantmint.algorithms.smooth_quant import SmoothQuant
 
@@ -251,14 +250,7 @@ def search_alpha(
             runs, targets = cut, [out[: c.hidden.shape[0]] for out, c in zip(targets, cut, strict=True)]
     local: dict[float, list[tuple[int, float, float]]] = {}
     for alpha in grid:
-        trial = copy.deepcopy(block.module)
-        trial_layout = BlockLayout(
-            index=block.index,
-            name=block.name,
-            module=trial,
-            linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
-        )
-        steps.round_block(trial_layout, observers, SmoothQuant(alpha, steps.head_dim))
+        trial = rounded_copy(steps, block, observers, SmoothQuant(alpha, steps.head_dim))
         local[alpha] = [
             (call.index, call.weight, float((call.run(trial) - target).float().pow(2).mean()))
             for call, target in zip(runs, targets, strict=True)
@@ -266,6 +258,24 @@ def search_alpha(
     parts = steps.world.gather(local)
     losses = {alpha: _sum_by_batch([entry for part in parts for entry in part[alpha]]) for alpha in grid}
     return min(losses, key=losses.__getitem__), losses
+
+
+def rounded_copy(
+    steps: BlockSteps, block: BlockLayout, observers: dict[str, InputObserver], smoothing: Any
+) -> nn.Module:
+    """A copy of `block`'s module smoothed by `smoothing` and rounded as the recipe rounds (the block is
+    left as it is): what one grid point of the alpha search runs."""
+    import copy
+
+    trial = copy.deepcopy(block.module)
+    layout = BlockLayout(
+        index=block.index,
+        name=block.name,
+        module=trial,
+        linears={n: trial.get_submodule(n[len(block.name) + 1 :]) for n in block.linears},
+    )
+    steps.round_block(layout, observers, smoothing)
+    return trial
 
 
 def _cut_calls_agree(module: nn.Module, cut: list[BlockCall], outputs: list[torch.Tensor]) -> bool:
