@@ -370,3 +370,85 @@ def test_early_stop_keys_round_trip_and_are_checked() -> None:
     for key in ("eval_every", "patience", "holdout_batches"):
         with pytest.raises(ConfigError, match=key):
             PTQConfig(block_ptq={key: 0})
+
+
+SIGN = {"rounding_method": "signround", "warmup_ratio": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("family", "preset"), [("llama", "w4a16-ptq"), ("llama", "w8a8-ptq"), ("gpt2", "w4a16-ptq")]
+)
+def test_signround_tunes_every_block_below_rtn_within_one_grid_step(
+    family: str, preset: str, input_ids: torch.Tensor
+) -> None:
+    """SignRound moves each weight at most to the grid point next to RTN's, and beats RTN."""
+    config = _config(preset, **SIGN)
+    model = quantize(build_tiny(family), config, calibration=_calibration())
+    rtn = quantize(build_tiny(family), config.with_updates(block_ptq=None), calibration=_calibration())
+    for entry in _block_log(model):
+        assert entry["kept"] == "ptq" and entry["ptq_mse"] < 0.9 * entry["rtn_mse"], entry
+    tuned_cells = {n: m for n, m in model.named_modules() if hasattr(m, "weight_scale")}
+    rtn_cells = dict(rtn.named_modules())
+    moved = 0
+    for name, cell in tuned_cells.items():
+        # the integer codes against RTN's, both on the RTN scale's grid (SignRound keeps its integer grid)
+        q_rtn = rtn_cells[name].weight.float()
+        diff = (cell.weight.float() - q_rtn).abs()
+        assert float(diff.max()) <= 1.0, name
+        moved += int((diff > 0).sum())
+    assert moved > 0  # tuning changed some rounding
+    reference = model_output(build_tiny(family), input_ids)
+    assert quant_math.sqnr_db(reference, model_output(model, input_ids)) > quant_math.sqnr_db(
+        reference, model_output(rtn, input_ids)
+    )
+
+
+def test_signround_starts_exactly_at_rtn_and_trains_what_it_freezes() -> None:
+    """Its offsets start at zero: the learnable layer's weight is RTN's, bit for bit, and there is no soft
+    state: the forward pass trained is the one frozen."""
+    from quantmint.algorithms.block_ptq import LearnableQuantLinear
+
+    model = PTQ(_config("w4a16-ptq").with_updates(block_ptq=None)).apply(build_tiny("llama"))
+    cell = model.model.layers[0].mlp.down_proj  # the fake-quantized RTN layer block PTQ starts from
+    weight = build_tiny("llama").model.layers[0].mlp.down_proj.weight
+    assert torch.equal(
+        LearnableQuantLinear(weight, cell, 4, "signround").freeze(torch.float32).weight, cell.weight
+    )
+    learnable = LearnableQuantLinear(weight, cell, 4, "signround")
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        learnable.rounding.uniform_(-0.5, 0.5)
+        soft = learnable(x)
+        frozen = learnable.freeze(torch.float32)
+    assert torch.allclose(soft, frozen(x), rtol=1e-5, atol=1e-6)
+
+
+def test_signround_keys_round_trip_are_checked_and_written_only_when_set() -> None:
+    config = _config("w4a16-ptq", **SIGN, sign_lr=0.01)
+    again = PTQConfig.from_yaml(config.to_yaml())
+    assert again == config and again.block_ptq is not None
+    assert (again.block_ptq.rounding_method, again.block_ptq.sign_lr) == ("signround", 0.01)
+    plain = _config("w8a16-ptq").to_dict()["block_ptq"]  # AdaRound, every batch compared
+    assert "rounding_method" not in plain and "sign_lr" not in plain
+    with pytest.raises(ConfigError, match="rounding_method"):
+        PTQConfig(block_ptq={"rounding_method": "signsgd"})
+    with pytest.raises(ConfigError, match="sign_lr"):
+        PTQConfig(block_ptq={"sign_lr": 2.0})
+
+
+def test_compare_batches_measures_rtn_and_tuned_mse_on_the_first_batches() -> None:
+    """`compare_batches` = every batch is today's behaviour, byte for byte; fewer batches change the
+    first block's RTN MSE (its inputs are the same in both runs) and are written into the config."""
+    everything = quantize(
+        build_tiny("llama"), _config("w4a16-ptq", **SIGN, compare_batches=0), calibration=_calibration()
+    )
+    same = quantize(
+        build_tiny("llama"), _config("w4a16-ptq", **SIGN, compare_batches=4), calibration=_calibration()
+    )
+    a, b = everything.state_dict(), same.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = _config("w4a16-ptq", **SIGN, compare_batches=1)
+    one = quantize(build_tiny("llama"), first, calibration=_calibration())
+    assert _block_log(one)[0]["rtn_mse"] != _block_log(everything)[0]["rtn_mse"]
+    assert first.to_dict()["block_ptq"]["compare_batches"] == 1
+    assert "compare_batches" not in _config("w4a16-ptq", compare_batches=0).to_dict()["block_ptq"]

@@ -11,7 +11,9 @@ For each transformer block in order:
    `MSE(block_q(x), block_float(x)) / MSE_rtn + round_reg * rounding regulariser` with Adam over
    `n_outer_loops` steps, one calibration batch per step. Learned: AdaRound's soft rounding of every
    weight (annealed to hard 0/1), the weight scales (LSQ-style, in log space, so a scale below the
-   MinMax one clips) and, with static activations, the activation scale;
+   MinMax one clips) and, with static activations, the activation scale. With `rounding_method:
+   signround` the rounding is AutoRound's instead: an offset in [-0.5, 0.5] before round-to-nearest,
+   straight-through gradients, signed steps; it starts at RTN and is never soft;
 4. freeze: hard rounding, plain int weights and scales in a `FakeQuantLinear`, so the result is an
    ordinary quantmint model that every backend serves. If the tuned block's MSE is not below RTN's
    (it can happen on a block RTN already gets right), the RTN block is kept; the log says so.
@@ -76,7 +78,9 @@ class LearnableQuantLinear(nn.Module):
     per tensor with `a = a_rtn * exp(log_act_scale)` learned), with straight-through gradients.
     """
 
-    def __init__(self, weight: torch.Tensor, rtn: FakeQuantLinear, num_bits: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, rtn: FakeQuantLinear, num_bits: int, method: str = "adaround"
+    ) -> None:
         super().__init__()
         w = weight.detach().float()
         self.register_buffer("w", w)
@@ -84,10 +88,15 @@ class LearnableQuantLinear(nn.Module):
         self.register_buffer("s_rtn", rtn.weight_scale.detach().float())
         self.log_scale = nn.Parameter(torch.zeros_like(self.s_rtn))
         self.group_size = rtn.group_size
+        self.method = method
         x = w / quant_math.expand_weight_scale(self.s_rtn, w.shape, self.group_size)
-        self.register_buffer("w_floor", torch.floor(x))
-        frac = (x - self.w_floor).clamp(0.01, 0.99)
-        self.rounding = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))
+        if method == "signround":  # round(x + V), V in [-0.5, 0.5] from 0: RTN's grid point or a neighbour
+            self.register_buffer("w_grid", x)
+            self.rounding = nn.Parameter(torch.zeros_like(x))
+        else:
+            self.register_buffer("w_floor", torch.floor(x))
+            frac = (x - self.w_floor).clamp(0.01, 0.99)
+            self.rounding = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))
         self.qmin, self.qmax = quant_math.int_range(num_bits)
         self.quantize_input = rtn.quantize_input
         self.log_act_scale: nn.Parameter | None = None
@@ -105,6 +114,9 @@ class LearnableQuantLinear(nn.Module):
 
     def int_weight(self) -> torch.Tensor:
         """The weight on the int grid (float dtype) and, when hard, exactly what is frozen."""
+        if self.method == "signround":  # always hard; the gradient passes the rounding straight through
+            x = self.w_grid + self.rounding
+            return torch.clamp(x + (torch.round(x) - x).detach(), self.qmin, self.qmax)
         up = (self.rounding >= 0).float() if self.hard else self.soft_rounding()
         return torch.clamp(self.w_floor + up, self.qmin, self.qmax)
 
@@ -386,7 +398,9 @@ class BlockPTQ:
 
         rel = {name: name[len(block.name) + 1 :] for name in block.linears if name in steps.targets}
         rtn = {name: block.module.get_submodule(r) for name, r in rel.items()}
-        rtn_mse = self._mse(block, call_with, q_in, fp_out, n)
+        # RTN's and the tuned block's MSE (which decide the block kept) on the first `compared` batches
+        compared = min(n, self.args.compare_batches) if self.args.compare_batches else n
+        rtn_mse = self._mse(block, call_with, q_in, fp_out, compared)
         entry: dict[str, Any] = {"block": block.index, "name": block.name, "rtn_mse": rtn_mse}
         if not rel:
             entry.update(ptq_mse=rtn_mse, kept="rtn", loss_start=None, loss_end=None)
@@ -400,7 +414,9 @@ class BlockPTQ:
         num_bits = rounding.num_bits
         adapter = steps.family.adapter
         learnables = {
-            name: LearnableQuantLinear(adapter.weight(block.linears[name]), rtn[name], num_bits)
+            name: LearnableQuantLinear(
+                adapter.weight(block.linears[name]), rtn[name], num_bits, self.args.rounding_method
+            )
             for name in rel
         }
         for name, module in learnables.items():
@@ -410,7 +426,7 @@ class BlockPTQ:
         # 4. freeze, compare with RTN, keep the better block.
         for name, module in learnables.items():
             block.module.set_submodule(rel[name], carry_rotation(module, module.freeze(dtype)))
-        ptq_mse = self._mse(block, call_with, q_in, fp_out, n)
+        ptq_mse = self._mse(block, call_with, q_in, fp_out, compared)
         kept = "ptq"
         if not ptq_mse < rtn_mse:
             kept = "rtn"
@@ -448,7 +464,10 @@ class BlockPTQ:
         for _, params, _ in groups:
             for p in params:
                 p.requires_grad_(True)
-        optimizer = torch.optim.Adam([{"params": params, "lr": lr} for _, params, lr in groups])
+        signround = args.rounding_method == "signround"
+        if signround:  # the rounding offsets take signed steps; the scales keep Adam
+            step_size = args.sign_lr or 1.0 / total
+            groups[0] = (groups[0][0], groups[0][1], step_size)
         world = self.steps.world
         trained = [p for _, params, _ in groups for p in params]
         warmup = int(args.warmup_ratio * total)
@@ -463,7 +482,18 @@ class BlockPTQ:
 
             return factor
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(kind) for kind, _, _ in groups])
+        parts = [groups[:1], groups[1:]] if signround else [groups]
+        optimizers = [
+            (_SignRoundSGD if signround and k == 0 else torch.optim.Adam)(
+                [{"params": params, "lr": lr} for _, params, lr in part]
+            )
+            for k, part in enumerate(parts)
+            if part
+        ]
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(kind) for kind, _, _ in part])
+            for optimizer, part in zip(optimizers, [part for part in parts if part], strict=True)
+        ]
         generator = torch.Generator().manual_seed(args.seed * 100_003 + block.index)
         # Early stop: train on the first batches, check the hardened block on the last `held` ones (on
         # every batch when there is only one: then the check is not held out, and the log says so).
@@ -495,18 +525,20 @@ class BlockPTQ:
                 if world.distributed:  # this rank's share of the batch's loss (its gradients are summed)
                     rec = rec * self.weights[i]
                     loss = rec
-                if step >= reg_start and args.round_reg > 0:
+                if step >= reg_start and args.round_reg > 0 and not signround:
                     progress = (step - reg_start) / max(1, total - reg_start)
                     beta = args.beta_end + (args.beta_start - args.beta_end) * (1 - progress)
                     reg = sum(m.rounding_regulariser(beta) for m in learnables.values()) / n_round
                     loss = rec + args.round_reg * reg / world.size  # once over the ranks' sum
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 rec_value = float(rec.detach())
                 if world.distributed:
                     rec_value = _sum_gradients(world, trained, rec_value)
-                optimizer.step()
-                scheduler.step()
+                for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                    optimizer.step()
+                    scheduler.step()
                 losses.append(round(rec_value, 6))
                 if step % 10 == 0:
                     bar.set_postfix(rec=f"{losses[-1]:.4f}")
@@ -573,7 +605,7 @@ class BlockPTQ:
     def _mse(
         self, block: BlockLayout, call_with: Any, q_in: HiddenStore, fp_out: HiddenStore, n: int
     ) -> float:
-        """Mean over the calibration batches of the block output's MSE against the float output."""
+        """Mean over the first `n` calibration batches of the block output's MSE against the float output."""
         total = 0.0
         for i in range(n):
             out = call_with(i, q_in.get(i)).run(block.module)
@@ -709,6 +741,21 @@ class BlockPTQ:
             file=sys.stderr,
         )
         return first
+
+
+class _SignRoundSGD(torch.optim.Optimizer):
+    """SignRound's update of the rounding offsets: `V -= lr * sign(grad)`, then V clamped to
+    [-0.5, 0.5], so that round(x + V) stays on RTN's grid point or its neighbour towards x."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"]).clamp_(-0.5, 0.5)
 
 
 def _sum_gradients(world: Any, params: list[nn.Parameter], value: float) -> float:

@@ -148,6 +148,17 @@ class BlockPTQArgs(AlgorithmConfig):
     eval_every: int = Field(default=10, ge=1, le=1 << 24)
     patience: int = Field(default=3, ge=1, le=1 << 24)
     holdout_batches: int = Field(default=4, ge=1, le=1 << 20)
+    # How the rounding is learned. "adaround": AdaRound's soft rounding variables, Adam at `lr_weight`,
+    # annealed to 0/1 by the regulariser (`round_reg`, `beta_*`). "signround": SignRound (AutoRound's
+    # rounding): an offset V in [-0.5, 0.5] added before round-to-nearest, with straight-through
+    # gradients, moved by signed gradient steps of `sign_lr` grid units (0: 1 / n_outer_loops), decayed
+    # as the W group's schedule; it starts exactly at RTN and is always hard, so the block trained is
+    # the block frozen, and `lr_weight` and the regulariser are unused.
+    rounding_method: Literal["adaround", "signround"] = "adaround"
+    sign_lr: float = Field(default=0.0, ge=0.0, le=1.0)
+    # RTN's and the tuned block's output MSE (which decide the block kept, and scale the loss) are
+    # measured on the first `compare_batches` calibration batches; 0: on all of them.
+    compare_batches: int = Field(default=0, ge=0, le=1 << 20)
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
@@ -162,14 +173,22 @@ class BlockPTQArgs(AlgorithmConfig):
     def ptq_fields(self) -> dict[str, Any]:
         return {"block_ptq": self.model_dump(mode="json")}
 
-    # Written only when set off their defaults: configs (and checkpoints) without early stop keep the
+    # Written only when set off their defaults: configs (and checkpoints) that do not use these keys keep the
     # bytes they had before these keys existed; reading them back gives the defaults again.
-    _EARLY_STOP_KEYS: ClassVar[tuple[str, ...]] = ("early_stop", "eval_every", "patience", "holdout_batches")
+    _LATER_KEYS: ClassVar[tuple[str, ...]] = (
+        "early_stop",
+        "eval_every",
+        "patience",
+        "holdout_batches",
+        "rounding_method",
+        "sign_lr",
+        "compare_batches",
+    )
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in self._EARLY_STOP_KEYS:
+        for key in self._LATER_KEYS:
             if key in data and getattr(self, key) == type(self).model_fields[key].default:
                 del data[key]
         return data
