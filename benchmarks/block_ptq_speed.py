@@ -1,4 +1,4 @@
-"""Block PTQ speed: two `block_ptq` settings (old: 300 steps; new: the given or default ones) side by side.
+"""Block PTQ speed: two `block_ptq` settings (old: AdaRound, 300 steps; new: given or the preset's).
 
 Quantizes the model twice in this one process, with the same calibration samples and preset, once per
 setting, and evaluates each on the same wikitext-2 test tokens. Prints ONE JSON line: per setting the
@@ -27,7 +27,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-OLD = {"n_outer_loops": 300, "early_stop": False}
+# The presets before SignRound: AdaRound, 300 steps, a warm-up, every batch compared (w4a16-ptq now differs)
+OLD = {
+    "n_outer_loops": 300,
+    "early_stop": False,
+    "rounding_method": "adaround",
+    "warmup_ratio": 0.1,
+    "compare_batches": 0,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
