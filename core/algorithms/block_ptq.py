@@ -482,17 +482,18 @@ class BlockPTQ:
 
             return factor
 
-        parts = [groups[:1], groups[1:]] if signround else [groups]
+        # One optimizer, or with SignRound two: signed steps for the rounding group (always first), Adam
+        # for the scales (when any scale learns).
+        parts = [part for part in ([groups[:1], groups[1:]] if signround else [groups]) if part]
         optimizers = [
             (_SignRoundSGD if signround and k == 0 else torch.optim.Adam)(
                 [{"params": params, "lr": lr} for _, params, lr in part]
             )
             for k, part in enumerate(parts)
-            if part
         ]
         schedulers = [
             torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(kind) for kind, _, _ in part])
-            for optimizer, part in zip(optimizers, [part for part in parts if part], strict=True)
+            for optimizer, part in zip(optimizers, parts, strict=True)
         ]
         generator = torch.Generator().manual_seed(args.seed * 100_003 + block.index)
         # Early stop: train on the first batches, check the hardened block on the last `held` ones (on
