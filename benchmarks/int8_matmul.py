@@ -13,7 +13,8 @@ rows M in {1, 16, 256}.
   dequantize-then-``F.linear`` done on every call (fp32 / bf16), quantmint's AMX kernel
   ``amx_woq_linear`` (bf16, CPUs with AMX-BF16; csrc/woq.c) and its SIMD kernel ``simd_woq_linear``
   (fp32 / bf16, csrc/w8a16.c: the AVX-512 path where the CPU has it, else AVX2+FMA; on an AVX-512 CPU
-  also the AVX2 path, built with ``-mno-avx512f``, as ``[avx2]``).
+  also the AVX2 path, built with ``-mno-avx512f``, as ``[avx2]``; on an AVX512-BF16 CPU also the opt-in
+  bf16 path on vdpbf16ps, built with ``-DQM_WANT_BF16DOT``, as ``[bf16dot]``).
 * ``w8a8``    -- int8 weights *and* int8 activations, dynamic activation quantization included in the time:
   ``torch._int_mm`` with per-token quantization + rescale (fp32 / bf16),
   ``torch.ao.nn.quantized.dynamic.Linear`` (engine ``x86``, else ``fbgemm``; per-channel qint8 weight; the
@@ -374,7 +375,8 @@ def build_amx_woq(layer: Layer, x: torch.Tensor) -> Prepared:
 
 def build_simd_woq(dtype: torch.dtype, flags: tuple[str, ...] = ()) -> Builder:
     """quantmint's AVX-512 / AVX2 W8A16 kernel (csrc/w8a16.c), what the runtime and the vLLM plugin serve
-    W8A16 layers with where AMX does not apply; `flags` cap the ISA (``-mno-avx512f``: the AVX2 path)."""
+    W8A16 layers with where AMX does not apply; `flags` cap the ISA (``-mno-avx512f``: the AVX2 path) or
+    opt in to a path (``-DQM_WANT_BF16DOT``: vdpbf16ps for bf16)."""
 
     def build(layer: Layer, x: torch.Tensor) -> Prepared:
         from quantmint.backends.torch.int8_weight_only import (
@@ -386,8 +388,10 @@ def build_simd_woq(dtype: torch.dtype, flags: tuple[str, ...] = ()) -> Builder:
         kernel = simd_woq_kernel(flags)
         if kernel is None:
             raise ValueError("skipped: no AVX2/AVX-512 W8A16 kernel here (CPU or compiler)")
+        if "-DQM_WANT_BF16DOT" in flags and not kernel.bf16dot:
+            raise ValueError("skipped: no AVX512-BF16 here (or not AVX-512): the bf16dot path is not built")
         own = simd_woq_kernel()
-        if flags and own is not None and own.isa == kernel.isa:
+        if flags and own is not None and (own.isa, own.bf16dot) == (kernel.isa, kernel.bf16dot):
             raise ValueError(f"skipped: this CPU's own kernel is already {kernel.name}")
         xd, s = x.to(dtype), layer.scale.float().contiguous()
         packed = pack_weight_for_simd(layer.q, kernel)
@@ -402,6 +406,7 @@ W8A16_SUMMARY_KERNELS = (
     "quantmint.simd_woq_linear[bf16]",
     "quantmint.simd_woq_linear[avx2][fp32]",
     "quantmint.simd_woq_linear[avx2][bf16]",
+    "quantmint.simd_woq_linear[bf16dot][bf16]",
     "quantmint.amx_woq_linear[bf16]",
     "_weight_int8pack_mm[fp32]",
     "_weight_int8pack_mm[bf16]",
@@ -449,6 +454,14 @@ def kernels(engine: str | None) -> list[Kernel]:
                 f"quantmint.simd_woq_linear[avx2][{act}]", "w8", act, build_simd_woq(dtype, ("-mno-avx512f",))
             )
         )
+    ks.append(  # on an AVX512-BF16 CPU: the opt-in vdpbf16ps path for bf16 (int8 widened to bf16 pairs)
+        Kernel(
+            "quantmint.simd_woq_linear[bf16dot][bf16]",
+            "w8",
+            "bf16",
+            build_simd_woq(torch.bfloat16, ("-DQM_WANT_BF16DOT",)),
+        )
+    )
     if engine is not None:
         ks.append(
             Kernel(

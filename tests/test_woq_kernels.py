@@ -20,22 +20,24 @@ def _cpu_flags() -> set[str]:
 
 
 FLAGS = _cpu_flags()
-# (path, compiler flags that cap the ISA to it, the isa the library must report, CPU flags it needs)
+# (path, compiler flags that cap the ISA to it, the isa the library must report, whether it runs vdpbf16ps
+# on bf16, CPU flags it needs)
 PATHS = {
-    "avx512": ((), 512, {"avx512f"}),
-    "avx2": (("-mno-avx512f",), 256, {"avx2", "fma"}),
+    "avx512bf16": (("-DQM_WANT_BF16DOT",), 512, True, {"avx512f", "avx512bw", "avx512_bf16"}),
+    "avx512": ((), 512, False, {"avx512f"}),
+    "avx2": (("-mno-avx512f",), 256, False, {"avx2", "fma"}),
 }
 
 
 def _kernel(path: str) -> woq.SimdKernel:
-    flags, isa, needs = PATHS[path]
+    flags, isa, bf16dot, needs = PATHS[path]
     if not needs <= FLAGS:
         pytest.skip(f"this CPU has no {'/'.join(sorted(needs - FLAGS))}: the {path} path cannot run here")
     if native._compiler() is None:
         pytest.skip("no C compiler: W8A16 runs its torch path")
     kernel = woq.simd_woq_kernel(flags)
     assert kernel is not None, f"csrc/w8a16.c did not build for the {path} path"
-    assert kernel.isa == isa and kernel.panel == 2 * isa // 32
+    assert kernel.isa == isa and kernel.panel == 2 * isa // 32 and kernel.bf16dot == bf16dot
     return kernel
 
 

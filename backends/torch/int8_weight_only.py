@@ -99,15 +99,20 @@ _SIMD_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class SimdKernel:
-    """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `panel` the output channels
-    per packed panel (2 vectors), `fn` the ctypes function."""
+    """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `bf16dot` whether bf16
+    activations of more than one row block run vdpbf16ps (built with ``-DQM_WANT_BF16DOT`` on an
+    AVX512-BF16 CPU: measured slower on Sapphire Rapids, so opt-in), `panel` the output channels per
+    packed panel (2 vectors), `fn` the ctypes function."""
 
     def __init__(self, lib: Any) -> None:
         lib.qm_w8a16_isa.restype = ctypes.c_int
         lib.qm_w8a16_panel.restype = ctypes.c_int
+        lib.qm_w8a16_bf16dot.restype = ctypes.c_int
         self.isa: int = lib.qm_w8a16_isa()
         self.panel: int = lib.qm_w8a16_panel()
-        self.name = {512: "AVX-512", 256: "AVX2+FMA"}.get(self.isa, "none")
+        self.bf16dot = bool(lib.qm_w8a16_bf16dot())
+        isa = {512: "AVX-512", 256: "AVX2+FMA"}.get(self.isa, "none")
+        self.name = f"{isa} BF16" if self.bf16dot else isa
         fn = lib.qm_w8a16_linear
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]

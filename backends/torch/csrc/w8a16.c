@@ -6,8 +6,8 @@
  *   __AVX512F__            16-wide (zmm), panels of 32 output channels, row blocks of up to 12
  *   __AVX2__ && __FMA__    8-wide (ymm), panels of 16 output channels, row blocks of up to 6
  *   otherwise              nothing: qm_w8a16_isa() returns 0 and Python keeps its torch path.
- * (CPUs with AMX-BF16 serving bf16 run csrc/woq.c instead. An AVX512-BF16 vdpbf16ps path is not written:
- * bf16 x is widened to float32, exactly, and takes the float32 path on every CPU.)
+ *   -DQM_WANT_BF16DOT      (opt-in, AVX512-BF16 CPUs) bf16 x of more rows than one block: vdpbf16ps (below)
+ * (CPUs with AMX-BF16 serving bf16 run csrc/woq.c instead, by Python's choice.)
  *
  * The int8 weight is repacked once (`pack_weight_for_simd` in Python) into panels of NB = 2 vectors of
  * output channels, each panel [K][NB] contiguous (the last panel zero-padded), so a kernel streams one
@@ -21,6 +21,17 @@
  * widen each panel once into a per-thread float32 buffer (K * NB * 4 bytes: L2-sized) and run every row
  * block over it. The scale is applied once per output, then the bias, then one rounding to bf16 where
  * y is bf16. OpenMP (torch's libgomp) splits the panels among threads; each output is one thread's.
+ *
+ * bf16 x is widened to float32 (exact) and takes the float32 path. Built with -DQM_WANT_BF16DOT on a CPU
+ * with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), calls of more than one
+ * row block take another path instead: each panel is widened once to bf16 pairs along k (int8 -> bf16 is exact: the top half of the
+ * float32), [ceil(K/2)][NB] 32-bit lanes holding (w[k, j], w[k+1, j]), and vdpbf16ps multiplies them with
+ * the bf16 pair (x[r, k], x[r, k+1]) broadcast: products of two bf16 are exact in float32 and are added to
+ * float32 sums, two k per instruction instead of one. (vdpbf16ps treats subnormal inputs, |x| < 2^-126,
+ * as zero and flushes subnormal sums: far below the one bf16 rounding of the output.) It is not the
+ * default because it measured slower: on Sapphire Rapids one vdpbf16ps costs more than two FMAs, and the
+ * path took 1.5-1.9x the float32 path's time (docs/benchmarks.md); `benchmarks/int8_matmul.py` measures
+ * both side by side on any AVX512-BF16 CPU (its `[bf16dot]` rows).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,6 +57,9 @@ typedef __m512 vf;
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VWIDEN(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#if defined(QM_WANT_BF16DOT) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define QM_BF16DOT 1
+#endif
 #elif defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define QM_ISA 256
 #define VW 8
@@ -58,6 +72,10 @@ typedef __m256 vf;
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VWIDEN(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#endif
+
+#ifndef QM_BF16DOT
+#define QM_BF16DOT 0
 #endif
 
 #ifdef QM_ISA
@@ -134,6 +152,78 @@ static void tile(const float *x, int64_t ldx, const int8_t *w, const float *wide
     }
 }
 
+#if QM_BF16DOT
+/* The bf16 pair tile: acc[r][j] += x[r, 2i] * w[2i, j] + x[r, 2i+1] * w[2i+1, j] over the pairs i of a
+ * panel widened by `widen_pairs`; x is bf16 (uint16) rows. An odd k's last pair is (x[r, k-1], 0) against
+ * (w[k-1, j], 0): the row is never read past its end. */
+static inline __attribute__((always_inline)) void tile_pairs(const uint16_t *x, int64_t ldx, const uint32_t *wp,
+                                                            int64_t k, float *out, const int R) {
+    __m512 acc[RMAX][2];
+    _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const int64_t pairs = k / 2;
+    for (int64_t i = 0; i < pairs; i++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + i * NB);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + i * NB + VW);
+        _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) {
+            uint32_t xp;
+            memcpy(&xp, x + r * ldx + 2 * i, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+        }
+    }
+    if (k & 1) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + pairs * NB);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + pairs * NB + VW);
+        _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[r * ldx + k - 1]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+        }
+    }
+    _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(out + r * NB, acc[r][0]);
+        _mm512_storeu_ps(out + r * NB + VW, acc[r][1]);
+    }
+}
+
+#define PAIR_CASE(n)                                                                                       \
+    case n:                                                                                                \
+        tile_pairs(x, ldx, wp, k, out, n);                                                                 \
+        break;
+
+static void tile_bf16(const uint16_t *x, int64_t ldx, const uint32_t *wp, int64_t k, float *out, int rows) {
+    switch (rows) {
+        PAIR_CASE(1)
+        PAIR_CASE(2)
+        PAIR_CASE(3)
+        PAIR_CASE(4)
+        PAIR_CASE(5)
+        PAIR_CASE(6)
+        PAIR_CASE(7)
+        PAIR_CASE(8)
+        PAIR_CASE(9)
+        PAIR_CASE(10)
+        PAIR_CASE(11)
+        PAIR_CASE(12)
+    }
+}
+
+/* One packed int8 panel [k][NB] -> bf16 pairs [ceil(k/2)][NB] (32-bit lanes: w[2i, j] in the low half,
+ * w[2i+1, j] in the high half, 0 past k). An int8's bf16 is the top half of its float32, exactly. */
+static void widen_pairs(const int8_t *w, int64_t k, uint32_t *wp) {
+    const __mmask32 high = 0xAAAAAAAAu;
+    const int64_t pairs = (k + 1) / 2;
+    for (int64_t i = 0; i < pairs; i++)
+        for (int h = 0; h < 2; h++) {
+            const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(VWIDEN(w + 2 * i * NB + h * VW)), 16);
+            const __m512i hi = 2 * i + 1 < k ? _mm512_castps_si512(VWIDEN(w + (2 * i + 1) * NB + h * VW))
+                                             : _mm512_setzero_si512();
+            _mm512_storeu_si512(wp + i * NB + h * VW, _mm512_mask_blend_epi16(high, lo, hi));
+        }
+}
+#endif
+
 /* float32 -> bf16, rounded to nearest even (NaN kept quiet), as torch rounds. */
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
@@ -170,14 +260,18 @@ static float *panel_workspace(size_t elems) {
     return workspace;
 }
 
-/* One thread's share: the panels [p_lo, p_hi). */
+/* Whether a call takes the bf16 pair path: bf16 x on an AVX512-BF16 CPU, more rows than one block. */
+static int use_pairs(int bf16, int64_t m) { return QM_BF16DOT && bf16 && m > RMAX; }
+
+/* One thread's share: the panels [p_lo, p_hi). x is float32, or bf16 rows where `use_pairs`. */
 static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
                       const float *scale, const float *bias, void *y, int64_t ldy, int bf16, int64_t p_lo,
                       int64_t p_hi) {
     float out[RMAX * NB] __attribute__((aligned(64)));
     float *wide = 0;
-    if (m > RMAX) {
-        wide = panel_workspace((size_t)k * NB);
+    const int pairs = use_pairs(bf16, m);
+    if (m > RMAX) { /* pairs: ceil(k/2) * NB 32-bit lanes fit in the k * NB floats */
+        wide = panel_workspace((size_t)(k + 1) * NB);
         if (!wide) return 0;
     }
     const size_t ysize = bf16 ? 2 : 4;
@@ -189,6 +283,20 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
         const int8_t *w = packed + p * k * NB;
         const int64_t n0 = p * NB;
         const int cols = n - n0 < NB ? (int)(n - n0) : NB;
+#if QM_BF16DOT
+        if (pairs) {
+            widen_pairs(w, k, (uint32_t *)wide);
+            for (int64_t m0 = 0; m0 < m; m0 += block) {
+                const int rows = m - m0 < block ? (int)(m - m0) : block;
+                tile_bf16((const uint16_t *)x + m0 * ldx, ldx, (const uint32_t *)wide, k, out, rows);
+                store_rows(out, rows, cols, scale + n0, bias ? bias + n0 : 0,
+                           (char *)y + (m0 * ldy + n0) * ysize, ldy, bf16);
+            }
+            continue;
+        }
+#else
+        (void)pairs;
+#endif
         if (wide)
             for (int64_t c = 0; c < k; c++) {
                 VSTORE(wide + c * NB, VWIDEN(w + c * NB));
@@ -206,6 +314,7 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
 
 int qm_w8a16_isa(void) { return QM_ISA; }
 int qm_w8a16_panel(void) { return NB; }
+int qm_w8a16_bf16dot(void) { return QM_BF16DOT; }
 
 /* x: [m, k] with row stride ldx (elements; columns contiguous), float32 or (bf16 != 0) bf16; packed: see
  * the top; y: [m, n] with row stride ldy, in x's dtype. Returns 1, or 0 where memory ran out. */
@@ -214,7 +323,7 @@ int qm_w8a16_linear(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, 
     if (m <= 0 || n <= 0) return 1;
     const float *xf = (const float *)x;
     float *widened = 0;
-    if (bf16) { /* bf16 -> float32 is exact: the top 16 bits of the float32 */
+    if (bf16 && !use_pairs(bf16, m)) { /* bf16 -> float32 is exact: the top 16 bits of the float32 */
         widened = malloc((size_t)m * (size_t)(k ? k : 1) * sizeof(float));
         if (!widened) return 0;
         for (int64_t r = 0; r < m; r++) {
@@ -248,6 +357,7 @@ int qm_w8a16_linear(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, 
 
 int qm_w8a16_isa(void) { return 0; }
 int qm_w8a16_panel(void) { return 0; }
+int qm_w8a16_bf16dot(void) { return 0; }
 
 int qm_w8a16_linear(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
                     const float *scale, const float *bias, void *y, int64_t ldy) {
