@@ -327,6 +327,44 @@ def test_vllm_w4a16_kernel_gives_quantmints_int4_product() -> None:
     assert not linear.vllm_w4a16_kernel_runs(CPUWNA16LinearKernel, 128, torch.float32)
 
 
+def _w4_probe(group_size: int, dtype: torch.dtype):
+    """A quantmint W4A16 layer processed by vLLM's CPU 4-bit kernel, its input and the exact product."""
+    from vllm.model_executor.kernels.linear import CPUWNA16LinearKernel
+
+    from quantmint.backends.torch.int4_linear import int4_linear
+    from quantmint.backends.vllm import linear
+    from quantmint.numerics import quant_math
+
+    gen = torch.Generator().manual_seed(5)
+    packed = quant_math.pack_int4(torch.randint(-7, 8, (64, 256), generator=gen))
+    scale = (torch.rand(64, 256 // group_size, generator=gen) + 0.5) / 64
+    config = linear.MPLinearLayerConfig(
+        full_weight_shape=(256, 64), partition_weight_shape=(256, 64), weight_type=linear.W4_WEIGHT_TYPE,
+        act_type=dtype, group_size=group_size, zero_points=False,
+    )  # fmt: skip
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    want = int4_linear(x.float(), packed, scale, 256, False, group_size=group_size)
+    kernel, layer = linear._w4_probe_layer(CPUWNA16LinearKernel, config, packed, scale.to(dtype))
+    return kernel.apply_weights(layer, x, None).float(), want, layer
+
+
+def test_vllm_w4a8_path_is_off_for_w4a16_layers_unless_asked_for(monkeypatch) -> None:
+    """vLLM 0.32's CPU 4-bit kernel serves bf16 layers on AMX CPUs as W4A8 (activations rounded to int8
+    per token) unless VLLM_CPU_INT4_W4A8=0; with the variable unset, quantmint's W4A16 layers keep float
+    activations (and the variable stays unset), and set to 1 they take vLLM's W4A8 path, named so."""
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    got, want, layer = _w4_probe(64, torch.bfloat16)
+    assert "VLLM_CPU_INT4_W4A8" not in os.environ and not getattr(layer, "use_w4a8", False)
+    # W4A16: bf16 activations times exact 4-bit weights, float sums, one bf16 rounding of the output
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    if not torch.cpu._is_amx_tile_supported():
+        pytest.skip("vLLM's W4A8 path runs only on CPUs with AMX: W4A16 checked, W4A8 not")
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "1")
+    got8, want8, layer8 = _w4_probe(64, torch.bfloat16)
+    assert layer8.use_w4a8  # the user's choice: int8 activations, close to but not the W4A16 product
+    assert 0 < (got8 - want8).abs().max() <= 5e-2 * want8.abs().max()
+
+
 def test_vllm_w4a16_kernel_gives_quantmints_asymmetric_product() -> None:
     """Asymmetric weights: vLLM's CPU WNA16 kernel reads quantmint's unsigned codes as uint4 and its
     packed zero points (compressed-tensors' `weight_zero_point`, [ceil(out / 8), groups]) and gives

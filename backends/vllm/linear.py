@@ -4,9 +4,10 @@ int32 [out, in / 8], `weight_scale` float32 [out, groups], `weight_shape` int64 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -278,7 +279,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
             x, whole = _rotate(layer, x)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
-        if not self.static_input and layer.quantmint_input_split:
+        if not self.static_input and getattr(layer, "quantmint_input_split", False):
             return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias, whole)
         return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
 
@@ -488,14 +489,61 @@ def _w4_probe_layer(
             setattr(param, key, value)
         layer.register_parameter(name, param)
     layer.register_parameter("bias", None)
-    kernel = kernel_type(config, **_w4_param_names(zero_point is not None))
-    kernel.process_weights_after_loading(layer)
+    kernel = kernel_type(config, **_w4_param_names())
+    _process_w4_layer(kernel, layer)
     return kernel, layer
 
 
-def _w4_param_names(zero_points: bool) -> dict[str, str]:
-    names = {"w_q_param_name": "weight_packed", "w_s_param_name": "weight_scale"}
-    return {**names, "w_zp_param_name": "weight_zero_point"} if zero_points else names
+def _w4_param_names() -> dict[str, str]:
+    """The kernel's parameter names. The zero point's is passed for symmetric layers too, as vLLM's own
+    compressed-tensors WNA16 scheme does: its CPU kernel sets it to None there, or (W4A8) allocates a
+    constant one under that name."""
+    return {
+        "w_q_param_name": "weight_packed",
+        "w_s_param_name": "weight_scale",
+        "w_zp_param_name": "weight_zero_point",
+    }
+
+
+W4A8_ENV = "VLLM_CPU_INT4_W4A8"
+
+
+def w4a8_requested() -> bool:
+    """Whether the user asked vLLM's CPU 4-bit kernel for its W4A8 path (`VLLM_CPU_INT4_W4A8=1` set
+    explicitly): on AMX CPUs with bf16 activations it rounds the activations to int8 per token, so it is
+    no longer W4A16. Unset, quantmint's W4A16 layers keep float activations (vLLM's default is on)."""
+    return os.environ.get(W4A8_ENV, "").strip() not in ("", "0")
+
+
+@contextlib.contextmanager
+def _w4a16_kernel_env() -> Iterator[None]:
+    """vLLM's CPU 4-bit kernel with its W4A8 path off while it processes a quantmint W4A16 layer (the
+    path is chosen there, from `VLLM_CPU_INT4_W4A8`, default on), unless the user set the variable."""
+    if W4A8_ENV in os.environ:
+        yield
+        return
+    os.environ[W4A8_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(W4A8_ENV, None)
+
+
+def _process_w4_layer(kernel: Any, layer: torch.nn.Module) -> str:
+    """`kernel.process_weights_after_loading(layer)` with W4A8 off unless asked for; the kernel's name,
+    saying W4A8 where vLLM took that path."""
+    with _w4a16_kernel_env():
+        kernel.process_weights_after_loading(layer)
+    name = type(kernel).__name__
+    if getattr(layer, "use_w4a8", False):
+        if not w4a8_requested():
+            logger.warning_once(
+                f"quantmint W4A16: vLLM's {name} took its W4A8 path (int8 activations per token) although "
+                f"{W4A8_ENV} is unset (its value was read before quantmint could turn it off): set "
+                f"{W4A8_ENV}=0 before starting vLLM to keep float activations"
+            )
+        return f"{name}, W4A8"
+    return name
 
 
 @functools.cache
@@ -649,13 +697,12 @@ class W4A16LinearMethod(LinearMethodBase):
                 )
             layer.register_parameter("weight_zero_point", zero_point)
         if kernel_type is not None:
-            self.kernel = kernel_type(config, **_w4_param_names(self.zero_points))
+            self.kernel = kernel_type(config, **_w4_param_names())
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.before_processing()
         if self.kernel is not None:
-            self.kernel.process_weights_after_loading(layer)
-            layer.quantmint_kernel = f"vLLM {type(self.kernel).__name__}"
+            layer.quantmint_kernel = f"vLLM {_process_w4_layer(self.kernel, layer)}"
             return
         layer.quantmint_kernel = "quantmint int4 matmul"
         # quantmint's int4 matmul: the packed words as loaded, float32 scales [out, groups]
