@@ -536,7 +536,12 @@ def _process_w4_layer(kernel: Any, layer: torch.nn.Module) -> str:
         kernel.process_weights_after_loading(layer)
     name = type(kernel).__name__
     if getattr(layer, "use_w4a8", False):
-        if not w4a8_requested():
+        if w4a8_requested():
+            logger.info_once(
+                f"quantmint W4A16: {W4A8_ENV} is set, so vLLM's {name} serves these layers as W4A8 "
+                "(activations rounded to int8 per token, not the float activations they were tuned with)"
+            )
+        else:
             logger.warning_once(
                 f"quantmint W4A16: vLLM's {name} took its W4A8 path (int8 activations per token) although "
                 f"{W4A8_ENV} is unset (its value was read before quantmint could turn it off): set "
