@@ -24,8 +24,9 @@
  *
  * bf16 x is widened to float32 (exact) and takes the float32 path. Built with -DQM_WANT_BF16DOT on a CPU
  * with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), calls of more than one
- * row block take another path instead: each panel is widened once to bf16 pairs along k (int8 -> bf16 is exact: the top half of the
- * float32), [ceil(K/2)][NB] 32-bit lanes holding (w[k, j], w[k+1, j]), and vdpbf16ps multiplies them with
+ * row block take another path instead: each panel is widened once to bf16 pairs along k (int8 -> bf16
+ * is exact: the top half of the float32), [ceil(K/2)][NB] 32-bit lanes holding (w[k, j], w[k+1, j]),
+ * and vdpbf16ps multiplies them with
  * the bf16 pair (x[r, k], x[r, k+1]) broadcast: products of two bf16 are exact in float32 and are added to
  * float32 sums, two k per instruction instead of one. (vdpbf16ps treats subnormal inputs, |x| < 2^-126,
  * as zero and flushes subnormal sums: far below the one bf16 rounding of the output.) It is not the
@@ -270,8 +271,8 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
     float out[RMAX * NB] __attribute__((aligned(64)));
     float *wide = 0;
     const int pairs = use_pairs(bf16, m);
-    if (m > RMAX) { /* pairs: ceil(k/2) * NB 32-bit lanes fit in the k * NB floats */
-        wide = panel_workspace((size_t)(k + 1) * NB);
+    if (m > RMAX) { /* float32 [k][NB], or (pairs) ceil(k/2) * NB 32-bit lanes: no more */
+        wide = panel_workspace((size_t)k * NB);
         if (!wide) return 0;
     }
     const size_t ysize = bf16 ? 2 : 4;
