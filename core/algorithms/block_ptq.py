@@ -60,7 +60,7 @@ from quantmint.tools.memory import available_memory_bytes
 if TYPE_CHECKING:
     from quantmint.algorithms.ptq import BlockSteps
 
-__all__ = ["BlockPTQ", "HiddenStore", "LearnableQuantLinear"]
+__all__ = ["BlockPTQ", "HiddenStore", "LearnableQuantLinear", "block_loss"]
 
 # AdaRound's rectified sigmoid h(v) = clamp(sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1).
 _ZETA, _GAMMA = 1.1, -0.1
@@ -233,6 +233,29 @@ def _fingerprint(steps: BlockSteps, samples: list[torch.Tensor]) -> str:
             tensor = source.read(name, param)
         _hash_tensor(digest, tensor)
     return digest.hexdigest()
+
+
+def block_loss(out: torch.Tensor, ref: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """A block's reconstruction error against its float output `ref` (`BlockPTQArgs.loss`), in float32.
+
+    "mse": the mean squared error over every element. "token_relative": each token's mean squared error
+    divided by the mean square of its float output (the last dimension is the hidden size), averaged over
+    the tokens: the first-order error that the next normalisation (RMSNorm or LayerNorm) passes on, where
+    a token's scale is divided out. A token's mean square is floored at float32's epsilon times the
+    batch's mean, and a batch whose float output is all zeros gets the plain mean squared error, so
+    neither divides by zero.
+    """
+    out, ref = out.float(), ref.float()
+    if kind == "mse":
+        return F.mse_loss(out, ref)
+    if kind != "token_relative":
+        raise ConfigError(f"block_ptq.loss {kind!r}: use mse or token_relative")
+    err = (out - ref).pow(2).mean(dim=-1)
+    power = ref.pow(2).mean(dim=-1)
+    mean = power.mean()
+    if not float(mean) > 0:  # a float output of zeros only: no scale to divide out
+        return err.mean()
+    return (err / power.clamp_min(mean * torch.finfo(torch.float32).eps)).mean()
 
 
 def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
@@ -521,7 +544,7 @@ class BlockPTQ:
                     order = torch.randperm(train, generator=generator).tolist()
                 i = order.pop()
                 out = call_with(i, q_in.get(i)).run(block.module)
-                rec = F.mse_loss(out.float(), fp_out.get(i).float()) / norm
+                rec = block_loss(out, fp_out.get(i), args.loss) / norm
                 loss = rec
                 if world.distributed:  # this rank's share of the batch's loss (its gradients are summed)
                     rec = rec * self.weights[i]
@@ -596,7 +619,7 @@ class BlockPTQ:
             total = 0.0
             for i in batches:
                 out = call_with(i, q_in.get(i)).run(block.module)
-                total += self.weights[i] * float(F.mse_loss(out.float(), fp_out.get(i).float()))
+                total += self.weights[i] * float(block_loss(out, fp_out.get(i), self.args.loss))
         finally:
             for module in learnables.values():
                 module.hard = False
@@ -610,7 +633,7 @@ class BlockPTQ:
         total = 0.0
         for i in range(n):
             out = call_with(i, q_in.get(i)).run(block.module)
-            total += self.weights[i] * float(F.mse_loss(out.float(), fp_out.get(i).float()))
+            total += self.weights[i] * float(block_loss(out, fp_out.get(i), self.args.loss))
         return self._all_sum([total])[0] / n
 
     @torch.no_grad()

@@ -159,6 +159,11 @@ class BlockPTQArgs(AlgorithmConfig):
     # RTN's and the tuned block's output MSE (which decide the block kept, and scale the loss) are
     # measured on the first `compare_batches` calibration batches; 0: on all of them.
     compare_batches: int = Field(default=0, ge=0, le=1 << 20)
+    # What a block is tuned, and kept, by: "mse", the mean squared error of its output against the float
+    # output; "token_relative", each token's squared error over the mean square of that token's float
+    # output (the error the next block's or the final RMSNorm/LayerNorm sees, to first order), so that
+    # a few tokens of huge norm (an attention sink) do not decide the whole block.
+    loss: Literal["mse", "token_relative"] = "mse"
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
@@ -183,6 +188,7 @@ class BlockPTQArgs(AlgorithmConfig):
         "rounding_method",
         "sign_lr",
         "compare_batches",
+        "loss",
     )
 
     @model_serializer(mode="wrap")
