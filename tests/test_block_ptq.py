@@ -456,8 +456,9 @@ def test_compare_batches_measures_rtn_and_tuned_mse_on_the_first_batches() -> No
 
 def test_token_relative_loss_divides_out_each_tokens_scale() -> None:
     """`loss: token_relative` weighs each token's error by its float output's mean square: a token 1000x
-    larger with the same relative error counts as much as a small one (plain MSE: 10^6 times more), a
-    float output of zeros does not divide by zero, and an unknown name is refused."""
+    larger with the same relative error counts as much as a small one (plain MSE: 10^6 times more);
+    `mse+token_relative` adds the whole output's relative error; a float output of zeros does not divide
+    by zero, and an unknown name is refused."""
     from quantmint.algorithms.block_ptq import block_loss
 
     ref = torch.tensor([[[1.0, -1.0, 1.0, -1.0], [1000.0, -1000.0, 1000.0, -1000.0]]])
@@ -472,6 +473,12 @@ def test_token_relative_loss_divides_out_each_tokens_scale() -> None:
     mse_big, mse_small = (float(block_loss(o, ref, "mse")) for o in (only_big, only_small))
     assert mse_big == pytest.approx(1e6 * mse_small, rel=1e-4)
     assert float(block_loss(ref, ref, "token_relative")) == 0.0
+    # the sum: the whole output's relative error (the big token's, here) plus the token-relative one
+    both_big, both_small = (float(block_loss(o, ref, "mse+token_relative")) for o in (only_big, only_small))
+    power = float(ref.pow(2).mean())
+    assert both_big == pytest.approx(mse_big / power + rel_big, rel=1e-5)
+    assert both_small == pytest.approx(mse_small / power + rel_small, rel=1e-5)
+    assert both_big > 2.5 * both_small  # the big token's error counts twice: in both terms
     zeros = torch.zeros(1, 2, 4)
     assert torch.isfinite(block_loss(torch.ones(1, 2, 4), zeros, "token_relative"))
     with pytest.raises(ConfigError, match="token_relative"):
@@ -479,20 +486,22 @@ def test_token_relative_loss_divides_out_each_tokens_scale() -> None:
 
 
 def test_token_relative_loss_tunes_and_is_written_only_when_chosen() -> None:
-    """The default (mse) keeps today's bytes and config; token_relative tunes to a different block,
-    still better than RTN by its own measure, and round-trips through the config."""
-    plain = quantize(build_tiny("llama"), _config("w4a16-ptq", **SIGN), calibration=_calibration())
-    same = quantize(build_tiny("llama"), _config("w4a16-ptq", **SIGN, loss="mse"), calibration=_calibration())
-    a, b = plain.state_dict(), same.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    config = _config("w4a16-ptq", **SIGN, loss="token_relative")
-    relative = quantize(build_tiny("llama"), config, calibration=_calibration())
-    c = relative.state_dict()
-    assert any(not torch.equal(a[k], c[k]) for k in a)
-    for entry in _block_log(relative):
-        assert entry["kept"] == "ptq" and entry["ptq_mse"] < entry["rtn_mse"], entry
-    assert config.to_dict()["block_ptq"]["loss"] == "token_relative"
-    assert PTQConfig.from_yaml(config.to_yaml()) == config
+    """mse is the default and is written nowhere; token_relative and mse+token_relative tune to other
+    blocks, still better than RTN by their own measure, and round-trip through the config."""
+    from quantmint.config import BlockPTQArgs
+
+    assert BlockPTQArgs().loss == "mse"
+    mse = _config("w4a16-ptq", **SIGN, loss="mse")
+    a = quantize(build_tiny("llama"), mse, calibration=_calibration()).state_dict()
+    for loss in ("token_relative", "mse+token_relative"):
+        config = _config("w4a16-ptq", **SIGN, loss=loss)
+        relative = quantize(build_tiny("llama"), config, calibration=_calibration())
+        c = relative.state_dict()
+        assert any(not torch.equal(a[k], c[k]) for k in a), loss
+        for entry in _block_log(relative):
+            assert entry["kept"] == "ptq" and entry["ptq_mse"] < entry["rtn_mse"], entry
+        assert config.to_dict()["block_ptq"]["loss"] == loss
+        assert PTQConfig.from_yaml(config.to_yaml()) == config
     assert "loss" not in _config("w4a16-ptq", loss="mse").to_dict()["block_ptq"]
     with pytest.raises(ConfigError, match="loss"):
         PTQConfig(block_ptq={"loss": "l1"})

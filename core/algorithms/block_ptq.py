@@ -241,21 +241,26 @@ def block_loss(out: torch.Tensor, ref: torch.Tensor, kind: str = "mse") -> torch
     "mse": the mean squared error over every element. "token_relative": each token's mean squared error
     divided by the mean square of its float output (the last dimension is the hidden size), averaged over
     the tokens: the first-order error that the next normalisation (RMSNorm or LayerNorm) passes on, where
-    a token's scale is divided out. A token's mean square is floored at float32's epsilon times the
+    a token's scale is divided out. "mse+token_relative": the sum of the whole output's relative squared
+    error (the mean squared error over the mean square, which the tokens of largest norm decide) and the
+    token-relative error. A token's mean square is floored at float32's epsilon times the
     batch's mean, and a batch whose float output is all zeros gets the plain mean squared error, so
     neither divides by zero.
     """
     out, ref = out.float(), ref.float()
     if kind == "mse":
         return F.mse_loss(out, ref)
-    if kind != "token_relative":
-        raise ConfigError(f"block_ptq.loss {kind!r}: use mse or token_relative")
+    if kind not in ("token_relative", "mse+token_relative"):
+        raise ConfigError(f"block_ptq.loss {kind!r}: use mse, token_relative or mse+token_relative")
     err = (out - ref).pow(2).mean(dim=-1)
     power = ref.pow(2).mean(dim=-1)
     mean = power.mean()
     if not float(mean) > 0:  # a float output of zeros only: no scale to divide out
         return err.mean()
-    return (err / power.clamp_min(mean * torch.finfo(torch.float32).eps)).mean()
+    relative = (err / power.clamp_min(mean * torch.finfo(torch.float32).eps)).mean()
+    if kind == "token_relative":
+        return relative
+    return err.mean() / mean + relative
 
 
 def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:

@@ -163,7 +163,7 @@ class BlockPTQArgs(AlgorithmConfig):
     # output; "token_relative", each token's squared error over the mean square of that token's float
     # output (the error the next block's or the final RMSNorm/LayerNorm sees, to first order), so that
     # a few tokens of huge norm (an attention sink) do not decide the whole block.
-    loss: Literal["mse", "token_relative"] = "mse"
+    loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
