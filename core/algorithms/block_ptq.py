@@ -243,9 +243,9 @@ def block_loss(out: torch.Tensor, ref: torch.Tensor, kind: str = "mse") -> torch
     the tokens: the first-order error that the next normalisation (RMSNorm or LayerNorm) passes on, where
     a token's scale is divided out. "mse+token_relative": the sum of the whole output's relative squared
     error (the mean squared error over the mean square, which the tokens of largest norm decide) and the
-    token-relative error. A token's mean square is floored at float32's epsilon times the
-    batch's mean, and a batch whose float output is all zeros gets the plain mean squared error, so
-    neither divides by zero.
+    token-relative error. A token's mean square is floored at float32's epsilon times the batch's mean,
+    and a batch whose float output is all zeros gets the plain mean squared error, so neither divides by
+    zero. Under torchrun each rank divides the whole-output term by its own share's mean square.
     """
     out, ref = out.float(), ref.float()
     if kind == "mse":

@@ -162,7 +162,8 @@ class BlockPTQArgs(AlgorithmConfig):
     # What a block is tuned, and kept, by: "mse", the mean squared error of its output against the float
     # output; "token_relative", each token's squared error over the mean square of that token's float
     # output (the error the next block's or the final RMSNorm/LayerNorm sees, to first order), so that
-    # a few tokens of huge norm (an attention sink) do not decide the whole block.
+    # a few tokens of huge norm (an attention sink) do not decide the whole block; "mse+token_relative",
+    # the whole output's relative squared error plus the token-relative one (the sink still counts).
     loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"
 
     name: ClassVar[str] = "block_ptq"
