@@ -172,7 +172,12 @@ def test_checkpoints_of_the_previous_release_still_load(name: str) -> None:
     with pytest.warns(UncoveredFilesWarning, match="does not cover config.json"):
         model = load_quantized(FIXTURES / name)
     expected = load_file(FIXTURES / f"{name}.expected.safetensors")
-    assert torch.equal(model_output(model, expected["input_ids"]), expected["logits"])
+    # The logits were recorded on one CPU; another sums in another order (its kernels' ISA path): one
+    # float32 ulp was seen on an AVX2-only AMD. A wrongly loaded tensor moves them by the logits' scale.
+    logits = expected["logits"]
+    torch.testing.assert_close(
+        model_output(model, expected["input_ids"]), logits, rtol=1e-4, atol=1e-3 * logits.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("where", ["traversal", "absolute", "symlink"])
