@@ -359,6 +359,29 @@ def build_quantmint_cell(dtype: torch.dtype) -> Builder:
     return build
 
 
+def build_quantmint_w8a8_cell(dtype: torch.dtype) -> Builder:
+    """What quantmint's W8A8 cell Int8Linear runs: per-token int8 activations and its exact int32 matmul
+    (`torch._int_mm` where exact here, else float32 matmuls over 1,024-column chunks)."""
+
+    def build(layer: Layer, x: torch.Tensor) -> Prepared:
+        from quantmint.backends.torch import Int8Linear
+
+        cell = Int8Linear(layer.q.contiguous(), layer.scale.reshape(-1, 1))
+        xd = x.to(dtype)
+        xq, s_x = quant_per_token(xd)
+        ref = (xq.double() * s_x.double()) @ layer.w_dq.double().t()
+        return Prepared(lambda: cell(xd), ref)
+
+    return build
+
+
+def build_float64_exact(layer: Layer, x: torch.Tensor) -> Prepared:
+    """The exact int32 product as one float64 matmul (quantmint's fallback before the float32 chunks)."""
+    xq, _ = quant_per_token(x)
+    q = layer.q
+    return Prepared(lambda: (xq.double() @ q.double().t()).to(torch.int32), (xq.double() @ q.double().t()))
+
+
 def build_amx_woq(layer: Layer, x: torch.Tensor) -> Prepared:
     """quantmint's AMX W8A16 kernel (csrc/woq.c), what the vLLM plugin serves bf16 W8A16 layers with."""
     from quantmint.backends.torch.int8_weight_only import (
@@ -436,6 +459,7 @@ def kernels(engine: str | None) -> list[Kernel]:
             Kernel(f"convert+F.linear*scale[{act}]", "w8", act, build_convert_scale_out(dtype)),
             Kernel(f"quantmint.Int8WeightOnlyLinear[{act}]", "w8", act, build_quantmint_cell(dtype)),
             Kernel(f"_int_mm+per_token_quant[{act}]", "w8a8", act, build_int_mm_dynamic(dtype)),
+            Kernel(f"quantmint.Int8Linear[{act}]", "w8a8", act, build_quantmint_w8a8_cell(dtype)),
             Kernel(
                 f"onednn.qlinear_pointwise+per_tensor_quant[{act}]", "w8a8", act, build_onednn_qlinear(dtype)
             ),
@@ -478,6 +502,7 @@ def kernels(engine: str | None) -> list[Kernel]:
             "fp32",
             build_fbgemm_legacy,
         ),
+        Kernel("float64_exact_bare", "w8a8_core", "int8", build_float64_exact),
         Kernel("_int_mm_bare[w=q.t() view]", "w8a8_core", "int8", build_int_mm_bare(False)),
         Kernel("_int_mm_bare[w=[K,N] contiguous]", "w8a8_core", "int8", build_int_mm_bare(True)),
     ]

@@ -155,6 +155,27 @@ def test_int8_matmul_is_exact_even_where_16_bit_pairs_would_saturate() -> None:
     assert isinstance(int_mm_is_exact(), bool)
 
 
+@pytest.mark.parametrize("k", [1, 1024, 1025, 3001])
+def test_int8_matmul_without_an_exact_int_mm_is_exact_past_float32s_integers(monkeypatch, k: int) -> None:
+    """The fallback for CPUs whose int8 GEMM saturates: float32 matmuls over chunks of 1024 columns.
+    -128 x -128 products everywhere put every chunk's sum at 2**24 (float32's last exact integer) and the
+    whole sum past it; a row and column of 127s make an odd sum past 2**24 (k = 3001), which one float32
+    matmul cannot hold; random codes check the chunk boundaries."""
+    from quantmint.backends.torch import int8_linear
+
+    monkeypatch.setattr(int8_linear, "int8_matmul_path", lambda: "float32 chunks")
+    x = torch.full((2, k), -128, dtype=torch.int8)
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    assert torch.all(int8_int8_matmul(x, w) == 128 * 128 * k)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (7, k), dtype=torch.int8, generator=gen)
+    x[0] = 127  # a row of large same-sign products next to random ones
+    w[0] = 127
+    assert torch.equal(int8_int8_matmul(x, w), (x.long() @ w.long().t()).int())
+    assert int8_int8_matmul(x[:, :0], w[:, :0]).shape == (5, 7)
+
+
 @pytest.mark.parametrize("config", [W8A8_SMOOTH, W8A8_STATIC])
 def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_ids) -> None:
     model = quantize(build_tiny("llama"), config, calibration=calibration)
