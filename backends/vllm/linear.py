@@ -32,7 +32,7 @@ from vllm.scalar_type import scalar_types
 
 from quantmint.algorithms.rotation import apply_hadamard, hadamard_factors_for
 from quantmint.backends.torch.int4_linear import int4_linear
-from quantmint.backends.torch.int8_linear import int8_int8_matmul, int8_linear
+from quantmint.backends.torch.int8_linear import int8_int8_matmul, int8_linear, int8_matmul_path
 from quantmint.backends.torch.int8_weight_only import (
     amx_woq_linear,
     amx_woq_supported,
@@ -261,7 +261,9 @@ class W8A8LinearMethod(_Int8WeightsMethod):
                 "they round as on one rank"
             )
             replace_parameter(layer, "weight", layer.weight.data.contiguous())
-            layer.quantmint_kernel = "quantmint int32 matmul, token scales over all ranks"
+            layer.quantmint_kernel = (
+                f"quantmint int32 matmul ({int8_matmul_path()}), token scales over all ranks"
+            )
             return
         if vllm_int8_kernel_is_exact(out_features, in_features, self.static_input, layer.quantmint_dtype):
             self.kernel = _new_kernel(self.static_input)
@@ -269,7 +271,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
             layer.quantmint_kernel = f"vLLM {type(self.kernel).__name__}"
         else:
             replace_parameter(layer, "weight", layer.weight.data.contiguous())
-            layer.quantmint_kernel = "quantmint int32 matmul"
+            layer.quantmint_kernel = f"quantmint int32 matmul ({int8_matmul_path()})"
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -595,6 +597,13 @@ def vllm_w4a16_kernel_runs(
             None if zp is None else zp.to(device),
         )
         got = kernel.apply_weights(layer, x.to(device), None).float().cpu()
+    except AttributeError as exc:  # e.g. vLLM's AVX2 build has no `cpu_gemm_wna16` op
+        logger.warning_once(
+            f"quantmint W4A16: vLLM's {kernel_type.__name__} is selected but its op is missing from the "
+            f"vLLM build for this CPU ({_one_line(str(exc))[:200]}): these layers run quantmint's int4 "
+            "matmul (unpack to the activation dtype, scale per group, F.linear)"
+        )
+        return False
     except (RuntimeError, NotImplementedError) as exc:
         logger.warning_once(
             f"quantmint W4A16: vLLM's {kernel_type.__name__} cannot run {dtype} activations "
