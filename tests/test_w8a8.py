@@ -282,6 +282,21 @@ def test_alpha_search_on_fewer_samples_scores_their_rows_of_the_block_output(cal
         )
         assert losses[a] == pytest.approx(want, rel=1e-5)
         assert losses[a] != pytest.approx(whole[a], rel=1e-9)  # fewer samples: another sum
+    # `smooth_search_loss: token_relative`: each batch's loss is `block_loss`'s token-relative error,
+    # which the tokens of largest norm do not decide (another sum than the MSE's)
+    from quantmint.algorithms.block_ptq import block_loss
+
+    _, relative = search_alpha(
+        steps, block, observers, block_calls, outputs, [0.3, 0.7], 2, 0, "token_relative"
+    )
+    for a in (0.3, 0.7):
+        trial = rounded_copy(steps, block, observers, SmoothQuant(a, steps.head_dim))
+        want = sum(
+            float(block_loss(c.run(trial), o, "token_relative"))
+            for c, o in zip(block_calls, outputs, strict=True)
+        )
+        assert relative[a] == pytest.approx(want, rel=1e-5)
+        assert relative[a] != pytest.approx(whole[a], rel=1e-3)
 
 
 def test_alpha_search_runs_whole_batches_when_a_cut_call_computes_something_else(caplog) -> None:
@@ -308,6 +323,21 @@ def test_alpha_search_runs_whole_batches_when_a_cut_call_computes_something_else
 
     out = whole.run(Rowwise())
     assert _cut_calls_agree(Rowwise(), [whole.head(2)], [out])
+
+
+def test_smooth_search_loss_is_written_only_when_not_the_default() -> None:
+    """`smooth_search_loss` round-trips through YAML into the SmoothQuant step; the default (mse) is
+    written nowhere, so the presets' configs and checkpoints keep their bytes; a wrong kind is refused."""
+    from quantmint.config import PTQConfig, get_preset
+
+    assert "smooth_search_loss" not in get_preset("w8a8").to_yaml()
+    relative = get_preset("w8a8").with_updates(algorithm_args={"smooth_search_loss": "token_relative"})
+    assert "smooth_search_loss: token_relative" in relative.to_yaml()
+    again = PTQConfig.from_yaml(relative.to_yaml())
+    assert again == relative
+    assert [s.search_loss for s in again.recipe() if s.name == "smooth_quant"] == ["token_relative"]
+    with pytest.raises(ConfigError, match="smooth_search_loss"):
+        PTQConfig(algorithm_args={"smooth_search_loss": "l1"})
 
 
 def test_smooth_search_samples_is_written_only_when_set() -> None:

@@ -144,6 +144,7 @@ class SmoothQuantAlgorithm(AlgorithmBase):
                     config.alpha_grid,
                     config.search_batches,
                     config.search_samples,
+                    config.search_loss,
                 )
             steps.alphas.append(alpha)
             ctx.smoothing = SmoothQuant(alpha, head_dim=steps.head_dim)
@@ -223,6 +224,7 @@ def search_alpha(
     grid: list[float],
     search_batches: int,
     search_samples: int = 0,
+    loss: str = "mse",
 ) -> tuple[float, dict[float, float]]:
     """The smoothing alpha of `grid` whose quantized block output is closest (MSE) to the float one
     on the first `search_batches` calls (`smooth_alpha_search: block`, the presets' search): every grid
@@ -230,7 +232,9 @@ def search_alpha(
     operations (attention, the MLP's gate) make of each linear's error.
 
     `search_samples` > 0: only that many samples, the first ceil(search_samples / search_batches) of
-    each of those batches, are run per grid point (the cost of the search is linear in them)."""
+    each of those batches, are run per grid point (the cost of the search is linear in them).
+
+    `loss`: how a batch's rounded output is measured against the float one (`block_loss`'s kinds)."""
 
     from quantmint.algorithms.smooth_quant import SmoothQuant
 
@@ -252,12 +256,20 @@ def search_alpha(
     for alpha in grid:
         trial = rounded_copy(steps, block, observers, SmoothQuant(alpha, steps.head_dim))
         local[alpha] = [
-            (call.index, call.weight, float((call.run(trial) - target).float().pow(2).mean()))
+            (call.index, call.weight, _search_loss(call.run(trial), target, loss))
             for call, target in zip(runs, targets, strict=True)
         ]
     parts = steps.world.gather(local)
     losses = {alpha: _sum_by_batch([entry for part in parts for entry in part[alpha]]) for alpha in grid}
     return min(losses, key=losses.__getitem__), losses
+
+
+def _search_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> float:
+    from quantmint.algorithms.block_ptq import block_loss
+
+    if loss == "mse":  # the bytes of the searches before the other measures (the presets' digests)
+        return float((out - target).float().pow(2).mean())
+    return float(block_loss(out, target, loss))
 
 
 def rounded_copy(

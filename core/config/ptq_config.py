@@ -222,6 +222,7 @@ class PTQConfig(StrictConfig):
                     search_batches=args.smooth_search_batches,
                     search_samples=args.smooth_search_samples,
                     search=args.smooth_alpha_search,
+                    search_loss=args.smooth_search_loss,
                 )
             )
         if self.weight_dtype:

@@ -68,6 +68,10 @@ class AlgorithmArgs(StrictConfig):
     # each of those batches (0: all their samples). Its cost is linear in them.
     smooth_search_samples: int = Field(default=0, ge=0, le=1 << 20)
     smooth_alpha_search: Literal["block", "pair"] = "block"
+    # The block search's measure of a rounded block's output against the float one (`block_ptq.loss`'s
+    # kinds): "mse" lets the few tokens of huge norm (an attention sink) decide every block's alpha;
+    # "token_relative" divides each token's error by its float output's mean square.
+    smooth_search_loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
@@ -92,6 +96,8 @@ class AlgorithmArgs(StrictConfig):
             del data["smooth_alpha_search"]
         if data.get("smooth_search_samples") == 0:
             del data["smooth_search_samples"]
+        if data.get("smooth_search_loss") == "mse":
+            del data["smooth_search_loss"]
         return data
 
 
@@ -238,6 +244,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     search_batches: int = Field(default=4, ge=1, le=1 << 20)
     search_samples: int = Field(default=0, ge=0, le=1 << 20)  # 0: every sample of those batches
     search: Literal["block", "pair"] = "block"
+    search_loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"  # the block search's
 
     @field_validator("alpha_grid")
     @classmethod
@@ -254,6 +261,8 @@ class SmoothQuantConfig(AlgorithmConfig):
             del data["search"]
         if data.get("search_samples") == 0:  # likewise
             del data["search_samples"]
+        if data.get("search_loss") == "mse":  # likewise
+            del data["search_loss"]
         return data
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
@@ -272,6 +281,7 @@ class SmoothQuantConfig(AlgorithmConfig):
                 "smooth_search_batches": self.search_batches,
                 "smooth_search_samples": self.search_samples,
                 "smooth_alpha_search": self.search,
+                "smooth_search_loss": self.search_loss,
             },
         }
 
