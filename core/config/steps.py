@@ -15,6 +15,10 @@ from pydantic import (
 
 from quantmint.config.base import QuantArgs, StrictConfig
 
+# How a rounded block's output is measured against the float one (`block_ptq.block_loss`): block
+# PTQ's `loss` and the SmoothQuant block search's `smooth_search_loss`.
+LossKind = Literal["mse", "token_relative", "mse+token_relative"]
+
 
 class AlgorithmConfig(StrictConfig):
     """One step of a quantization recipe: plain data naming its algorithm (`name`, the key under which
@@ -71,7 +75,7 @@ class AlgorithmArgs(StrictConfig):
     # The block search's measure of a rounded block's output against the float one (`block_ptq.loss`'s
     # kinds): "mse" lets the few tokens of huge norm (an attention sink) decide every block's alpha;
     # "token_relative" divides each token's error by its float output's mean square.
-    smooth_search_loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"
+    smooth_search_loss: LossKind = "mse"
     # W8A8: a linear whose calibration inputs hold a token with a range this many times the median token's
     # keeps float activations (W8A16 for that layer); None quantizes every activation.
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
@@ -170,7 +174,7 @@ class BlockPTQArgs(AlgorithmConfig):
     # output (the error the next block's or the final RMSNorm/LayerNorm sees, to first order), so that
     # a few tokens of huge norm (an attention sink) do not decide the whole block; "mse+token_relative",
     # the whole output's relative squared error plus the token-relative one (the sink still counts).
-    loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"
+    loss: LossKind = "mse"
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
@@ -244,7 +248,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     search_batches: int = Field(default=4, ge=1, le=1 << 20)
     search_samples: int = Field(default=0, ge=0, le=1 << 20)  # 0: every sample of those batches
     search: Literal["block", "pair"] = "block"
-    search_loss: Literal["mse", "token_relative", "mse+token_relative"] = "mse"  # the block search's
+    search_loss: LossKind = "mse"  # the block search's
 
     @field_validator("alpha_grid")
     @classmethod
