@@ -361,7 +361,8 @@ def build_quantmint_cell(dtype: torch.dtype) -> Builder:
 
 def build_quantmint_w8a8_cell(dtype: torch.dtype) -> Builder:
     """What quantmint's W8A8 cell Int8Linear runs: per-token int8 activations and its exact int32 matmul
-    (`torch._int_mm` where exact here, else float32 matmuls over 1,024-column chunks)."""
+    (`torch._int_mm` where exact here with VNNI, else the W8A16 SIMD kernel `csrc/w8a16.c` on the int8
+    activations over input chunks of at most 1,024 columns, else float32 matmuls over such chunks)."""
 
     def build(layer: Layer, x: torch.Tensor) -> Prepared:
         from quantmint.backends.torch import Int8Linear

@@ -176,6 +176,97 @@ def test_int8_matmul_without_an_exact_int_mm_is_exact_past_float32s_integers(mon
     assert int8_int8_matmul(x[:, :0], w[:, :0]).shape == (5, 7)
 
 
+def _force_simd_path(monkeypatch) -> None:
+    """Run the "w8a16.c float32" path of `int8_int8_matmul` on any CPU the W8A16 SIMD kernel builds on
+    (it is the default only without VNNI)."""
+    from quantmint.backends.torch import int8_linear
+
+    if int8_linear.simd_woq_kernel() is None:
+        pytest.skip("no AVX2+FMA / AVX-512 W8A16 kernel here (not x86, no C compiler or QUANTMINT_NATIVE=0)")
+    monkeypatch.setattr(int8_linear, "int8_matmul_path", lambda: "w8a16.c float32")
+
+
+@pytest.mark.parametrize("k", [1, 17, 1024, 1025, 1536, 3001])
+def test_int8_matmul_on_the_w8a16_kernel_is_exact_past_float32s_integers(monkeypatch, k: int) -> None:
+    """The W8A16 SIMD kernel over input chunks of at most 1,024 columns: the same extremes as the float32
+    chunks (every chunk's sum at 2**24, the whole sum past it; odd sums past 2**24), every row count the
+    kernel blocks differently (1, 5, 13, 40), and output counts off the panel width."""
+    from quantmint.backends.torch.int8_linear import pack_int8_weight
+
+    _force_simd_path(monkeypatch)
+    x = torch.full((2, k), -128, dtype=torch.int8)
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    panels = pack_int8_weight(w)
+    assert panels is not None and all(stop - start <= 1024 for start, stop, _ in panels.chunks)
+    assert torch.all(int8_int8_matmul(x, w, panels) == 128 * 128 * k)
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randint(-128, 128, (37, k), dtype=torch.int8, generator=gen)
+    w[0] = 127
+    panels = pack_int8_weight(w)
+    for rows in (1, 5, 13, 40):
+        x = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=gen)
+        x[0] = 127  # a row of large same-sign products next to random ones
+        got = int8_int8_matmul(x, w, panels)
+        assert got.dtype == torch.int32 and torch.equal(got, (x.long() @ w.long().t()).int())
+    with pytest.raises(ValueError, match="pack this weight"):
+        int8_int8_matmul(x[:, :-1], w[:, :-1], panels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_activation_rounding_matches_torchs_bit_for_bit(monkeypatch, dtype: torch.dtype) -> None:
+    """`csrc/w8a16.c`'s W8A8 activation rounding against `quant_math.quantize_activation`: ties (row
+    absmax 127, so scale 1 and values k + 0.5 round half to even), an all-zero row (the minimum scale), a
+    row holding NaN, huge and tiny rows, a strided view, and a static scale."""
+    from quantmint.backends.torch import int8_linear
+    from quantmint.numerics.quant_math import quantize_activation
+
+    _force_simd_path(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 203, generator=gen)
+    x[0] = torch.arange(203) * 0.5 - 50.25  # halves
+    x[0, 0] = 127.0
+    x[1] = 0.0
+    x[2, 7] = float("nan")
+    x[3] *= 1e30
+    x[4] *= 1e-30
+    x[5, :5] = torch.tensor([127.5, -0.5, 1.5, 2.5, -2.5])
+    wide = torch.zeros(9, 300)
+    wide[:, :203] = x
+    for rows in (x, wide[:, :203]):  # contiguous and strided
+        rows = rows.to(dtype)
+        for input_scale in (None, torch.tensor([0.037])):
+            q, scale = int8_linear._quantize_rows_to_float(rows, input_scale)
+            want_q, want_scale = quantize_activation(rows, input_scale, torch.float32)
+            assert q.dtype == torch.float32 and torch.equal(q.isnan(), want_q.isnan())
+            assert torch.equal(q.nan_to_num(), want_q.nan_to_num())
+            assert torch.equal(scale.nan_to_num(), want_scale.reshape(scale.shape).nan_to_num())
+
+
+@pytest.mark.parametrize("in_features", [300, 1100])
+def test_int8_linear_on_the_w8a16_kernel_matches_the_float32_chunks_bit_for_bit(
+    monkeypatch, in_features: int
+) -> None:
+    """Int8Linear packs its weight once for the SIMD path, gives the same bits as the unpacked exact path
+    (the same int32 sums, the same scaling; one input chunk and two), and packs again when the weight is
+    written in place."""
+    from quantmint.backends.torch import int8_linear
+
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (70, in_features), dtype=torch.int8)
+    cell = Int8Linear(weight, torch.rand(70, 1) / 100 + 1e-3, torch.randn(70))
+    x = torch.randn(3, 9, in_features) * torch.rand(3, 9, 1) * 10
+    _force_simd_path(monkeypatch)
+    # without panels: the float32 chunks
+    want = int8_linear.int8_linear(x, cell.weight, cell.weight_scale, None, cell.bias)
+    assert torch.equal(cell(x), want)
+    first = cell.panels()
+    assert first is not None and cell.panels() is first  # packed once
+    with torch.no_grad():
+        cell.weight.neg_()
+    assert cell.panels() is not first
+    assert torch.equal(cell(x), int8_linear.int8_linear(x, cell.weight, cell.weight_scale, None, cell.bias))
+
+
 @pytest.mark.parametrize("config", [W8A8_SMOOTH, W8A8_STATIC])
 def test_w8a8_checkpoint_round_trip(config, calibration, tmp_path: Path, input_ids) -> None:
     model = quantize(build_tiny("llama"), config, calibration=calibration)

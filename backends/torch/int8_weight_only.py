@@ -102,7 +102,8 @@ class SimdKernel:
     """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `bf16dot` whether bf16
     activations of more than one row block run vdpbf16ps (built with ``-DQM_WANT_BF16DOT`` on an
     AVX512-BF16 CPU: measured slower on Sapphire Rapids, so opt-in), `panel` the output channels per
-    packed panel (2 vectors), `fn` the ctypes function."""
+    packed panel (2 vectors), `fn` the ctypes function of the matmul, `quantize_rows` that of the W8A8
+    activation rounding (`int8_linear.py`)."""
 
     def __init__(self, lib: Any) -> None:
         lib.qm_w8a16_isa.restype = ctypes.c_int
@@ -118,6 +119,10 @@ class SimdKernel:
         fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
         fn.restype = ctypes.c_int
         self.fn = fn
+        quantize = lib.qm_w8a8_quantize_rows
+        quantize.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_float, ptr, ptr]
+        quantize.restype = None
+        self.quantize_rows = quantize
 
 
 def simd_woq_kernel(flags: tuple[str, ...] = ()) -> SimdKernel | None:

@@ -368,3 +368,50 @@ int qm_w8a16_linear(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, 
 }
 
 #endif
+
+/* W8A8 activations for quantmint's exact int32 matmul on this kernel (int8_linear.py, CPUs without VNNI):
+ * round each row of x [m, k] (row stride ldx; float32, or bf16 where bf16 != 0) onto the int8 grid
+ * [-127, 127] and write the int8 values as float32 to q [m, k] (contiguous), what qm_w8a16_linear then
+ * reads. With static_scale (one float32) every row uses it; otherwise row r's scale is
+ * max(max |x[r]| / 127, min_scale), written to scale_out[r]. The same bits as quant_math.quantize_activation
+ * in torch: an IEEE division by the scale, rounding half to even (rintf in the default mode), NaN
+ * propagated (a row holding NaN gets a NaN scale and NaN values). One pass instead of about ten torch ops,
+ * whose fixed cost per call dominated decode-sized rows. */
+void qm_w8a8_quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, const float *static_scale,
+                           float min_scale, float *q, float *scale_out) {
+    float *row = bf16 ? malloc((size_t)(k ? k : 1) * sizeof(float)) : 0;
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = (const float *)x + r * ldx;
+        if (bf16) { /* widened to float32 (exact); into q's own row where no memory was left for one */
+            float *dst = row ? row : q + r * k;
+            const uint16_t *src = (const uint16_t *)x + r * ldx;
+            for (int64_t c = 0; c < k; c++) {
+                uint32_t bits = (uint32_t)src[c] << 16;
+                memcpy(dst + c, &bits, sizeof bits);
+            }
+            xr = dst;
+        }
+        float s;
+        if (static_scale) {
+            s = *static_scale;
+        } else {
+            float amax = 0.0f;
+            int nan = 0;
+            for (int64_t c = 0; c < k; c++) {
+                const float a = xr[c] < 0.0f ? -xr[c] : xr[c];
+                amax = a > amax ? a : amax;
+                nan |= xr[c] != xr[c];
+            }
+            s = amax / 127.0f;
+            if (nan) s = __builtin_nanf("");
+            else if (s < min_scale) s = min_scale;
+            scale_out[r] = s;
+        }
+        float *qr = q + r * k;
+        for (int64_t c = 0; c < k; c++) {
+            const float v = __builtin_rintf(xr[c] / s);
+            qr[c] = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        }
+    }
+    free(row);
+}
