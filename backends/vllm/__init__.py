@@ -7,7 +7,8 @@ process. It registers the quantization method `quantmint`, which vLLM then picks
 - W8A8 layers run on vLLM's own int8 kernel selection (`init_int8_linear_kernel`: oneDNN or AMX on CPU,
   CUTLASS or Triton on CUDA), after a probe that the selected kernel accumulates exactly in int32; where it
   does not (x86 CPUs without VNNI add pairs of int8 products in saturating int16), the layer runs
-  quantmint's exact int8 x int8 -> int32 matmul instead.
+  quantmint's exact int8 x int8 -> int32 matmul instead (there: the W8A16 SIMD kernel on the int8
+  activations, over input chunks whose sums float32 holds exactly; `int8_linear.int8_matmul_path`).
 - W8A16 layers run on quantmint's int8-weight matmul (vLLM has no int8 weight-only kernel on CPU).
 - W4A16 layers run on vLLM's mixed-precision kernel selection (`choose_mp_linear_kernel`: CPUWNA16 on CPU,
   Machete or Marlin on CUDA); where the selected kernel cannot run the activation dtype (vLLM 0.32's

@@ -32,7 +32,13 @@ from vllm.scalar_type import scalar_types
 
 from quantmint.algorithms.rotation import apply_hadamard, hadamard_factors_for
 from quantmint.backends.torch.int4_linear import int4_linear
-from quantmint.backends.torch.int8_linear import int8_int8_matmul, int8_linear, int8_matmul_path
+from quantmint.backends.torch.int8_linear import (
+    Int8Panels,
+    int8_int8_matmul,
+    int8_linear,
+    int8_matmul_path,
+    pack_int8_weight,
+)
 from quantmint.backends.torch.int8_weight_only import (
     amx_woq_linear,
     amx_woq_supported,
@@ -260,7 +266,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
                 "ranks (one all-reduce of a float per token) and run quantmint's exact int32 matmul, so "
                 "they round as on one rank"
             )
-            replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            _keep_int8_weight(layer)
             layer.quantmint_kernel = (
                 f"quantmint int32 matmul ({int8_matmul_path()}), token scales over all ranks"
             )
@@ -270,7 +276,7 @@ class W8A8LinearMethod(_Int8WeightsMethod):
             self.kernel.process_weights_after_loading(layer)
             layer.quantmint_kernel = f"vLLM {type(self.kernel).__name__}"
         else:
-            replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            _keep_int8_weight(layer)
             layer.quantmint_kernel = f"quantmint int32 matmul ({int8_matmul_path()})"
 
     def apply(
@@ -281,9 +287,22 @@ class W8A8LinearMethod(_Int8WeightsMethod):
             x, whole = _rotate(layer, x)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
+        panels = layer.quantmint_panels
         if not self.static_input and getattr(layer, "quantmint_input_split", False):
-            return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias, whole)
-        return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+            return _row_parallel_int8_linear(x, layer.weight, layer.weight_scale, bias, whole, panels)
+        return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias, panels)
+
+
+def _keep_int8_weight(layer: torch.nn.Module) -> None:
+    """Keep the int8 weight for quantmint's exact int32 matmul: packed for the W8A16 SIMD kernel where that
+    is the path (`pack_int8_weight`: CPUs without VNNI), the plain weight then replaced by a one-byte view
+    of its shape (the panels hold every value; no second copy of the weights); contiguous elsewhere."""
+    weight = layer.weight.data.contiguous()
+    panels = pack_int8_weight(weight)
+    if panels is not None:
+        weight = torch.zeros((), dtype=torch.int8).expand(weight.shape)
+    replace_parameter(layer, "weight", weight)
+    layer.quantmint_panels = panels
 
 
 def _row_parallel_int8_linear(
@@ -292,6 +311,7 @@ def _row_parallel_int8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     whole: torch.Tensor | None = None,
+    panels: Int8Panels | None = None,
 ) -> torch.Tensor:
     """This rank's part of a row-parallel W8A8 layer (x: its slice of the input features), with each
     token's scale taken over the whole row: the max of |x| over every rank's slice (an all-reduce of one
@@ -311,7 +331,7 @@ def _row_parallel_int8_linear(
         dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=get_tp_group().device_group)
     scale = qparams_from_absmax(absmax)
     x_q = (x2 / scale).round_().clamp_(-127, 127).to(torch.int8)
-    y = int8_int8_matmul(x_q, weight).float()
+    y = int8_int8_matmul(x_q, weight, panels).float()
     y.mul_(scale).mul_(weight_scale.reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
