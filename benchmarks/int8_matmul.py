@@ -69,7 +69,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -596,12 +596,25 @@ def add_ratios(rows: list[dict[str, object]]) -> None:
             r["ratio_vs_fp32"] = round(float(r["median_us"]) / float(b), 3)
 
 
-def best_summary(rows: list[dict[str, object]]) -> dict[str, dict[str, object]]:
-    """Fastest w8 and w8a8 kernel per (layer, M, activation dtype); float baseline of that dtype alongside."""
+def saturating_kernels(saturation: dict[str, float | str], limit: float = 0.05) -> set[str]:
+    """Kernels (names without the activation suffix) that the saturation probe caught wrong (max relative
+    error above `limit`) or failing: never the "best" kernel, however fast (random inputs may not show it)."""
+    return {name for name, err in saturation.items() if isinstance(err, str) or err > limit}
+
+
+def best_summary(
+    rows: list[dict[str, object]], exclude: Collection[str] = ()
+) -> dict[str, dict[str, object]]:
+    """Fastest w8 and w8a8 kernel per (layer, M, activation dtype); float baseline of that dtype alongside.
+    Kernels in `exclude` (`saturating_kernels`) are listed as `excluded`, not ranked."""
     best: dict[str, dict[str, object]] = {}
     timed = [r for r in rows if "median_us" in r]
     for r in timed:
         if r["act"] not in DTYPES:
+            continue
+        if str(r["kernel"]).removesuffix(f"[{r['act']}]") in exclude:
+            entry = best.setdefault(f"{r['layer']}/M={r['M']}/{r['act']}", {})
+            entry.setdefault("excluded", []).append(r["kernel"])  # type: ignore[union-attr]
             continue
         key = f"{r['layer']}/M={r['M']}/{r['act']}"
         entry = best.setdefault(key, {})
@@ -749,6 +762,7 @@ def run(
                 rows += [run_kernel(kern, layer, x, budget_s) for kern in kernel_list]
     add_ratios(rows)
     log(f"[int8_matmul] done in {time.perf_counter() - start:.1f}s")
+    saturation = saturation_probe()
     return {
         "benchmark": "int8_matmul",
         "torch": torch.__version__,
@@ -760,9 +774,9 @@ def run(
         "supported_engines": list(torch.backends.quantized.supported_engines),
         "layers": layer_info,
         "constraints": probe_constraints(),
-        "saturation": saturation_probe(),
+        "saturation": saturation,
         "results": rows,
-        "best": best_summary(rows),
+        "best": best_summary(rows, saturating_kernels(saturation)),
         "w8a16_speedup_vs_fp32": w8a16_summary(rows),
     }
 

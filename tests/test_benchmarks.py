@@ -35,6 +35,28 @@ def test_int8_matmul_quick_prints_one_json_line() -> None:
     assert report["best"]
 
 
+def test_int8_matmul_never_ranks_a_saturating_kernel_best() -> None:
+    """A kernel the saturation probe caught wrong is listed as excluded, however fast it timed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("int8_matmul", ROOT / "benchmarks" / "int8_matmul.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    saturating = module.saturating_kernels({"fast[onednn]": 0.9, "exact": 0.004, "broken": "error: no"})
+    assert saturating == {"fast[onednn]", "broken"}
+    row = {"layer": "8x8", "M": 1, "act": "fp32"}
+    rows = [
+        {**row, "kernel": "F.linear[fp32]", "kind": "float", "median_us": 10.0},
+        {**row, "kernel": "fast[onednn][fp32]", "kind": "w8a8", "median_us": 1.0},
+        {**row, "kernel": "exact[fp32]", "kind": "w8a8", "median_us": 5.0},
+    ]
+    entry = module.best_summary(rows, saturating)["8x8/M=1/fp32"]
+    assert entry["w8a8"]["kernel"] == "exact[fp32]" and entry["excluded"] == ["fast[onednn][fp32]"]
+    assert module.best_summary(rows)["8x8/M=1/fp32"]["w8a8"]["kernel"] == "fast[onednn][fp32]"
+
+
 # --- smoothquant_vs_llmcompressor: the pure helpers and the plan, without llm-compressor or a model -----
 
 
