@@ -243,28 +243,35 @@ def test_native_activation_rounding_matches_torchs_bit_for_bit(monkeypatch, dtyp
 
 
 @pytest.mark.parametrize("in_features", [300, 1100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_on_the_w8a16_kernel_matches_the_float32_chunks_bit_for_bit(
-    monkeypatch, in_features: int
+    monkeypatch, in_features: int, dtype: torch.dtype
 ) -> None:
-    """Int8Linear packs its weight once for the SIMD path, gives the same bits as the unpacked exact path
-    (the same int32 sums, the same scaling; one input chunk and two), and packs again when the weight is
-    written in place."""
+    """Int8Linear packs its weight once for the SIMD path and gives the same bits as the unpacked exact
+    path (the same int32 sums, the same scaling in the same order; one input chunk and two; with and
+    without a bias, dynamic and static activation scales, per-channel and per-tensor weight scales), and
+    packs again when the weight is written in place."""
     from quantmint.backends.torch import int8_linear
 
+    _force_simd_path(monkeypatch)
     torch.manual_seed(0)
     weight = torch.randint(-127, 128, (70, in_features), dtype=torch.int8)
-    cell = Int8Linear(weight, torch.rand(70, 1) / 100 + 1e-3, torch.randn(70))
-    x = torch.randn(3, 9, in_features) * torch.rand(3, 9, 1) * 10
-    _force_simd_path(monkeypatch)
-    # without panels: the float32 chunks
-    want = int8_linear.int8_linear(x, cell.weight, cell.weight_scale, None, cell.bias)
-    assert torch.equal(cell(x), want)
+    x = (torch.randn(3, 9, in_features) * torch.rand(3, 9, 1) * 10).to(dtype)
+    for bias in (None, torch.randn(70).to(dtype)):
+        for input_scale in (None, torch.tensor([0.02])):
+            for weight_scale in (torch.rand(70, 1) / 100 + 1e-3, torch.tensor([[0.004]])):
+                cell = Int8Linear(weight, weight_scale, bias, input_scale)
+                # without panels: the float32 chunks
+                want = int8_linear.int8_linear(x, cell.weight, cell.weight_scale, cell.input_scale, cell.bias)
+                got = cell(x)
+                assert got.dtype == dtype and torch.equal(got, want)
     first = cell.panels()
     assert first is not None and cell.panels() is first  # packed once
     with torch.no_grad():
         cell.weight.neg_()
     assert cell.panels() is not first
-    assert torch.equal(cell(x), int8_linear.int8_linear(x, cell.weight, cell.weight_scale, None, cell.bias))
+    want = int8_linear.int8_linear(x, cell.weight, cell.weight_scale, cell.input_scale, cell.bias)
+    assert torch.equal(cell(x), want)
 
 
 @pytest.mark.parametrize("config", [W8A8_SMOOTH, W8A8_STATIC])

@@ -180,6 +180,41 @@ def _quantize_rows_to_float(
     return q, scale
 
 
+def _scaled_panel_sums(
+    x_q: torch.Tensor,
+    panels: Int8Panels,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """(`_panel_sums` * x_scale) * weight_scale: in `dtype` (float32 or bf16) where given and the scales
+    are float32 ones per row (or one) and one per output channel, in one native pass
+    (`qm_w8a8_scale_rows`: the same bits as the torch ops); else float32, by torch."""
+    sums = _panel_sums(x_q, panels)
+    rows, out_features = sums.shape
+    kernel = simd_woq_kernel()
+    bf16 = {torch.float32: 0, torch.bfloat16: 1}.get(dtype) if dtype is not None else None
+    native_ok = (
+        kernel is not None
+        and bf16 is not None
+        and x_scale.dtype == torch.float32
+        and x_scale.numel() in (1, rows)
+        and x_scale.is_contiguous()
+        and weight_scale.dtype == torch.float32
+        and weight_scale.numel() == out_features
+        and weight_scale.is_contiguous()
+    )
+    if not native_ok:
+        return sums.float().mul_(x_scale).mul_(weight_scale.reshape(1, -1))
+    assert kernel is not None and dtype is not None
+    y = torch.empty((rows, out_features), dtype=dtype)
+    kernel.scale_rows(
+        sums.data_ptr(), int(sums.dtype == torch.int32), rows, out_features, x_scale.data_ptr(),
+        int(x_scale.numel() > 1), weight_scale.data_ptr(), y.data_ptr(), bf16,
+    )  # fmt: skip
+    return y
+
+
 class Int8Linear(QuantizedLinear):
     """W8A8 linear (scheme `w8a8`).
 
@@ -294,11 +329,15 @@ def int8_linear(
         # The SIMD path reads the int8 values as float32: rounded straight to float32 (no int8 round trip)
         # and, within one chunk, the kernel's float32 sums used as they are (the same values as the int32).
         x_q, x_scale = _quantize_rows_to_float(x2, input_scale)
-        y = _panel_sums(x_q, panels).float()
-    else:
-        x_q, x_scale = quantize_activations(x2, input_scale)
-        # Scales are applied in place on the int32 result converted once to float32.
-        y = int8_int8_matmul(x_q, weight, panels).float()
+        y = _scaled_panel_sums(x_q, panels, x_scale, weight_scale, x.dtype if bias is None else None)
+        if y.dtype != x.dtype or bias is not None:
+            if bias is not None:
+                y.add_(bias.float())
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], weight.shape[0])
+    x_q, x_scale = quantize_activations(x2, input_scale)
+    # Scales are applied in place on the int32 result converted once to float32.
+    y = int8_int8_matmul(x_q, weight, panels).float()
     y.mul_(x_scale).mul_(weight_scale.reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())

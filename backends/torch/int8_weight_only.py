@@ -102,8 +102,8 @@ class SimdKernel:
     """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `bf16dot` whether bf16
     activations of more than one row block run vdpbf16ps (built with ``-DQM_WANT_BF16DOT`` on an
     AVX512-BF16 CPU: measured slower on Sapphire Rapids, so opt-in), `panel` the output channels per
-    packed panel (2 vectors), `fn` the ctypes function of the matmul, `quantize_rows` that of the W8A8
-    activation rounding (`int8_linear.py`)."""
+    packed panel (2 vectors), `fn` the ctypes function of the matmul, `quantize_rows` and `scale_rows`
+    those of the W8A8 activation rounding and output scaling (`int8_linear.py`)."""
 
     def __init__(self, lib: Any) -> None:
         lib.qm_w8a16_isa.restype = ctypes.c_int
@@ -123,6 +123,10 @@ class SimdKernel:
         quantize.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_float, ptr, ptr]
         quantize.restype = None
         self.quantize_rows = quantize
+        scale_rows = lib.qm_w8a8_scale_rows
+        scale_rows.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
+        scale_rows.restype = None
+        self.scale_rows = scale_rows
 
 
 def simd_woq_kernel(flags: tuple[str, ...] = ()) -> SimdKernel | None:

@@ -46,6 +46,15 @@
 #include <omp.h>
 #endif
 
+/* float32 -> bf16, rounded to nearest even (NaN kept quiet), as torch rounds. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 #if defined(__x86_64__) && defined(__AVX512F__)
 #define QM_ISA 512
 #define VW 16
@@ -224,15 +233,6 @@ static void widen_pairs(const int8_t *w, int64_t k, uint32_t *wp) {
         }
 }
 #endif
-
-/* float32 -> bf16, rounded to nearest even (NaN kept quiet), as torch rounds. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* The tile's float32 sums out: scale per column, bias, stored as float32 or rounded once to bf16. */
 static void store_rows(const float *out, int rows, int cols, const float *scale, const float *bias, void *y,
@@ -414,4 +414,31 @@ void qm_w8a8_quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int64_
         }
     }
     free(row);
+}
+
+/* W8A8 output for quantmint's exact int32 matmul on this kernel: y[r, j] = (acc[r, j] * xscale) * wscale[j],
+ * xscale row r's (per_row) or the one static scale, stored as float32 or rounded once to bf16. acc is the
+ * [m, n] sum of int8 products, float32 (exact integers) or int32 (acc_int32, converted to float32 as
+ * torch converts). Two multiplies in int8_linear.py's order and no addition (Python adds a bias), so no
+ * contraction to an FMA can change a rounding: the same bits as its torch epilogue. */
+void qm_w8a8_scale_rows(const void *acc, int acc_int32, int64_t m, int64_t n, const float *xscale, int per_row,
+                        const float *wscale, void *y, int bf16) {
+    for (int64_t r = 0; r < m; r++) {
+        const float xs = xscale[per_row ? r : 0];
+        const float *af = (const float *)acc + r * n;
+        const int32_t *ai = (const int32_t *)acc + r * n;
+        if (bf16) {
+            uint16_t *yr = (uint16_t *)y + r * n;
+            if (acc_int32)
+                for (int64_t j = 0; j < n; j++) yr[j] = to_bf16(((float)ai[j] * xs) * wscale[j]);
+            else
+                for (int64_t j = 0; j < n; j++) yr[j] = to_bf16((af[j] * xs) * wscale[j]);
+        } else {
+            float *yr = (float *)y + r * n;
+            if (acc_int32)
+                for (int64_t j = 0; j < n; j++) yr[j] = ((float)ai[j] * xs) * wscale[j];
+            else
+                for (int64_t j = 0; j < n; j++) yr[j] = (af[j] * xs) * wscale[j];
+        }
+    }
 }
