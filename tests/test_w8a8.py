@@ -191,6 +191,7 @@ def test_int8_matmul_on_the_w8a16_kernel_is_exact_past_float32s_integers(monkeyp
     """The W8A16 SIMD kernel over input chunks of at most 1,024 columns: the same extremes as the float32
     chunks (every chunk's sum at 2**24, the whole sum past it; odd sums past 2**24), every row count the
     kernel blocks differently (1, 5, 13, 40), and output counts off the panel width."""
+    from quantmint.backends.torch import int8_linear
     from quantmint.backends.torch.int8_linear import pack_int8_weight
 
     _force_simd_path(monkeypatch)
@@ -210,6 +211,8 @@ def test_int8_matmul_on_the_w8a16_kernel_is_exact_past_float32s_integers(monkeyp
         assert got.dtype == torch.int32 and torch.equal(got, (x.long() @ w.long().t()).int())
     with pytest.raises(ValueError, match="pack this weight"):
         int8_int8_matmul(x[:, :-1], w[:, :-1], panels)
+    with pytest.raises(ValueError, match="input columns"):
+        int8_linear.int8_linear(torch.randn(2, k + 1), w, torch.ones(37), panels=panels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

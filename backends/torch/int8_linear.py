@@ -125,11 +125,7 @@ def int8_int8_matmul(
     if x_q.device.type == "cuda" and rows > 16 and k % 8 == 0 and weight.shape[0] % 8 == 0:
         return torch._int_mm(x_q, weight.t())  # cuBLAS int8 GEMM's shape rules
     if panels is not None and x_q.device.type == "cpu" and rows:
-        if (panels.out_features, panels.in_features) != tuple(weight.shape):
-            raise ValueError(
-                f"panels packed for a {panels.out_features}x{panels.in_features} weight, "
-                f"not {tuple(weight.shape)}: pack this weight with pack_int8_weight"
-            )
+        _check_panels(panels, weight, k)
         return _panel_sums(x_q.float(), panels).to(torch.int32)
     out: torch.Tensor | None = None
     for start in range(0, k, EXACT_FLOAT32_COLUMNS):
@@ -139,6 +135,16 @@ def int8_int8_matmul(
     if out is None:  # no input columns
         return torch.zeros(rows, weight.shape[0], dtype=torch.int32, device=x_q.device)
     return out
+
+
+def _check_panels(panels: Int8Panels, weight: torch.Tensor, in_features: int) -> None:
+    """The kernel reads as many input columns as the panels hold: panels of another weight, or inputs of
+    another width, would read past the rows, so they are refused."""
+    if (panels.out_features, panels.in_features) != tuple(weight.shape) or in_features != panels.in_features:
+        raise ValueError(
+            f"panels packed for a {panels.out_features}x{panels.in_features} weight, not "
+            f"{tuple(weight.shape)} with {in_features} input columns: pack this weight with pack_int8_weight"
+        )
 
 
 def _panel_sums(x_f: torch.Tensor, panels: Int8Panels) -> torch.Tensor:
@@ -326,6 +332,8 @@ def int8_linear(
     x2 = x.reshape(-1, shape[-1])
     simd = panels is not None and x2.device.type == "cpu" and x2.shape[0] > 0
     if simd and int8_matmul_path() != "torch._int_mm":
+        assert panels is not None
+        _check_panels(panels, weight, x2.shape[1])
         # The SIMD path reads the int8 values as float32: rounded straight to float32 (no int8 round trip)
         # and, within one chunk, the kernel's float32 sums used as they are (the same values as the int32).
         x_q, x_scale = _quantize_rows_to_float(x2, input_scale)
