@@ -13,8 +13,9 @@ rows M in {1, 16, 256}.
   dequantize-then-``F.linear`` done on every call (fp32 / bf16), quantmint's AMX kernel
   ``amx_woq_linear`` (bf16, CPUs with AMX-BF16; csrc/woq.c) and its SIMD kernel ``simd_woq_linear``
   (fp32 / bf16, csrc/w8a16.c: the AVX-512 path where the CPU has it, else AVX2+FMA; on an AVX-512 CPU
-  also the AVX2 path, built with ``-mno-avx512f``, as ``[avx2]``; on an AVX512-BF16 CPU also the opt-in
-  bf16 path on vdpbf16ps, built with ``-DQM_WANT_BF16DOT``, as ``[bf16dot]``).
+  also the AVX2 path, built with ``-mno-avx512f``, as ``[avx2]``; on an AVX512-BF16 CPU also whichever
+  bf16 path this CPU's own kernel does not run: vdpbf16ps, built with ``-DQM_WANT_BF16DOT``, as
+  ``[bf16dot]`` (Intel), or the float32 path, built with ``-mno-avx512bf16``, as ``[nobf16dot]`` (AMD)).
 * ``w8a8``    -- int8 weights *and* int8 activations, dynamic activation quantization included in the time:
   ``torch._int_mm`` with per-token quantization + rescale (fp32 / bf16),
   ``torch.ao.nn.quantized.dynamic.Linear`` (engine ``x86``, else ``fbgemm``; per-channel qint8 weight; the
@@ -400,7 +401,7 @@ def build_amx_woq(layer: Layer, x: torch.Tensor) -> Prepared:
 def build_simd_woq(dtype: torch.dtype, flags: tuple[str, ...] = ()) -> Builder:
     """quantmint's AVX-512 / AVX2 W8A16 kernel (csrc/w8a16.c), what the runtime and the vLLM plugin serve
     W8A16 layers with where AMX does not apply; `flags` cap the ISA (``-mno-avx512f``: the AVX2 path) or
-    opt in to a path (``-DQM_WANT_BF16DOT``: vdpbf16ps for bf16)."""
+    choose the bf16 path (``-DQM_WANT_BF16DOT``: vdpbf16ps; ``-mno-avx512bf16``: the float32 path)."""
 
     def build(layer: Layer, x: torch.Tensor) -> Prepared:
         from quantmint.backends.torch.int8_weight_only import (
@@ -431,6 +432,7 @@ W8A16_SUMMARY_KERNELS = (
     "quantmint.simd_woq_linear[avx2][fp32]",
     "quantmint.simd_woq_linear[avx2][bf16]",
     "quantmint.simd_woq_linear[bf16dot][bf16]",
+    "quantmint.simd_woq_linear[nobf16dot][bf16]",
     "quantmint.amx_woq_linear[bf16]",
     "_weight_int8pack_mm[fp32]",
     "_weight_int8pack_mm[bf16]",
@@ -479,12 +481,22 @@ def kernels(engine: str | None) -> list[Kernel]:
                 f"quantmint.simd_woq_linear[avx2][{act}]", "w8", act, build_simd_woq(dtype, ("-mno-avx512f",))
             )
         )
-    ks.append(  # on an AVX512-BF16 CPU: the opt-in vdpbf16ps path for bf16 (int8 widened to bf16 pairs)
+    # On an AVX512-BF16 CPU, the bf16 path its own kernel does not run (each is skipped where it is the
+    # CPU's own): vdpbf16ps on int8 widened to bf16 pairs, and the float32 path (AVX-512 without BF16).
+    ks.append(
         Kernel(
             "quantmint.simd_woq_linear[bf16dot][bf16]",
             "w8",
             "bf16",
             build_simd_woq(torch.bfloat16, ("-DQM_WANT_BF16DOT",)),
+        )
+    )
+    ks.append(
+        Kernel(
+            "quantmint.simd_woq_linear[nobf16dot][bf16]",
+            "w8",
+            "bf16",
+            build_simd_woq(torch.bfloat16, ("-mno-avx512bf16",)),
         )
     )
     if engine is not None:

@@ -24,7 +24,7 @@ FLAGS = _cpu_flags()
 # on bf16, CPU flags it needs)
 PATHS = {
     "avx512bf16": (("-DQM_WANT_BF16DOT",), 512, True, {"avx512f", "avx512bw", "avx512_bf16"}),
-    "avx512": ((), 512, False, {"avx512f"}),
+    "avx512": (("-mno-avx512bf16",), 512, False, {"avx512f"}),
     "avx2": (("-mno-avx512f",), 256, False, {"avx2", "fma"}),
 }
 
@@ -58,7 +58,7 @@ def _check(y: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 200])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17, 200])
 @pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (37, 53), (80, 96), (200, 333)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_kernel_matches_the_torch_reference(path, dtype, rows, out_features, in_features, with_bias) -> None:
@@ -91,24 +91,30 @@ def test_kernel_takes_3d_and_transposed_activations(path, dtype) -> None:
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("rows", [4, 40])  # registers as it goes (decode) and the widened panel (prefill)
-def test_kernel_widens_every_int8_value_exactly(path, rows) -> None:
+@pytest.mark.parametrize("rows", [2, 4, 40])  # registers as it goes (decode), widened panels (bf16 pairs)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_widens_every_int8_value_exactly(path, rows, dtype) -> None:
     kernel = _kernel(path)
     values = torch.arange(-128, 128, dtype=torch.int8)
     weight = values.reshape(1, 256).repeat(33, 1)
     y = woq.simd_woq_linear(
-        torch.eye(256)[:rows], woq.pack_weight_for_simd(weight, kernel), torch.ones(33), None, kernel
+        torch.eye(256, dtype=dtype)[:rows],
+        woq.pack_weight_for_simd(weight, kernel),
+        torch.ones(33),
+        None,
+        kernel,
     )
-    assert torch.equal(y.t(), weight[:, :rows].float())
+    assert torch.equal(y.t(), weight[:, :rows].to(dtype))
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_kernel_gives_the_same_result_on_any_thread_count(path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gives_the_same_result_on_any_thread_count(path, dtype) -> None:
     kernel = _kernel(path)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (1040, 256), dtype=torch.int8, generator=generator)
     packed, scale = woq.pack_weight_for_simd(weight, kernel), torch.rand(1040, generator=generator)
-    x = torch.randn(3, 9, 256, generator=generator)
+    x = torch.randn(3, 9, 256, generator=generator).to(dtype)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -118,6 +124,39 @@ def test_kernel_gives_the_same_result_on_any_thread_count(path) -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])  # each output is one thread's work
+
+
+@pytest.mark.parametrize(
+    ("vendor", "flags", "env", "want"),
+    [
+        ("AuthenticAMD", {"avx512f", "avx512_bf16"}, None, True),  # Zen 4: measured 1.2-2x the float32 path
+        ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_bf16"}, None, False),  # measured slower there
+        ("AuthenticAMD", {"avx512f", "avx2"}, None, False),  # Zen 3 / Zen 4 without the flag
+        ("AuthenticAMD", {"avx512f", "avx512_bf16"}, "0", False),
+        ("GenuineIntel", {"avx512f", "avx512_bf16"}, "1", True),
+    ],
+)
+def test_bf16dot_is_the_default_where_it_measured_faster(monkeypatch, vendor, flags, env, want) -> None:
+    monkeypatch.setattr(native, "cpu_features", lambda: (vendor, frozenset(flags)))
+    if env is None:
+        monkeypatch.delenv(woq.BF16DOT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(woq.BF16DOT_ENV, env)
+    assert woq.bf16dot_by_default() is want
+
+
+def test_a_bad_bf16dot_setting_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv(woq.BF16DOT_ENV, "yes")
+    with pytest.raises(ValueError, match="QUANTMINT_W8A16_BF16DOT='yes': set it to 1"):
+        woq.bf16dot_by_default()
+
+
+def test_this_cpus_own_kernel_follows_the_default() -> None:
+    kernel = woq.simd_woq_kernel()
+    if kernel is None:
+        pytest.skip("no AVX2/AVX-512 W8A16 kernel here (CPU or compiler)")
+    has_bf16 = kernel.isa == 512 and "avx512_bf16" in FLAGS and "avx512bw" in FLAGS
+    assert kernel.bf16dot == (has_bf16 and woq.bf16dot_by_default())
 
 
 def test_packing_puts_each_element_where_the_kernel_reads_it() -> None:

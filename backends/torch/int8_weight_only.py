@@ -18,6 +18,7 @@ decode faster than float32 (benchmarks/int8_matmul.py).
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,10 @@ _SIMD_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 class SimdKernel:
     """The compiled `csrc/w8a16.c`: `isa` 512 (AVX-512) or 256 (AVX2+FMA), `bf16dot` whether bf16
-    activations of more than one row block run vdpbf16ps (built with ``-DQM_WANT_BF16DOT`` on an
-    AVX512-BF16 CPU: measured slower on Sapphire Rapids, so opt-in), `panel` the output channels per
-    packed panel (2 vectors), `fn` the ctypes function of the matmul, `quantize_rows` and `scale_rows`
-    those of the W8A8 activation rounding and output scaling (`int8_linear.py`)."""
+    activations of 4 rows or more run vdpbf16ps (built with ``-DQM_WANT_BF16DOT`` on an AVX512-BF16 CPU;
+    see `bf16dot_by_default`), `panel` the output channels per packed panel (2 vectors), `fn` the ctypes
+    function of the matmul, `quantize_rows` and `scale_rows` those of the W8A8 activation rounding and
+    output scaling (`int8_linear.py`)."""
 
     def __init__(self, lib: Any) -> None:
         lib.qm_w8a16_isa.restype = ctypes.c_int
@@ -113,6 +114,7 @@ class SimdKernel:
         self.panel: int = lib.qm_w8a16_panel()
         self.bf16dot = bool(lib.qm_w8a16_bf16dot())
         isa = {512: "AVX-512", 256: "AVX2+FMA"}.get(self.isa, "none")
+        self.isa_name = isa
         self.name = f"{isa} BF16" if self.bf16dot else isa
         fn = lib.qm_w8a16_linear
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -128,14 +130,40 @@ class SimdKernel:
         scale_rows.restype = None
         self.scale_rows = scale_rows
 
+    def name_for(self, dtype: torch.dtype) -> str:
+        """What serves `dtype` activations: "AVX-512 BF16" (vdpbf16ps, bf16 of 4 rows or more) or the ISA."""
+        return self.name if dtype == torch.bfloat16 else self.isa_name
+
+
+BF16DOT_ENV = "QUANTMINT_W8A16_BF16DOT"
+
+
+def bf16dot_by_default() -> bool:
+    """Whether this CPU's own W8A16 kernel runs bf16 activations on vdpbf16ps (``-DQM_WANT_BF16DOT``):
+    on AMD CPUs with AVX512-BF16 (Zen 4 and later), where it measured 1.2-2x the float32 path's speed
+    from 4 rows up (docs/benchmarks.md), and not on Intel's: Sapphire Rapids ran it 1.5-1.9x slower (and
+    serves bf16 on AMX), Cooper Lake is unmeasured. ``QUANTMINT_W8A16_BF16DOT=1`` or ``=0`` overrides
+    the choice (``=1`` only takes effect on a CPU with AVX512-BF16)."""
+    chosen = os.environ.get(BF16DOT_ENV, "").strip()
+    if chosen in ("0", "1"):
+        return chosen == "1"
+    if chosen:
+        raise ValueError(
+            f"{BF16DOT_ENV}={chosen!r}: set it to 1 (vdpbf16ps) or 0 (the float32 path), or unset it"
+        )
+    vendor, flags = native.cpu_features()
+    return vendor == "AuthenticAMD" and "avx512_bf16" in flags
+
 
 def simd_woq_kernel(flags: tuple[str, ...] = ()) -> SimdKernel | None:
     """The AVX-512 / AVX2 W8A16 kernel built for this CPU (with extra compiler `flags`, e.g. `-mno-avx512f`
     to build the AVX2 path on an AVX-512 CPU), or None where no path compiles (no AVX2+FMA, not x86, no
-    compiler, ``QUANTMINT_NATIVE=0``). Looked up once per process and flags."""
+    compiler, ``QUANTMINT_NATIVE=0``). Without `flags`, this CPU's own choice (`bf16dot_by_default`).
+    Looked up once per process and flags."""
     kernel = _SIMD.get(flags, False)
     if kernel is False:
-        lib = native.library("w8a16", SIMD_SOURCE, (*WOQ_FLAGS, *flags))
+        own = ("-DQM_WANT_BF16DOT",) if not flags and bf16dot_by_default() else ()
+        lib = native.library("w8a16", SIMD_SOURCE, (*WOQ_FLAGS, *flags, *own))
         kernel = SimdKernel(lib) if lib is not None else None
         if kernel is not None and kernel.isa == 0:
             kernel = None

@@ -374,8 +374,9 @@ class W8A16LinearMethod(_Int8WeightsMethod):
                 packed = pack_weight_for_amx(weight)
             else:
                 assert kernel is not None
+                name = kernel.name_for(dtype)
                 logger.info_once(
-                    f"quantmint W8A16: {dtype} layers run the {kernel.name} kernel (csrc/w8a16.c): vLLM's "
+                    f"quantmint W8A16: {dtype} layers run the {name} kernel (csrc/w8a16.c): vLLM's "
                     "mixed-precision kernels on CPU take no int8 weight-only layer "
                     "(CPUWNA16 refuses uint8b128)"
                 )
@@ -385,7 +386,9 @@ class W8A16LinearMethod(_Int8WeightsMethod):
             scale = layer.weight_scale.data.float().reshape(-1).expand(out_features).contiguous()
             replace_parameter(layer, "weight_scale", scale)
             layer.quantmint_bias = None  # (bias, its float32 copy), made on first use
-            layer.quantmint_kernel = "quantmint AMX" if layer.quantmint_amx else f"quantmint {kernel.name}"
+            layer.quantmint_kernel = (
+                "quantmint AMX" if layer.quantmint_amx else f"quantmint {kernel.name_for(dtype)}"
+            )
             return
         logger.info_once(
             f"quantmint W8A16: {dtype} layers run torch's int8-weight matmul "

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["cache_dir", "library"]
+__all__ = ["cache_dir", "cpu_features", "library"]
 
 _SOURCES = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
@@ -53,6 +53,21 @@ def _flags(extra: Sequence[str] = ()) -> list[str]:
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")  # compilers default to 256-bit vectors on AVX-512
     return flags
+
+
+def cpu_features() -> tuple[str, frozenset[str]]:
+    """This CPU's vendor (``vendor_id`` in /proc/cpuinfo, e.g. ``AuthenticAMD``, ``GenuineIntel``; ""
+    where unknown) and its feature flags (``avx512_bf16``, ``amx_bf16``, ...; empty where unknown)."""
+    vendor, flags = "", frozenset(_cpu_signature().partition(":")[2].split())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+                break
+    except OSError:
+        pass
+    return vendor, flags
 
 
 def _cpu_signature() -> str:

@@ -6,7 +6,8 @@
  *   __AVX512F__            16-wide (zmm), panels of 32 output channels, row blocks of up to 12
  *   __AVX2__ && __FMA__    8-wide (ymm), panels of 16 output channels, row blocks of up to 6
  *   otherwise              nothing: qm_w8a16_isa() returns 0 and Python keeps its torch path.
- *   -DQM_WANT_BF16DOT      (opt-in, AVX512-BF16 CPUs) bf16 x of more rows than one block: vdpbf16ps (below)
+ *   -DQM_WANT_BF16DOT      (AVX512-BF16 CPUs) bf16 x of 4 rows or more: vdpbf16ps (below); Python passes it
+ *                          on AMD CPUs with AVX512-BF16 (`bf16dot_by_default`)
  * (CPUs with AMX-BF16 serving bf16 run csrc/woq.c instead, by Python's choice.)
  *
  * The int8 weight is repacked once (`pack_weight_for_simd` in Python) into panels of NB = 2 vectors of
@@ -23,16 +24,17 @@
  * y is bf16. OpenMP (torch's libgomp) splits the panels among threads; each output is one thread's.
  *
  * bf16 x is widened to float32 (exact) and takes the float32 path. Built with -DQM_WANT_BF16DOT on a CPU
- * with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), calls of more than one
- * row block take another path instead: each panel is widened once to bf16 pairs along k (int8 -> bf16
+ * with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), calls of 4 rows or more
+ * (QM_PAIRS_MIN_ROWS) take another path instead: each panel is widened once to bf16 pairs along k (int8 -> bf16
  * is exact: the top half of the float32), [ceil(K/2)][NB] 32-bit lanes holding (w[k, j], w[k+1, j]),
  * and vdpbf16ps multiplies them with
  * the bf16 pair (x[r, k], x[r, k+1]) broadcast: products of two bf16 are exact in float32 and are added to
  * float32 sums, two k per instruction instead of one. (vdpbf16ps treats subnormal inputs, |x| < 2^-126,
- * as zero and flushes subnormal sums: far below the one bf16 rounding of the output.) It is not the
- * default because it measured slower: on Sapphire Rapids one vdpbf16ps costs more than two FMAs, and the
- * path took 1.5-1.9x the float32 path's time (docs/benchmarks.md); `benchmarks/int8_matmul.py` measures
- * both side by side on any AVX512-BF16 CPU (its `[bf16dot]` rows).
+ * as zero and flushes subnormal sums: far below the one bf16 rounding of the output.) On AMD Zen 4 it runs
+ * 1.2-2x faster than the float32 path from 4 rows up (1 to 3 rows: no faster, so they keep the float32
+ * path, whose weight widens in registers with no per-panel pass); on Sapphire Rapids one vdpbf16ps costs
+ * more than two FMAs and the path took 1.5-1.9x the float32 path's time, so Python builds it on AMD only
+ * (docs/benchmarks.md). `benchmarks/int8_matmul.py` measures both side by side on any AVX512-BF16 CPU.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -261,8 +263,11 @@ static float *panel_workspace(size_t elems) {
     return workspace;
 }
 
-/* Whether a call takes the bf16 pair path: bf16 x on an AVX512-BF16 CPU, more rows than one block. */
-static int use_pairs(int bf16, int64_t m) { return QM_BF16DOT && bf16 && m > RMAX; }
+/* Whether a call takes the bf16 pair path: bf16 x on an AVX512-BF16 CPU, QM_PAIRS_MIN_ROWS rows or more. */
+#ifndef QM_PAIRS_MIN_ROWS
+#define QM_PAIRS_MIN_ROWS 4 /* measured on Zen 4: 1-2 rows no faster than the float32 path, 4 rows 1.2-1.4x */
+#endif
+static int use_pairs(int bf16, int64_t m) { return QM_BF16DOT && bf16 && m >= QM_PAIRS_MIN_ROWS; }
 
 /* One thread's share: the panels [p_lo, p_hi). x is float32, or bf16 rows where `use_pairs`. */
 static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const int8_t *packed, int64_t n,
@@ -271,7 +276,7 @@ static int run_panels(const float *x, int64_t m, int64_t k, int64_t ldx, const i
     float out[RMAX * NB] __attribute__((aligned(64)));
     float *wide = 0;
     const int pairs = use_pairs(bf16, m);
-    if (m > RMAX) { /* float32 [k][NB], or (pairs) ceil(k/2) * NB 32-bit lanes: no more */
+    if (m > RMAX || pairs) { /* float32 [k][NB], or (pairs) ceil(k/2) * NB 32-bit lanes: no more */
         wide = panel_workspace((size_t)k * NB);
         if (!wide) return 0;
     }
