@@ -132,6 +132,21 @@ def vllm_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 PROMPTS = [[(7 * i + 13 * j) % 256 for j in range(5 + 3 * i)] for i in range(4)]
 
+# One engine per checkpoint for the single-rank tasks that several tests compare against (an engine start
+# costs tens of seconds on 2 cores): greedy tokens and prompt log-probabilities of PROMPTS.
+SINGLE_RANK_TASKS = [
+    {"kind": "generate", "prompts": PROMPTS, "max_tokens": 16},
+    {"kind": "prompt_logprobs", "prompts": PROMPTS},
+]
+_single_rank_runs: dict[Path, dict[str, Any]] = {}
+
+
+def served_single_rank(path: Path, tmp_path: Path) -> dict[str, Any]:
+    """vLLM's result of SINGLE_RANK_TASKS on the checkpoint at `path`, one rank, run once per session."""
+    if path not in _single_rank_runs:
+        _single_rank_runs[path] = vllm_ok({"model": str(path), "tasks": SINGLE_RANK_TASKS}, tmp_path)
+    return _single_rank_runs[path]
+
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
@@ -549,10 +564,7 @@ def test_generation_agrees_with_the_torch_runtime(
     family: str, preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
     path = tiny_checkpoint(family, preset)
-    tasks = [{"kind": "generate", "prompts": PROMPTS, "max_tokens": 16}]
-    if preset.startswith("w8a8"):
-        tasks.append({"kind": "prompt_logprobs", "prompts": PROMPTS})
-    out = vllm_ok({"model": str(path), "tasks": tasks}, tmp_path)
+    out = served_single_rank(path, tmp_path)
     model = load_quantized(path)
     want = reference_generate(model, PROMPTS, 16)
     got = out["results"][0]["value"]
@@ -630,12 +642,8 @@ def test_tensor_parallel_serving_gives_the_single_ranks_tokens(
     Hadamard-rotated down_proj gathers both ranks' halves of its input, rotates the whole row as one
     rank does and keeps its half."""
     path = tiny_checkpoint("llama", preset)
-    tasks = [
-        {"kind": "generate", "prompts": PROMPTS, "max_tokens": 16},
-        {"kind": "prompt_logprobs", "prompts": PROMPTS},
-    ]
-    one = vllm_ok({"model": str(path), "tasks": tasks}, tmp_path)
-    two = vllm_ok({"model": str(path), "tasks": tasks, "tensor_parallel_size": 2}, tmp_path)
+    one = served_single_rank(path, tmp_path)  # the engine test_generation_agrees_with_the_torch_runtime ran
+    two = vllm_ok({"model": str(path), "tasks": SINGLE_RANK_TASKS, "tensor_parallel_size": 2}, tmp_path)
     assert two["results"][0]["value"] == one["results"][0]["value"]
     drift = torch.cat(
         [
