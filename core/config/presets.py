@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantmint.config.base import QuantArgs
 from quantmint.config.ptq_config import PTQConfig
-from quantmint.config.steps import AlgorithmArgs, BlockPTQArgs, GPTQArgs
+from quantmint.config.steps import AlgorithmArgs, BlockPTQArgs, GPTQArgs, LossKind
 from quantmint.errors import ConfigError
 
 # The seeds' combination list: RTN W8A16, SmoothQuant W8A8, C8, W8A16+C8, SmoothQuant+C8.
@@ -16,6 +16,20 @@ from quantmint.errors import ConfigError
 _SMOOTH_SEARCH = AlgorithmArgs(smooth_alpha_grid=[0.5, 0.6, 0.7, 0.8], smooth_search_samples=4)
 _INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
 _INT4_ASYM_GROUPS = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)
+
+
+def _signround(steps: int, loss: LossKind, **more: float) -> BlockPTQArgs:
+    """Block PTQ by SignRound: `steps` a block, no warm-up, 16 batches compared, tuned and kept by `loss`."""
+    return BlockPTQArgs(
+        n_outer_loops=steps,
+        rounding_method="signround",
+        warmup_ratio=0.0,
+        compare_batches=16,
+        loss=loss,
+        **more,
+    )
+
+
 PRESETS: dict[str, PTQConfig] = {
     "w8a16": PTQConfig(weight_dtype="int8"),
     "w8a8": PTQConfig(
@@ -46,14 +60,7 @@ PRESETS: dict[str, PTQConfig] = {
         activation_dtype="int8",
         outliers_suppression="smooth",
         algorithm_args=_SMOOTH_SEARCH,
-        block_ptq=BlockPTQArgs(
-            n_outer_loops=40,
-            rounding_method="signround",
-            warmup_ratio=0.0,
-            lr_weight_clip=0.003,
-            compare_batches=16,
-            loss="token_relative",
-        ),
+        block_ptq=_signround(40, "token_relative", lr_weight_clip=0.003),
     ),
     "w8a16-ptq": PTQConfig(weight_dtype="int8", block_ptq=BlockPTQArgs()),
     # SignRound, 60 steps: on SmolLM2 +12.0% in 7 minutes where AdaRound's 300 steps took 29 minutes to
@@ -62,13 +69,7 @@ PRESETS: dict[str, PTQConfig] = {
     "w4a16-ptq": PTQConfig(
         weight_dtype="int4",
         weights=_INT4_GROUPS,
-        block_ptq=BlockPTQArgs(
-            n_outer_loops=60,
-            rounding_method="signround",
-            warmup_ratio=0.0,
-            compare_batches=16,
-            loss="mse+token_relative",
-        ),
+        block_ptq=_signround(60, "mse+token_relative"),
     ),
     # GPTQ's rounding on the same grids as RTN's w4a16 (groups of 128) and w8a16 (per channel).
     "w4a16-gptq": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS, gptq=GPTQArgs()),
