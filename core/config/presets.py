@@ -52,9 +52,9 @@ PRESETS: dict[str, PTQConfig] = {
     # W8A8 block PTQ: on the alpha search of `w8a8`, SignRound's 40 steps tuned by the token-relative error
     # (what the next RMSNorm passes on; the attention-sink token decides a block's plain MSE): with
     # --hadamard on SmolLM2, +0.02% (second text +0.36%) in 9.6 minutes where AdaRound's 300 steps by MSE
-    # took 28 minutes to +0.12% (docs/benchmarks.md, "The w8a8-ptq preset"). Without the rotation block
-    # PTQ does not beat `w8a8` at W8A8 (+0.72% here). W4A16 keeps the MSE in its sum: the token-relative
-    # error alone failed at 4 bits.
+    # took 28 minutes to +0.12% (docs/benchmarks.md, "The w8a8-ptq preset"). Without the rotation, block
+    # PTQ by this loss does not beat `w8a8` (+0.72% on SmolLM2; by mse+token_relative +0.23%). W4A16 keeps
+    # the MSE in its sum: the token-relative error alone failed at 4 bits.
     "w8a8-ptq": PTQConfig(
         weight_dtype="int8",
         activation_dtype="int8",
