@@ -18,6 +18,7 @@ from quantmint.algorithms.rotation import (
     hadamard_transform,
     is_rotated,
     rotate_linear,
+    rotation_block,
 )
 from quantmint.config import PTQConfig, get_preset
 from quantmint.errors import NotSupportedError
@@ -49,12 +50,56 @@ def test_hadamard_matrix_is_orthogonal_and_the_transform_applies_it(n: int) -> N
     assert torch.allclose(half.double(), x.to(torch.bfloat16).double() @ h, rtol=1e-2, atol=1e-2)
 
 
-def test_factors_cover_common_widths_and_refuse_others() -> None:
-    assert [f.shape[0] for f in hadamard_factors(1536)] == [12, 128]
-    assert [f.shape[0] for f in hadamard_factors(14336)] == [224, 64]  # Llama-3-8B's MLP width
-    for n in (6, 10, 100, 11008):  # no construction here (11008 = 43 * 256)
+# The factor orders chosen for a width are part of the checkpoint format (a checkpoint records only which
+# linears are rotated; readers rebuild H from the width): these must never change.
+PINNED_FACTORS = {
+    576: [72, 8],
+    1536: [12, 128],
+    3072: [12, 256],
+    4864: [152, 32],
+    5120: [20, 256],
+    8192: [256, 32],
+    8960: [140, 64],
+    13824: [108, 128],
+    14336: [224, 64],  # Llama-3-8B's MLP width
+    28672: [224, 128],
+    18944: [148, 128],  # Qwen2.5-7B: Paley II (q = 73), added after the above
+}
+
+
+def test_factor_orders_are_pinned_and_cover_common_widths() -> None:
+    assert {n: [f.shape[0] for f in hadamard_factors(n)] for n in PINNED_FACTORS} == PINNED_FACTORS
+    for n in (6, 10, 100, 11008, 29568):  # no Hadamard matrix of that order here (11008 = 43 * 256)
         assert hadamard_factors(n) is None
-    with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
+
+
+@pytest.mark.parametrize("order", [28, 36, 60, 148])
+def test_paley_second_construction_is_hadamard(order: int) -> None:
+    (factor,) = hadamard_factors(order)
+    assert factor.shape == (order, order)
+    assert torch.equal(factor.abs(), torch.ones_like(factor))
+    assert torch.equal(factor @ factor.T, order * torch.eye(order, dtype=torch.float64))
+
+
+def test_widths_without_a_hadamard_matrix_rotate_block_by_block() -> None:
+    # the largest order >= 64 built here that divides the width (11008 = 43 * 256, 29568 = 7 * 4224)
+    assert {n: rotation_block(n) for n in (11008, 22016, 29568, 1536, 2752)} == {
+        11008: 256,
+        22016: 512,
+        29568: 4224,
+        1536: 1536,
+        2752: 64,
+    }
+    n = 2752  # 43 blocks of 64
+    h = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    assert torch.equal(h[:64, 64:], torch.zeros(64, n - 64, dtype=torch.float64))  # block-diagonal
+    assert torch.allclose(h[:64, :64].abs(), torch.full((64, 64), 64**-0.5, dtype=torch.float64))
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    assert torch.allclose(hadamard_transform(x), x @ h, atol=1e-10)
+    for n in (6, 100, 43 * 32):  # no block of at least 64 channels
+        assert rotation_block(n) is None
+    with pytest.raises(ValueError, match="no Hadamard rotation of width 100"):
         hadamard_matrix(100)
 
 
@@ -220,6 +265,33 @@ def test_unsupported_width_is_refused_before_any_change() -> None:
     with pytest.raises(NotSupportedError, match="100 input features.*hadamard: false"):
         quantmint.quantize(model, _hadamard(), calibration=_calibration())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_width_rotated_block_by_block_quantizes_saves_and_serves_alike(
+    tmp_path: Path, input_ids: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(  # 2752 = 43 * 64: no Hadamard matrix of that order
+        hidden_size=64, intermediate_size=2752, num_hidden_layers=2, num_attention_heads=4, vocab_size=256
+    )
+    float_model = transformers.LlamaForCausalLM(config).eval()
+    want = model_output(float_model, input_ids)
+    down = float_model.model.layers[0].mlp.down_proj
+    rotated = copy.deepcopy(down)
+    rotate_linear(rotated, quantmint.PTQ(_hadamard()).layout(float_model).family.adapter)
+    x = torch.randn(5, 2752)
+    assert torch.allclose(rotated(x), down(x), atol=1e-4)  # same function, block-diagonal H folded in
+    with caplog.at_level("INFO", logger="quantmint"):
+        model = quantmint.quantize(copy.deepcopy(float_model), _hadamard(), calibration=_calibration())
+    assert "rotated in 43 blocks of 64" in caplog.text
+    got = model_output(model, input_ids)
+    assert (got - want).abs().max() / want.abs().max() < 0.05
+    quantmint.save_quantized(model, tmp_path / "q")
+    loaded = quantmint.load_quantized(tmp_path / "q")
+    assert is_rotated(loaded.model.layers[1].mlp.down_proj)
+    assert torch.equal(model_output(loaded, input_ids), got)
 
 
 def test_family_without_hadamard_linears_is_refused(temporary_plugin: Callable[[object, str], None]) -> None:

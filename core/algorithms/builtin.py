@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantmint.algorithms.base import AlgorithmBase, BlockContext, Rounding
-from quantmint.algorithms.rotation import supports_hadamard
+from quantmint.algorithms.rotation import MIN_BLOCK, rotation_block
 from quantmint.config import (
     AlgorithmConfig,
     BlockPTQArgs,
@@ -76,14 +76,27 @@ class HadamardRotation(AlgorithmBase):
             )
         names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
         chosen = {name for name in names if name in targets}
+        blocked: dict[int, int] = {}
         for name in sorted(chosen):
             width = family.adapter.weight(targets[name]).shape[1]
-            if not supports_hadamard(width):
+            block = rotation_block(width)
+            if block is None:
                 raise NotSupportedError(
-                    f"{name} has {width} input features, an order for which quantmint builds no Hadamard "
-                    "matrix (2^k and 2^k * (q + 1) for a prime q = 3 mod 4, q + 1 <= 256): set "
-                    "algorithm_args.hadamard: false"
+                    f"{name} has {width} input features, a width quantmint cannot rotate (no Hadamard matrix "
+                    f"of that order, nor of an order >= {MIN_BLOCK} dividing it: 2^k and 2^k * (q + 1) for a "
+                    "prime q, q + 1 <= 256): set algorithm_args.hadamard: false"
                 )
+            if block < width:
+                blocked[width] = block
+        for width, block in sorted(blocked.items()):
+            logger.info(
+                "hadamard: no Hadamard matrix of order %d is built here; inputs of width %d are rotated in "
+                "%d blocks of %d (I ⊗ H, still exact in float)",
+                width,
+                width,
+                width // block,
+                block,
+            )
         return chosen
 
 

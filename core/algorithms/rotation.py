@@ -8,10 +8,18 @@ a family declares in `ModelFamily.hadamard_linears`: those after a nonlinearity 
 input channels SmoothQuant cannot fold into the layer before.
 
 `hadamard_matrix(n)` builds a Hadamard matrix of order `n` as a Kronecker product of a power of two
-(Sylvester) and, where needed, one Paley matrix of order q + 1 for a prime q ≡ 3 (mod 4) (12, 20, 24,
-44, ...), which covers the widths of common models (576 = 72·8, 1536 = 12·128, 3072 = 12·256, 11008 =
-43·256 is not: such a width is refused with the reason). `hadamard_transform` applies it factor by factor
-(one small matmul per factor), so the run-time cost is a fraction of the linear's own.
+(Sylvester) and, where needed, one Paley matrix: of order q + 1 for a prime q ≡ 3 (mod 4) (12, 20, 24,
+44, ...), else of order 2(q + 1) for a prime q ≡ 1 (mod 4) (28, 36, 60, 148, ...). That covers the
+widths of most models (576 = 72·8, 1536 = 12·128, 14336 = 224·64, 18944 = 148·128). A width no
+construction reaches, such as Llama-2-7B's 11008 = 43·256, is rotated block by block: `I_k ⊗ H_m` for
+the largest order `m` dividing it that is built here (`rotation_block(n)`; 11008 → 43 blocks of 256),
+still orthogonal, each outlier spread over its block of `m` channels. A width without such a block of at
+least `MIN_BLOCK` channels is refused with the reason. `hadamard_transform` applies the rotation factor
+by factor (one small matmul per factor), so the run-time cost is a fraction of the linear's own.
+
+The construction is part of the checkpoint format: a checkpoint lists only which linears are rotated,
+and every reader rebuilds the matrix from the width, so the order of factors chosen for a width never
+changes (tests pin them).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ __all__ = [
     "is_rotated",
     "mark_rotated",
     "rotate_linear",
+    "rotation_block",
     "supports_hadamard",
 ]
 
@@ -42,12 +51,34 @@ __all__ = [
 _MAX_DENSE = 256
 # Largest Paley factor: a bigger one would cost more per element than the linear it serves.
 _MAX_PALEY = 256
+# Smallest block of a block-diagonal rotation (a width with no Hadamard matrix of its own order): fewer
+# channels would spread an outlier too little to be worth the run-time cost.
+MIN_BLOCK = 64
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
 
 
 def _paley_order(order: int) -> bool:
-    """Whether order - 1 is a prime q ≡ 3 (mod 4)."""
+    """Whether order - 1 is a prime q ≡ 3 (mod 4) (Paley's first construction)."""
     q = order - 1
-    return q > 2 and q % 4 == 3 and all(q % d for d in range(2, int(q**0.5) + 1))
+    return q > 2 and q % 4 == 3 and _is_prime(q)
+
+
+def _paley2_order(order: int) -> bool:
+    """Whether order = 2(q + 1) for a prime q ≡ 1 (mod 4) (Paley's second construction)."""
+    q = order // 2 - 1
+    return order % 2 == 0 and q % 4 == 1 and _is_prime(q)
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = χ(j - i), the quadratic character mod the prime q (0 on the diagonal)."""
+    squares = {x * x % q for x in range(1, q)}
+    return torch.tensor(
+        [[0 if i == j else (1 if (j - i) % q in squares else -1) for j in range(q)] for i in range(q)],
+        dtype=torch.float64,
+    )
 
 
 @functools.cache
@@ -61,64 +92,109 @@ def _sylvester(n: int) -> torch.Tensor:
 @functools.cache
 def _paley(order: int) -> torch.Tensor:
     """Paley construction I: a Hadamard matrix of order q + 1 for a prime q ≡ 3 (mod 4)."""
-    q = order - 1
-    squares = {x * x % q for x in range(1, q)}
-    jacobsthal = torch.tensor(
-        [[0 if i == j else (1 if (j - i) % q in squares else -1) for j in range(q)] for i in range(q)],
-        dtype=torch.float64,
-    )
     s = torch.zeros(order, order, dtype=torch.float64)
     s[0, 1:] = 1
     s[1:, 0] = -1
-    s[1:, 1:] = jacobsthal
+    s[1:, 1:] = _jacobsthal(order - 1)
     return s + torch.eye(order, dtype=torch.float64)
 
 
-def hadamard_factors(n: int) -> list[torch.Tensor] | None:
-    """Unnormalised ±1 Hadamard matrices (float64) whose Kronecker product, in order, has order `n`;
-    None when no construction here reaches `n`."""
+@functools.cache
+def _paley2(order: int) -> torch.Tensor:
+    """Paley construction II: a Hadamard matrix of order 2(q + 1) for a prime q ≡ 1 (mod 4), from the
+    symmetric conference matrix C of order q + 1: C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]."""
+    half = order // 2
+    c = torch.zeros(half, half, dtype=torch.float64)
+    c[0, 1:] = 1
+    c[1:, 0] = 1
+    c[1:, 1:] = _jacobsthal(half - 1)
+    plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    minus = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, plus) + torch.kron(torch.eye(half, dtype=torch.float64), minus)
+
+
+def _odd_factor(rest: int, power: int, limit: int) -> tuple[torch.Tensor, int] | None:
+    """A Paley matrix of order rest * 2^a (rest odd, 2^a dividing `power`, order <= limit) and 2^a; the
+    first construction is tried for every a before the second, so that the orders chosen for widths
+    the first alone covered never change (see the module's note on the checkpoint format)."""
+    for build, fits in ((_paley, _paley_order), (_paley2, _paley2_order)):
+        a = 0
+        while (rest << a) <= limit and (power >> a) >= 1:
+            if fits(rest << a):
+                return build(rest << a), 1 << a
+            a += 1
+    return None
+
+
+@functools.cache
+def _factors(n: int) -> tuple[torch.Tensor, ...] | None:
     if n < 1:
         return None
     power = n & -n  # the largest power of two dividing n
     rest = n // power
     factors = []
     if rest > 1:
-        # rest * 2^a = q + 1 for a prime q ≡ 3 (mod 4), using as few powers of two as needed.
-        a, limit = 0, min(n, _MAX_PALEY)
-        while (rest << a) <= limit and not _paley_order(rest << a):
-            a += 1
-        if (rest << a) > limit:
+        found = _odd_factor(rest, power, min(n, _MAX_PALEY))
+        if found is None:
             return None
-        factors.append(_paley(rest << a))
-        power >>= a
+        factors.append(found[0])
+        power //= found[1]
     while power > 1:
         size = min(power, _MAX_DENSE)
         factors.append(_sylvester(size))
         power //= size
-    return factors or [torch.ones(1, 1, dtype=torch.float64)]
+    return tuple(factors) or (torch.ones(1, 1, dtype=torch.float64),)
+
+
+def hadamard_factors(n: int) -> list[torch.Tensor] | None:
+    """Unnormalised ±1 Hadamard matrices (float64) whose Kronecker product, in order, has order `n`;
+    None when no construction here reaches `n` (see `rotation_block` for what is done then)."""
+    factors = _factors(n)
+    return None if factors is None else list(factors)
+
+
+@functools.cache
+def rotation_block(n: int) -> int | None:
+    """The order m of the Hadamard blocks that rotate width `n`: `n` itself where a Hadamard matrix of
+    order n is built here, else the largest divisor m >= MIN_BLOCK of n that has one (the rotation is
+    then I_(n/m) ⊗ H_m); None when there is none."""
+    if _factors(n) is not None:
+        return n
+    for m in range(n // 2, MIN_BLOCK - 1, -1):
+        if n % m == 0 and _factors(m) is not None:
+            return m
+    return None
 
 
 def supports_hadamard(n: int) -> bool:
-    return hadamard_factors(n) is not None
+    """Whether width `n` can be rotated (by a Hadamard matrix of order n, or block by block)."""
+    return rotation_block(n) is not None
 
 
-def _factors_or_raise(n: int) -> list[torch.Tensor]:
-    factors = hadamard_factors(n)
-    if factors is None:
+def _factors_or_raise(n: int) -> tuple[torch.Tensor, ...]:
+    """The factors of the rotation's blocks for width `n` (their orders multiply to `rotation_block(n)`)."""
+    block = rotation_block(n)
+    if block is None:
         raise ValueError(
-            f"no Hadamard matrix of order {n} can be built here (orders 2^k and 2^k * (q + 1) for a prime "
-            "q ≡ 3 mod 4 are supported): leave algorithm_args.hadamard off for this model"
+            f"no Hadamard rotation of width {n} can be built here (orders 2^k·(q + 1) for a prime "
+            f"q ≡ 3 mod 4 or 2^k·2(q + 1) for a prime q ≡ 1 mod 4, q + 1 <= {_MAX_PALEY}, or blocks of such "
+            f"an order of at least {MIN_BLOCK} that divide the width): leave algorithm_args.hadamard off "
+            "for this model"
         )
+    factors = _factors(block)
+    assert factors is not None
     return factors
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The normalised (orthogonal, `H @ H.T = I`) Hadamard matrix of order `n` that
-    `hadamard_transform` applies."""
+    """The orthogonal (`H @ H.T = I`) matrix of width `n` that `hadamard_transform` applies: the
+    normalised Hadamard matrix of order n, or block-diagonal `I_(n/m) ⊗ H_m` (`rotation_block`)."""
     h = torch.ones(1, 1, dtype=torch.float64)
     for factor in _factors_or_raise(n):
         h = torch.kron(h, factor)
-    return (h / n**0.5).to(dtype)
+    block = h.shape[0]
+    h = torch.kron(torch.eye(n // block, dtype=torch.float64), h)
+    return (h / block**0.5).to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,7 +212,8 @@ def hadamard_factors_for(
 
 def apply_hadamard(x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """`x @ H` for x [..., n] and the factors of H (`hadamard_factors_for(n)`), one small matmul per
-    factor. Half-precision inputs are rotated in float32 and returned in their own dtype."""
+    factor. Where the factors' orders multiply to a block m < n, each run of m channels is rotated alone
+    (H = I_(n/m) ⊗ H_m). Half-precision inputs are rotated in float32 and returned in their own dtype."""
     n = x.shape[-1]
     lead = x.shape[:-1]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
