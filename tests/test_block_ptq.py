@@ -508,3 +508,25 @@ def test_token_relative_loss_tunes_and_is_written_only_when_chosen() -> None:
     assert "loss" not in _config("w4a16-ptq", loss="mse").to_dict()["block_ptq"]
     with pytest.raises(ConfigError, match="loss"):
         PTQConfig(block_ptq={"loss": "l1"})
+
+
+@pytest.mark.parametrize(("hadamard", "chosen"), [(True, "token_relative"), (False, "mse+token_relative")])
+def test_auto_loss_is_token_relative_with_the_rotation_and_keeps_the_mse_without(
+    hadamard: bool, chosen: str
+) -> None:
+    """`loss: auto` (the w8a8-ptq preset's) tunes each block exactly as the loss it picks: token_relative
+    where the block's down projection is rotated, mse+token_relative where nothing is; the report names it."""
+    assert get_preset("w8a8-ptq").block_ptq.loss == "auto"
+
+    def run(loss: str) -> torch.nn.Module:
+        config = _config("w8a8-ptq", loss=loss, n_outer_loops=8)
+        config = config.with_updates(algorithm_args={"hadamard": hadamard, "smooth_alpha_grid": []})
+        return quantize(build_tiny("llama"), config, calibration=_calibration())
+
+    auto, explicit = run("auto"), run(chosen)
+    assert [e["loss"] for e in _block_log(auto)] == [chosen, chosen]
+    assert all("loss" not in e for e in _block_log(explicit))
+    a, b = auto.state_dict(), explicit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="loss"):
+        PTQConfig(algorithm_args={"smooth_search_loss": "auto"})

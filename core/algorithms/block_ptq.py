@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantmint.algorithms.calibration import BlockCall, CalibrationReport, batch_samples, capture_block_inputs
-from quantmint.algorithms.rotation import carry_rotation, mark_rotated
+from quantmint.algorithms.rotation import carry_rotation, is_rotated, mark_rotated
 from quantmint.cells.fake_quant import FakeQuantLinear
 from quantmint.config import BlockPTQArgs
 from quantmint.errors import ConfigError
@@ -58,6 +58,8 @@ from quantmint.numerics import quant_math
 from quantmint.tools.memory import available_memory_bytes
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from quantmint.algorithms.ptq import BlockSteps
 
 __all__ = ["BlockPTQ", "HiddenStore", "LearnableQuantLinear", "block_loss"]
@@ -281,6 +283,7 @@ class BlockPTQ:
         self.work_dir = None if work_dir is None else Path(work_dir)
         self.log: list[dict[str, Any]] = []
         self._stop: dict[str, Any] = {}  # the last block's step count and, with early_stop, its checks
+        self._loss = args.loss  # the block's measure (`loss: auto` resolved per block, see `_tune_block`)
         self.weights: list[float] = []  # each calibration batch's share on this rank (see `_share`)
 
     # --- the whole model ------------------------------------------------------------------------
@@ -426,10 +429,13 @@ class BlockPTQ:
 
         rel = {name: name[len(block.name) + 1 :] for name in block.linears if name in steps.targets}
         rtn = {name: block.module.get_submodule(r) for name, r in rel.items()}
+        self._loss = self.block_loss_kind(self.args.loss, rtn.values())
         # RTN's and the tuned block's MSE (which decide the block kept) on the first `compared` batches
         compared = min(n, self.args.compare_batches) if self.args.compare_batches else n
         rtn_mse = self._mse(block, call_with, q_in, fp_out, compared)
         entry: dict[str, Any] = {"block": block.index, "name": block.name, "rtn_mse": rtn_mse}
+        if self.args.loss == "auto":
+            entry["loss"] = self._loss
         if not rel:
             entry.update(ptq_mse=rtn_mse, kept="rtn", loss_start=None, loss_end=None)
             self._write_outputs(block, call_with, q_in, q_out, fp_out, n)
@@ -463,6 +469,18 @@ class BlockPTQ:
         entry.update(ptq_mse=ptq_mse, kept=kept, loss_start=losses[0], loss_end=losses[-1], **self._stop)
         self._write_outputs(block, call_with, q_in, q_out, fp_out, n)
         return entry
+
+    @staticmethod
+    def block_loss_kind(loss: str, linears: Iterable[nn.Module]) -> str:
+        """The measure a block is tuned and kept by: `loss`, or for "auto" "token_relative" where one of
+        the block's linears has its input rotated (`algorithm_args.hadamard`) and "mse+token_relative"
+        where none has. Measured on SmolLM2 W8A8 (docs/benchmarks.md, "The w8a8-ptq preset"): with the
+        rotation the token-relative error alone tunes best (+0.02%); without it, the attention-sink
+        token's error that only the whole-output term counts must stay in the loss (+0.23% against
+        token_relative's +0.72%)."""
+        if loss != "auto":
+            return loss
+        return "token_relative" if any(is_rotated(m) for m in linears) else "mse+token_relative"
 
     def _optimise(
         self,
@@ -549,7 +567,7 @@ class BlockPTQ:
                     order = torch.randperm(train, generator=generator).tolist()
                 i = order.pop()
                 out = call_with(i, q_in.get(i)).run(block.module)
-                rec = block_loss(out, fp_out.get(i), args.loss) / norm
+                rec = block_loss(out, fp_out.get(i), self._loss) / norm
                 loss = rec
                 if world.distributed:  # this rank's share of the batch's loss (its gradients are summed)
                     rec = rec * self.weights[i]
@@ -624,7 +642,7 @@ class BlockPTQ:
             total = 0.0
             for i in batches:
                 out = call_with(i, q_in.get(i)).run(block.module)
-                total += self.weights[i] * float(block_loss(out, fp_out.get(i), self.args.loss))
+                total += self.weights[i] * float(block_loss(out, fp_out.get(i), self._loss))
         finally:
             for module in learnables.values():
                 module.hard = False
@@ -638,7 +656,7 @@ class BlockPTQ:
         total = 0.0
         for i in range(n):
             out = call_with(i, q_in.get(i)).run(block.module)
-            total += self.weights[i] * float(block_loss(out, fp_out.get(i), self.args.loss))
+            total += self.weights[i] * float(block_loss(out, fp_out.get(i), self._loss))
         return self._all_sum([total])[0] / n
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantmint.config.base import QuantArgs
 from quantmint.config.ptq_config import PTQConfig
-from quantmint.config.steps import AlgorithmArgs, BlockPTQArgs, GPTQArgs, LossKind
+from quantmint.config.steps import AlgorithmArgs, BlockLossKind, BlockPTQArgs, GPTQArgs
 from quantmint.errors import ConfigError
 
 # The seeds' combination list: RTN W8A16, SmoothQuant W8A8, C8, W8A16+C8, SmoothQuant+C8.
@@ -18,7 +18,7 @@ _INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
 _INT4_ASYM_GROUPS = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)
 
 
-def _signround(steps: int, loss: LossKind, **more: float) -> BlockPTQArgs:
+def _signround(steps: int, loss: BlockLossKind, **more: float) -> BlockPTQArgs:
     """Block PTQ by SignRound: `steps` a block, no warm-up, 16 batches compared, tuned and kept by `loss`."""
     return BlockPTQArgs(
         n_outer_loops=steps,
@@ -49,18 +49,19 @@ PRESETS: dict[str, PTQConfig] = {
     ),
     # 4-bit weights in groups of 128 (RTN), and block PTQ of the int8 and int4 schemes.
     "w4a16": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS),
-    # W8A8 block PTQ: on the alpha search of `w8a8`, SignRound's 40 steps tuned by the token-relative error
-    # (what the next RMSNorm passes on; the attention-sink token decides a block's plain MSE): with
-    # --hadamard on SmolLM2, +0.02% (second text +0.36%) in 9.6 minutes where AdaRound's 300 steps by MSE
-    # took 28 minutes to +0.12% (docs/benchmarks.md, "The w8a8-ptq preset"). Without the rotation, block
-    # PTQ by this loss does not beat `w8a8` (+0.72% on SmolLM2; by mse+token_relative +0.23%). W4A16 keeps
-    # the MSE in its sum: the token-relative error alone failed at 4 bits.
+    # W8A8 block PTQ: on the alpha search of `w8a8`, SignRound's 40 steps, tuned and kept by `loss: auto`:
+    # the token-relative error (what the next RMSNorm passes on) where the block's down projection is
+    # rotated: with --hadamard on SmolLM2, +0.02% (second text +0.36%) in 9.6 minutes where AdaRound's 300
+    # steps by MSE took 28 minutes to +0.12%; without the rotation that error alone lost to `w8a8`
+    # (+0.72%), so such a block keeps the whole output's relative error in the sum: +0.23% (second text
+    # +0.75%) in 7.5 minutes (docs/benchmarks.md, "The w8a8-ptq preset"). W4A16 keeps the MSE in its sum:
+    # the token-relative error alone failed at 4 bits.
     "w8a8-ptq": PTQConfig(
         weight_dtype="int8",
         activation_dtype="int8",
         outliers_suppression="smooth",
         algorithm_args=_SMOOTH_SEARCH,
-        block_ptq=_signround(40, "token_relative", lr_weight_clip=0.003),
+        block_ptq=_signround(40, "auto", lr_weight_clip=0.003),
     ),
     "w8a16-ptq": PTQConfig(weight_dtype="int8", block_ptq=BlockPTQArgs()),
     # SignRound, 60 steps: on SmolLM2 +12.0% in 7 minutes where AdaRound's 300 steps took 29 minutes to

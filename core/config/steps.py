@@ -18,6 +18,8 @@ from quantmint.config.base import QuantArgs, StrictConfig
 # How a rounded block's output is measured against the float one (`block_ptq.block_loss`): block
 # PTQ's `loss` and the SmoothQuant block search's `smooth_search_loss`.
 LossKind = Literal["mse", "token_relative", "mse+token_relative"]
+# Block PTQ's may also be "auto": chosen per block by whether it is rotated (`BlockPTQ.block_loss_kind`).
+BlockLossKind = Literal["mse", "token_relative", "mse+token_relative", "auto"]
 
 
 class AlgorithmConfig(StrictConfig):
@@ -173,8 +175,10 @@ class BlockPTQArgs(AlgorithmConfig):
     # output; "token_relative", each token's squared error over the mean square of that token's float
     # output (the error the next block's or the final RMSNorm/LayerNorm sees, to first order), so that
     # a few tokens of huge norm (an attention sink) do not decide the whole block; "mse+token_relative",
-    # the whole output's relative squared error plus the token-relative one (the sink still counts).
-    loss: LossKind = "mse"
+    # the whole output's relative squared error plus the token-relative one (the sink still counts);
+    # "auto", token_relative for a block with a rotated linear (`algorithm_args.hadamard`) and
+    # mse+token_relative for one without (what measured best in each case; the report names the choice).
+    loss: BlockLossKind = "mse"
 
     name: ClassVar[str] = "block_ptq"
     mindformers_method: ClassVar[str | None] = "ptq"
