@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmint.config import get_preset
 from quantmint.formats import checkpoint
 from quantmint.tools.cli import main
 
@@ -166,6 +167,18 @@ def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
     assert args["algorithm_args"]["hadamard"] is True and args["kvcache_dtype"] is None
     calibration = json.loads((tmp_path / "fixed" / "quantmint_calibration.json").read_text())
     assert set(calibration["smooth_alpha_per_block"]) == {0.6}
+    # --no-hadamard turns off a preset's rotation (w8a8-ptq's hadamard: auto); not both flags at once
+    config = tmp_path / "short.yaml"
+    config.write_text(get_preset("w8a8-ptq").with_updates(block_ptq={"n_outer_loops": 2}).to_yaml())
+    argv = ["quantize", model, "--config", str(config), "--calib", str(text_file), "--calib-samples", "4"]
+    code, _, _ = _run(capsys, *argv, "--calib-seq-len", "32", "--no-hadamard", "-o", str(tmp_path / "plain"))
+    assert code == 0
+    block = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
+    assert block["config"]["algorithm_args"]["hadamard"] is False and block["rotated_modules"] == []
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--hadamard", "--no-hadamard", "-o", str(tmp_path / "both")])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
 
 
 @pytest.mark.parametrize(

@@ -118,12 +118,24 @@ def test_mindformers_smooth_quant_maps_alpha_and_blacklist() -> None:
     assert PTQConfig.from_mindformers(config.to_mindformers()) == config
 
 
-# MindFormers' quant_method (rtn / smooth_quant / ptq) has no GPTQ: those presets are refused (test_gptq.py)
-@pytest.mark.parametrize("preset", [name for name in PRESETS if PRESETS[name].gptq is None])
+# MindFormers' quant_method (rtn / smooth_quant / ptq) has no GPTQ: those presets are refused (test_gptq.py),
+# nor a Hadamard rotation (w8a8-ptq's hadamard: auto): refused below.
+@pytest.mark.parametrize(
+    "preset",
+    [name for name in PRESETS if PRESETS[name].gptq is None and not PRESETS[name].algorithm_args.hadamard],
+)
 def test_mindformers_round_trip_of_presets(preset: str) -> None:
     config = get_preset(preset)
     block = config.to_mindformers()
     assert PTQConfig.from_yaml(yaml.safe_dump({"quantization_config": block})) == config
+
+
+def test_mindformers_refuses_a_rotating_preset_and_takes_it_without() -> None:
+    config = get_preset("w8a8-ptq")
+    with pytest.raises(ConfigError, match="cannot name the recipe's step.s. hadamard"):
+        config.to_mindformers()
+    plain = config.with_updates(algorithm_args={**config.algorithm_args.model_dump(), "hadamard": False})
+    assert PTQConfig.from_yaml(yaml.safe_dump({"quantization_config": plain.to_mindformers()})) == plain
 
 
 def test_mindformers_errors_name_the_problem() -> None:

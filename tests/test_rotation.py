@@ -310,6 +310,45 @@ def test_family_without_hadamard_linears_is_refused(temporary_plugin: Callable[[
     temporary_plugin(Plugin(), "bare")
     with pytest.raises(NotSupportedError, match="declares no hadamard_linears"):
         quantmint.quantize(build_tiny("llama"), _hadamard(), family="bare-llama", calibration=_calibration())
+    # hadamard: auto (the w8a8-ptq preset's) quantizes such a family unrotated, and says so
+    model = quantmint.quantize(
+        build_tiny("llama"), _hadamard(hadamard="auto"), family="bare-llama", calibration=_calibration()
+    )
+    assert not any(is_rotated(m) for m in model.modules())
+
+
+def test_auto_rotates_what_can_be_and_leaves_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    import transformers
+
+    config = transformers.LlamaConfig(  # 100 input features: no rotation of that width
+        hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=4, vocab_size=256
+    )
+    unrotatable = transformers.LlamaForCausalLM(config).eval()
+    with caplog.at_level("INFO", logger="quantmint"):
+        model = quantmint.quantize(unrotatable, _hadamard(hadamard="auto"), calibration=_calibration())
+    assert not is_rotated(model.model.layers[0].mlp.down_proj)
+    assert "1 linear(s) with 100 input features are not rotated" in caplog.text
+    rotated = quantmint.quantize(build_tiny("llama"), _hadamard(hadamard="auto"), calibration=_calibration())
+    assert all(is_rotated(layer.mlp.down_proj) for layer in rotated.model.layers)
+    assert not is_rotated(rotated.model.layers[0].mlp.up_proj)
+    # where everything can be rotated, auto is true: the same weights, bit for bit
+    always = quantmint.quantize(build_tiny("llama"), _hadamard(), calibration=_calibration()).state_dict()
+    got = rotated.state_dict()
+    assert got.keys() == always.keys() and all(torch.equal(got[k], always[k]) for k in got)
+
+
+def test_hadamard_auto_round_trips_and_bad_values_name_the_choices() -> None:
+    config = _hadamard(hadamard="auto")
+    assert "hadamard: auto" in config.to_yaml()
+    assert PTQConfig.from_yaml(config.to_yaml()) == config
+    (step,) = [s for s in config.recipe() if s.name == "hadamard"]
+    assert step.auto and step.model_dump() == {"auto": True}
+    assert _hadamard().recipe()[0].model_dump() == {}  # true: written as before the key existed
+    assert get_preset("w8a8-ptq").algorithm_args.hadamard == "auto"
+    assert get_preset("w8a8").algorithm_args.hadamard is False
+    for bad in ("yes", 1, "true"):
+        with pytest.raises(ValueError, match="use true, false or auto"):
+            _hadamard(hadamard=bad)
 
 
 def test_adapter_round_trip_for_conv1d_weights() -> None:

@@ -52,15 +52,28 @@ class HadamardRotation(AlgorithmBase):
     config_type: ClassVar[type[AlgorithmConfig]] = HadamardConfig
 
     def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(
             "--hadamard",
-            action="store_true",
-            help="W8A8: rotate the MLP down projection's input by a Hadamard matrix "
-            "(algorithm_args.hadamard)",
+            action="store_const",
+            const=True,
+            help="W8A8: rotate the MLP down projection's input by a Hadamard matrix, refusing a model where "
+            "it cannot be (algorithm_args.hadamard: true)",
+        )
+        group.add_argument(
+            "--no-hadamard",
+            dest="hadamard",
+            action="store_const",
+            const=False,
+            help="no Hadamard rotation, where the preset has one (algorithm_args.hadamard: false), e.g. to "
+            "export to compressed-tensors",
         )
 
     def apply_cli_options(self, config: PTQConfig, args: argparse.Namespace) -> PTQConfig:
-        return _with_algorithm_args(config, "--hadamard", hadamard=True) if args.hadamard else config
+        if args.hadamard is None:
+            return config
+        option = "--hadamard" if args.hadamard else "--no-hadamard"
+        return _with_algorithm_args(config, option, hadamard=args.hadamard)
 
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return 0
@@ -68,26 +81,39 @@ class HadamardRotation(AlgorithmBase):
     def rotated_linears(
         self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
     ) -> set[str]:
+        assert isinstance(config, HadamardConfig)
         family = layout.family
         if not family.hadamard_linears:
+            if config.auto:
+                logger.info(
+                    "hadamard: auto: model family %r declares no hadamard_linears; nothing is rotated",
+                    family.name,
+                )
+                return set()
             raise NotSupportedError(
                 f"model family {family.name!r} declares no hadamard_linears, so no input can be rotated: "
-                "set algorithm_args.hadamard: false"
+                "set algorithm_args.hadamard: false (or auto)"
             )
         names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
         chosen = {name for name in names if name in targets}
+        rotated: set[str] = set()
         blocked: dict[int, int] = {}
+        unrotated: dict[int, int] = {}
         for name in sorted(chosen):
             width = family.adapter.weight(targets[name]).shape[1]
             block = rotation_block(width)
+            if block is None and config.auto:
+                unrotated[width] = unrotated.get(width, 0) + 1
+                continue
             if block is None:
                 raise NotSupportedError(
                     f"{name} has {width} input features, a width quantmint cannot rotate (no Hadamard matrix "
                     f"of that order, nor of an order >= {MIN_BLOCK} dividing it: 2^k and 2^k * (q + 1) for a "
-                    "prime q, q + 1 <= 256): set algorithm_args.hadamard: false"
+                    "prime q, q + 1 <= 256): set algorithm_args.hadamard: false (or auto)"
                 )
             if block < width:
                 blocked[width] = block
+            rotated.add(name)
         for width, block in sorted(blocked.items()):
             logger.info(
                 "hadamard: no Hadamard matrix of order %d is built here; inputs of width %d are rotated in "
@@ -97,7 +123,15 @@ class HadamardRotation(AlgorithmBase):
                 width // block,
                 block,
             )
-        return chosen
+        for width, count in sorted(unrotated.items()):
+            logger.info(
+                "hadamard: auto: %d linear(s) with %d input features are not rotated (no Hadamard matrix, "
+                "nor blocks of at least %d, of that width)",
+                count,
+                width,
+                MIN_BLOCK,
+            )
+        return rotated
 
 
 class SmoothQuantAlgorithm(AlgorithmBase):

@@ -14,6 +14,7 @@ from quantmint.errors import ConfigError
 # never saw as well as scoring every sample of those batches (docs/benchmarks.md, "Calibration speed and
 # a second text"). The per-pair search (`smooth_alpha_search: pair`) fitted the calibration text more.
 _SMOOTH_SEARCH = AlgorithmArgs(smooth_alpha_grid=[0.5, 0.6, 0.7, 0.8], smooth_search_samples=4)
+_SMOOTH_SEARCH_ROTATED = AlgorithmArgs(**{**_SMOOTH_SEARCH.model_dump(), "hadamard": "auto"})
 _INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
 _INT4_ASYM_GROUPS = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)
 
@@ -49,18 +50,19 @@ PRESETS: dict[str, PTQConfig] = {
     ),
     # 4-bit weights in groups of 128 (RTN), and block PTQ of the int8 and int4 schemes.
     "w4a16": PTQConfig(weight_dtype="int4", weights=_INT4_GROUPS),
-    # W8A8 block PTQ: on the alpha search of `w8a8`, SignRound's 40 steps, tuned and kept by `loss: auto`:
-    # the token-relative error (what the next RMSNorm passes on) where the block's down projection is
-    # rotated: with --hadamard on SmolLM2, +0.02% (second text +0.36%) in 9.6 minutes where AdaRound's 300
-    # steps by MSE took 28 minutes to +0.12%; without the rotation that error alone lost to `w8a8`
-    # (+0.72%), so such a block keeps the whole output's relative error in the sum: +0.23% (second text
-    # +0.75%) in 7.5 minutes (docs/benchmarks.md, "The w8a8-ptq preset"). W4A16 keeps the MSE in its sum:
-    # the token-relative error alone failed at 4 bits.
+    # W8A8 block PTQ: the alpha search of `w8a8` with the down projection's input Hadamard-rotated where
+    # the model allows (`hadamard: auto`), then SignRound's 40 steps, tuned and kept by `loss: auto`: the
+    # token-relative error (what the next RMSNorm passes on) for a rotated block: on SmolLM2 +0.02%
+    # (second text +0.36%) in 9.6 minutes, where AdaRound's 300 steps by MSE took 28 minutes to +0.12%.
+    # Without the rotation that error alone lost to `w8a8` (+0.72%), so an un-rotated block keeps the
+    # whole output's relative error in the sum: +0.23% (second text +0.75%) in 7.5 minutes
+    # (docs/benchmarks.md, "The w8a8-ptq preset"). W4A16 keeps the MSE in its sum: the token-relative
+    # error alone failed at 4 bits.
     "w8a8-ptq": PTQConfig(
         weight_dtype="int8",
         activation_dtype="int8",
         outliers_suppression="smooth",
-        algorithm_args=_SMOOTH_SEARCH,
+        algorithm_args=_SMOOTH_SEARCH_ROTATED,
         block_ptq=_signround(40, "auto", lr_weight_clip=0.003),
     ),
     "w8a16-ptq": PTQConfig(weight_dtype="int8", block_ptq=BlockPTQArgs()),

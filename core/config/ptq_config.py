@@ -213,7 +213,7 @@ class PTQConfig(StrictConfig):
         args = self.algorithm_args
         steps: list[AlgorithmConfig] = []
         if args.hadamard:
-            steps.append(HadamardConfig())
+            steps.append(HadamardConfig(auto=args.hadamard == "auto"))
         if self.outliers_suppression == "smooth":
             steps.append(
                 SmoothQuantConfig(

@@ -83,8 +83,17 @@ class AlgorithmArgs(StrictConfig):
     w8a16_outlier_ratio: float | None = Field(default=None, gt=1.0, le=1e9)
     # Rotate the inputs of the family's `hadamard_linears` (the MLP down projection) by a Hadamard
     # matrix online, folding it into their weights (see `quantmint.algorithms.rotation`); those linears leave
-    # their smoothing pair. For int8 activations.
-    hadamard: bool = False
+    # their smoothing pair. For int8 activations. true: every such linear, or refuse the model (a family
+    # that declares none, a width that cannot be rotated); "auto": those that can be, the others left
+    # as they are with a log line saying why.
+    hadamard: bool | Literal["auto"] = False
+
+    @field_validator("hadamard", mode="before")
+    @classmethod
+    def _hadamard_value(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"use true, false or auto, not {value!r}")
 
     @field_validator("smooth_alpha_grid")
     @classmethod
@@ -226,9 +235,12 @@ def quantizes_activations(recipe: list[AlgorithmConfig]) -> bool:
 
 
 class HadamardConfig(AlgorithmConfig):
-    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.algorithms.rotation`)."""
+    """Online Hadamard rotation of the family's `hadamard_linears` (see `quantmint.algorithms.rotation`);
+    `auto`: only those that can be rotated, where `false` refuses a model with others (a family that
+    declares none, a width with no rotation)."""
 
     name: ClassVar[str] = "hadamard"
+    auto: bool = False
 
     def check(self, recipe: list[AlgorithmConfig]) -> None:
         if not quantizes_activations(recipe):
@@ -238,7 +250,14 @@ class HadamardConfig(AlgorithmConfig):
             )
 
     def ptq_fields(self) -> dict[str, Any]:
-        return {"algorithm_args": {"hadamard": True}}
+        return {"algorithm_args": {"hadamard": "auto" if self.auto else True}}
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not self.auto:  # written only when set: recipes keep the bytes they had before the key
+            del data["auto"]
+        return data
 
 
 class SmoothQuantConfig(AlgorithmConfig):
