@@ -552,6 +552,33 @@ def test_vllm_w8a8_kernel_matches_the_runtime_on_the_same_inputs() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_vllm_w8a8_rotates_a_block_diagonal_width_as_the_runtime_does() -> None:
+    """A width with no Hadamard matrix of its own order (2752 = 43 x 64) is rotated block by block; the
+    plugin's rotated W8A8 layer gives the torch runtime's rotated layer's output on the same input."""
+    from quantmint.algorithms.rotation import hadamard_factors_for, hadamard_transform, rotation_block
+    from quantmint.backends.torch.int8_linear import int8_linear
+    from quantmint.backends.vllm import linear
+
+    assert rotation_block(2752) == 64
+    torch.manual_seed(0)
+    frozen = functools.partial(torch.nn.Parameter, requires_grad=False)
+    weight = torch.randint(-127, 128, (96, 2752), dtype=torch.int8)
+    weight_scale = torch.rand(96, 1) / 500 + 1e-4
+    x = torch.randn(5, 2752) * 3
+    layer = torch.nn.Module()
+    layer.logical_widths = [96]
+    layer.quantmint_dtype = torch.float32
+    layer.quantmint_input_split = False
+    layer.quantmint_hadamard = hadamard_factors_for(2752)  # as create_weights sets it
+    layer.register_parameter("weight", frozen(weight.clone()))
+    layer.register_parameter("weight_scale", frozen(weight_scale.clone()))
+    layer.register_parameter("input_scale", None)
+    method = linear.W8A8LinearMethod(rotate_input=True)
+    method.process_weights_after_loading(layer)
+    want = int8_linear(hadamard_transform(x), weight, weight_scale, None)
+    torch.testing.assert_close(method.apply(layer, x), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- end to end on tiny models
 
 
