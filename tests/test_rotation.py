@@ -317,7 +317,9 @@ def test_family_without_hadamard_linears_is_refused(temporary_plugin: Callable[[
     assert not any(is_rotated(m) for m in model.modules())
 
 
-def test_auto_rotates_what_can_be_and_leaves_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_rotates_what_can_be_and_leaves_the_rest(
+    tmp_path: Path, input_ids: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
     import transformers
 
     config = transformers.LlamaConfig(  # 100 input features: no rotation of that width
@@ -328,6 +330,12 @@ def test_auto_rotates_what_can_be_and_leaves_the_rest(caplog: pytest.LogCaptureF
         model = quantmint.quantize(unrotatable, _hadamard(hadamard="auto"), calibration=_calibration())
     assert not is_rotated(model.model.layers[0].mlp.down_proj)
     assert "1 linear(s) with 100 input features are not rotated" in caplog.text
+    quantmint.save_quantized(model, tmp_path / "q")  # loads back: nothing listed, nothing rotated
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert block["rotated_modules"] == [] and block["config"]["algorithm_args"]["hadamard"] == "auto"
+    loaded = quantmint.load_quantized(tmp_path / "q")
+    assert not is_rotated(loaded.model.layers[0].mlp.down_proj)
+    assert torch.equal(model_output(loaded, input_ids), model_output(model, input_ids))
     rotated = quantmint.quantize(build_tiny("llama"), _hadamard(hadamard="auto"), calibration=_calibration())
     assert all(is_rotated(layer.mlp.down_proj) for layer in rotated.model.layers)
     assert not is_rotated(rotated.model.layers[0].mlp.up_proj)
