@@ -67,7 +67,8 @@ def _refuse(path: Path, block: QuantizationConfigBlock) -> None:
         raise QuantmintError(
             f"{path} rotates the inputs of {len(block.rotated_modules)} layers by a Hadamard matrix "
             "(algorithm_args.hadamard), which a compressed-tensors checkpoint cannot describe. Serve it with "
-            "the quantmint plugin (quantmint serve), or quantize without hadamard to export"
+            "the quantmint plugin (quantmint serve), or quantize it again with --no-hadamard "
+            "(hadamard: false) to export"
         )
     try:  # the family's declaration says how engines read its layers
         transposed = registry.family_named(block.family).serving.transposed_linears
