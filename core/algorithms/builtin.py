@@ -108,8 +108,9 @@ class HadamardRotation(AlgorithmBase):
             if block is None:
                 raise NotSupportedError(
                     f"{name} has {width} input features, a width quantmint cannot rotate (no Hadamard matrix "
-                    f"of that order, nor of an order >= {MIN_BLOCK} dividing it: 2^k and 2^k * (q + 1) for a "
-                    "prime q, q + 1 <= 256): set algorithm_args.hadamard: false (or auto)"
+                    f"of that order, nor of an order >= {MIN_BLOCK} dividing it; orders 2^k times a Paley "
+                    "order q + 1 or 2(q + 1), q prime, are built): set algorithm_args.hadamard: false "
+                    "(or auto)"
                 )
             if block < width:
                 blocked[width] = block
