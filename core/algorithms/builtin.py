@@ -92,7 +92,7 @@ class HadamardRotation(AlgorithmBase):
                 return set()
             raise NotSupportedError(
                 f"model family {family.name!r} declares no hadamard_linears, so no input can be rotated: "
-                "set algorithm_args.hadamard: false (or auto)"
+                "set algorithm_args.hadamard: false or auto (on the command line: leave out --hadamard)"
             )
         names = {f"{block.name}.{rel}" for block in layout.blocks for rel in family.hadamard_linears}
         chosen = {name for name in names if name in targets}
@@ -110,7 +110,7 @@ class HadamardRotation(AlgorithmBase):
                     f"{name} has {width} input features, a width quantmint cannot rotate (no Hadamard matrix "
                     f"of that order, nor of an order >= {MIN_BLOCK} dividing it; orders 2^k times a Paley "
                     "order q + 1 or 2(q + 1), q prime, are built): set algorithm_args.hadamard: false "
-                    "(or auto)"
+                    "or auto (on the command line: leave out --hadamard)"
                 )
             if block < width:
                 blocked[width] = block
