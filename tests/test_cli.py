@@ -137,6 +137,30 @@ def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) ->
     assert code == 0 and json.loads(stdout)["quantized_layers"] == 12
 
 
+def test_json_lines_documents_calibrate_and_evaluate_as_their_joined_text(
+    tmp_path: Path, tiny_model_dir, text_file: Path, capsys
+) -> None:
+    """`--calib` and `--text` take C4-style JSON Lines (`{"text": ...}` per line) as the documents joined by
+    a blank line: the same calibration and perplexity as that plain text."""
+    docs = [f" = Title {i} = \n the quick brown fox jumps over the lazy dog . \n" * 12 for i in range(5)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "url": f"u{i}"}) + "\n" for i, d in enumerate(docs)))
+    joined = tmp_path / "joined.txt"
+    joined.write_text("\n\n".join(docs))
+    model = str(tiny_model_dir("llama"))
+    results = []
+    for data in (jsonl, joined):
+        out = tmp_path / data.stem
+        argv = ["quantize", model, "--preset", "w8a8", "--calib", str(data), "--calib-samples", "4"]
+        code, _, _ = _run(capsys, *argv, "--calib-seq-len", "32", "-o", str(out))
+        assert code == 0
+        code, stdout, _ = _run(capsys, "eval", str(out), "--text", str(data), "--seq-len", "64")
+        assert code == 0
+        calibration = json.loads((out / "quantmint_calibration.json").read_text())
+        results.append((json.loads(stdout)["ppl"], calibration["smooth_alpha_per_block"]))
+    assert results[0] == results[1]
+
+
 def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
     tmp_path: Path, tiny_model_dir, text_file: Path, capsys
 ) -> None:

@@ -15,6 +15,7 @@ from quantmint.io.data import (
     calibration_samples,
     detect_kind,
     read_boolq,
+    read_jsonl_texts,
     read_squad,
     squad_prompt,
 )
@@ -136,6 +137,58 @@ def test_text_too_few_windows(tmp_path: Path, tok: Any) -> None:
     msg = str(err.value)
     assert str(path) in msg and "800 tokens" in msg and "50 windows" in msg
     assert "lower n_samples to 50" in msg and "seq_len to 15" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON Lines text
+# ---------------------------------------------------------------------------------------------------------
+
+DOCS = [TEXT[: 16 * 20], TEXT[16 * 20 : 16 * 35], TEXT[16 * 35 :]]
+
+
+def test_jsonl_documents_are_sampled_as_their_joined_text(tmp_path: Path, tok: Any) -> None:
+    """C4/Pile-style JSON Lines: the "text" fields joined by a blank line, windowed as plain text is;
+    other fields, blank lines and empty documents do not change the draw."""
+    rows = [{"text": DOCS[0], "meta": {"set": "a"}}, "", {"text": "  "}, {"url": "u", "text": DOCS[1]}]
+    path = write_jsonl(tmp_path, [*rows, {"text": DOCS[2], "timestamp": 1}], "docs.jsonl")
+    assert detect_kind(path) == "jsonl"
+    assert read_jsonl_texts(path) == DOCS
+    joined = write_text(tmp_path, "\n\n".join(DOCS), "joined.txt")
+    for seed in (0, 1):
+        got = calibration_samples(path, tok, n_samples=20, seq_len=16, seed=seed)
+        want = calibration_samples(joined, tok, n_samples=20, seq_len=16, seed=seed)
+        assert [s.tolist() for s in got] == [s.tolist() for s in want]
+    forced = calibration_samples(path, tok, n_samples=3, seq_len=16, kind="jsonl")
+    assert [s.tolist() for s in forced] == [s.tolist() for s in calibration_samples(joined, tok, 3, 16)]
+
+
+def test_jsonl_documents_errors_name_line_and_field(tmp_path: Path, tok: Any) -> None:
+    neither = write_jsonl(tmp_path, ["", {"content": "x"}], "neither.jsonl")
+    with pytest.raises(QuantmintError, match=r'neither\.jsonl, line 2: .*neither "text" .* nor "question"'):
+        detect_kind(neither)
+    assert "rename the file to .txt" in _error(neither, tok)
+    msg = _error(write_jsonl(tmp_path, [{"text": DOCS[0]}, {"body": "x"}], "missing.jsonl"), tok)
+    assert 'missing.jsonl, line 2: missing field "text"' in msg
+    msg = _error(write_jsonl(tmp_path, [{"text": DOCS[0]}, {"text": 3}], "typed.jsonl"), tok)
+    assert 'typed.jsonl, line 2: field "text" must be of JSON type string, got number 3' in msg
+    msg = _error(write_jsonl(tmp_path, [{"text": DOCS[0]}, '{"text": '], "broken.jsonl"), tok)
+    assert "broken.jsonl, line 2 column" in msg and "invalid JSON" in msg
+    msg = _error(write_jsonl(tmp_path, [{"text": ""}, {"text": " \n"}], "blank.jsonl"), tok)
+    assert 'blank.jsonl: every record\'s "text" is empty' in msg
+    # kind="text" (or a .txt name) reads any .jsonl as raw text
+    raw = calibration_samples(neither, tok, n_samples=1, seq_len=4, kind="text")
+    assert decode(tok, raw[0]) in (tmp_path / "neither.jsonl").read_text()
+
+
+def test_eval_reads_jsonl_documents_and_boolq_passages(tmp_path: Path) -> None:
+    from quantmint.eval.perplexity import read_text
+
+    docs = write_jsonl(tmp_path, [{"text": d} for d in DOCS], "docs.jsonl")
+    assert read_text(docs) == "\n\n".join(DOCS)
+    boolq = write_jsonl(tmp_path, [*GOOGLE, GOOGLE[0]], "boolq.jsonl")
+    assert read_text(boolq) == "\n\n".join(dict.fromkeys(r["passage"] for r in GOOGLE))
+    bom = write_text(tmp_path, "\ufeff" + TEXT, "bom.txt")
+    assert read_text(bom) == TEXT
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,9 +355,9 @@ def test_jsonl_invalid_json_names_line(tmp_path: Path, tok: Any) -> None:
         ({"question": "q", "label": "true"}, "passage", "missing"),
         ({"question": "q", "passage": "p"}, "answer", "missing"),  # neither form
         ({"question": "q", "passage": "p", "answer": True}, "title", "missing"),
-        ({"question": 3, "passage": "T -- p", "label": "true"}, "question", "got int"),
+        ({"question": 3, "passage": "T -- p", "label": "true"}, "question", "got number"),
         ({"question": "q", "title": "T", "passage": "p", "answer": "yes"}, "answer", "got string"),
-        ({"question": "q", "passage": "T -- p", "label": 1}, "label", "got int"),
+        ({"question": "q", "passage": "T -- p", "label": 1}, "label", "got number"),
         ({"question": "q", "passage": "T -- p", "label": "maybe"}, "label", "'maybe'"),
         ({"question": "q", "passage": "no separator", "label": "true"}, "passage", '" -- "'),
     ],
@@ -361,7 +414,7 @@ def _squad_with(edit: str) -> dict[str, Any]:
     [
         ("no question", "article 0 paragraph 2 question 1", "question", "missing"),
         ("no id", "article 0 paragraph 2 question 1", "id", "missing"),
-        ("question int", "article 0 paragraph 2 question 1", "question", "got int"),
+        ("question int", "article 0 paragraph 2 question 1", "question", "got number"),
         ("no answers", "article 0 paragraph 2 question 1", "answers", "missing"),
         ("empty answers", "article 0 paragraph 2 question 1", "answers", "empty"),
         (

@@ -36,15 +36,25 @@ def new_cache(model: nn.Module) -> Any:
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file as one string (wikitext-2's `test.txt` as shipped, lines and all); a `.json` file
-    is read as SQuAD v1.1, its unique paragraph contexts joined (`squad_contexts_text`)."""
+    """A UTF-8 text file as one string (wikitext-2's `test.txt` as shipped, lines and all). A `.json` file
+    is read as SQuAD v1.1, its unique paragraph contexts joined (`squad_contexts_text`); a `.jsonl` file
+    as JSON Lines documents (`"text"` per line, joined by blank lines) or, if its records are BoolQ's, as
+    their unique passages joined (`quantmint.io.data.detect_kind` tells which)."""
+    from quantmint.io.data import detect_kind, read_boolq, read_jsonl_texts
+
     path = Path(path)
     if not path.is_file():
         raise QuantmintError(f"text file {path} does not exist")
-    if path.suffix == ".json":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
         return squad_contexts_text(path)
+    if suffix == ".jsonl":
+        if detect_kind(path) == "jsonl":
+            return "\n\n".join(read_jsonl_texts(path))
+        passages = (r["passage"].strip() for r in read_boolq(path))
+        return "\n\n".join(dict.fromkeys(p for p in passages if p))
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not scored
     except UnicodeDecodeError as exc:
         raise QuantmintError(f"{path} is not UTF-8 text: {exc}") from None
 

@@ -1,4 +1,4 @@
-"""Calibration data from local files: plain text, SQuAD v1.1 and BoolQ (no downloads).
+"""Calibration data from local files: plain text, JSON Lines text, SQuAD v1.1 and BoolQ (no downloads).
 
 In the spirit of MindSpore Golden Stick's `get_datasets`: one call turns a dataset file into
 `n_samples` token-id tensors for calibrating activation statistics. Nothing is fetched from the
@@ -10,6 +10,9 @@ Formats (`kind`; `"auto"` picks by file name, see `detect_kind`):
 - `"text"`: a UTF-8 plain-text file (wikitext-2 as shipped, lines and all). The whole text is tokenized
   without special tokens and cut into consecutive, non-overlapping windows of exactly `seq_len` tokens
   (a shorter tail is dropped); `n_samples` windows are drawn at random without replacement.
+- `"jsonl"`: JSON Lines of documents, one object per line with a string field `"text"` (other fields are
+  ignored): the form of C4, the Pile and most calibration sets. The documents, in file order, are joined
+  by a blank line and sampled as `"text"` is.
 - `"squad"`: SQuAD v1.1 JSON, `{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question",
   "answers": [{"text", "answer_start"}]}]}]}]}`. One prompt per question::
 
@@ -52,14 +55,15 @@ __all__ = [
     "calibration_samples",
     "read_squad",
     "read_boolq",
+    "read_jsonl_texts",
     "squad_prompt",
     "boolq_prompt",
     "detect_kind",
     "DataKind",
 ]
 
-DataKind = Literal["auto", "text", "squad", "boolq"]
-_KINDS = ("auto", "text", "squad", "boolq")
+DataKind = Literal["auto", "text", "jsonl", "squad", "boolq"]
+_KINDS = ("auto", "text", "jsonl", "squad", "boolq")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,8 +97,9 @@ def calibration_samples(
     if kind == "auto":
         kind, parsed = _detect(path, raw)
     generator = torch.Generator().manual_seed(seed)
-    if kind == "text":
-        samples = _text_samples(path, raw, tokenizer, n_samples, seq_len, generator)
+    if kind in ("text", "jsonl"):
+        text = raw if kind == "text" else "\n\n".join(_jsonl_texts(path, raw))
+        samples = _text_samples(path, text, tokenizer, n_samples, seq_len, generator)
         return _check_vocab(path, samples, tokenizer, vocab_size)
     if kind == "squad":
         top = _load_json(path, raw) if parsed is None else parsed
@@ -130,20 +135,22 @@ def _check_vocab(
     return samples
 
 
-def detect_kind(path: str | Path) -> Literal["text", "squad", "boolq"]:
-    """The data kind `"auto"` resolves to: `.json` with a top-level `"data"` is SQuAD, `.jsonl` is BoolQ,
-    any other name is plain text. A `.json` file without `"data"` is an error (it is not calibration text).
+def detect_kind(path: str | Path) -> Literal["text", "jsonl", "squad", "boolq"]:
+    """The data kind `"auto"` resolves to: `.json` with a top-level `"data"` is SQuAD; `.jsonl` whose first
+    record has a `"text"` field and no `"question"` is JSON Lines text, one with a `"question"` is BoolQ;
+    any other name is plain text. A `.json` file without `"data"` and a `.jsonl` file whose first record
+    has neither field are errors (neither is calibration text as it is).
     """
     path = Path(path)
-    kind, _ = _detect(path, _read_utf8(path) if path.suffix.lower() == ".json" else "")
+    kind, _ = _detect(path, _read_utf8(path) if path.suffix.lower() in (".json", ".jsonl") else "")
     return kind
 
 
-def _detect(path: Path, raw: str) -> tuple[Literal["text", "squad", "boolq"], Any]:
+def _detect(path: Path, raw: str) -> tuple[Literal["text", "jsonl", "squad", "boolq"], Any]:
     """`detect_kind`, plus the parsed JSON of a `.json` file (None otherwise) so it is parsed once."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return "boolq", None
+        return _jsonl_kind(path, raw), None
     if suffix != ".json":
         return "text", None
     obj = _load_json(path, raw)
@@ -154,6 +161,56 @@ def _detect(path: Path, raw: str) -> tuple[Literal["text", "squad", "boolq"], An
         "for a SQuAD file (to see what is wrong), kind='text' to calibrate on its raw text, or rename a "
         "BoolQ file to .jsonl"
     )
+
+
+def _jsonl_kind(path: Path, raw: str) -> Literal["jsonl", "boolq"]:
+    """What a `.jsonl` file holds, by its first record: documents (`"text"`) or BoolQ (`"question"`).
+    A first line that is not a JSON object is left to the BoolQ reader, whose error names it."""
+    for lineno, line in enumerate(raw.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            first = json.loads(line)
+        except json.JSONDecodeError:
+            return "boolq"
+        if not isinstance(first, dict) or "question" in first:
+            return "boolq"
+        if "text" in first:
+            return "jsonl"
+        raise QuantmintError(
+            f'{path}, line {lineno}: a JSON Lines record with neither "text" (one document per line) nor '
+            '"question" (BoolQ): name the documents\' field "text" (or rename the file to .txt to read it '
+            "as raw text)"
+        )
+    return "boolq"  # only blank lines: _read_utf8 refused that already
+
+
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The `"text"` of every record of a JSON Lines file, in file order (blank lines skipped, every record
+    an object with a string `"text"`; empty documents are dropped, a file of only empty ones refused)."""
+    path = Path(path)
+    return _jsonl_texts(path, _read_utf8(path))
+
+
+def _jsonl_texts(path: Path, raw: str) -> list[str]:
+    texts: list[str] = []
+    for lineno, line in enumerate(raw.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QuantmintError(
+                f"{where} column {exc.colno}: invalid JSON ({exc.msg}): each line must be one JSON object"
+            ) from None
+        _check_object(obj, where)
+        text = _field(obj, "text", str, where)
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise QuantmintError(f'{path}: every record\'s "text" is empty: give a file with text')
+    return texts
 
 
 def squad_prompt(context: str, question: str) -> str:
@@ -289,6 +346,8 @@ _TYPE_NAMES: dict[type, str] = {
     list: "array",
     str: "string",
     bool: "bool",
+    int: "number",
+    float: "number",
     type(None): "null",
 }
 

@@ -468,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--family", help="force a model family instead of matching the architecture")
     for algorithm in _algorithms():
         algorithm.add_cli_options(q)
-    q.add_argument("--calib", help="calibration data: a text file, SQuAD v1.1 JSON or BoolQ JSONL")
+    q.add_argument(
+        "--calib",
+        help='calibration data: a text file, JSON Lines of {"text": ...}, SQuAD v1.1 JSON or BoolQ JSONL',
+    )
     q.add_argument("--calib-samples", type=POSITIVE, default=128, help="calibration samples (default 128)")
     q.add_argument(
         "--calib-seq-len",
@@ -499,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a float or quantized model (JSON)")
     e.add_argument("model", help="quantmint checkpoint or float model directory")
-    e.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 test.txt")
+    e.add_argument(
+        "--text", help='UTF-8 text file (e.g. wikitext-2 test.txt), JSON Lines of {"text": ...} or SQuAD JSON'
+    )
     e.add_argument(
         "--max-tokens", type=int_at_least(2), default=32768, help="score the first N tokens (default 32768)"
     )
