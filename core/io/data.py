@@ -44,6 +44,7 @@ syntax error, else the article/paragraph/question index counted from 0), the fie
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,8 +193,10 @@ def read_jsonl_texts(path: str | Path) -> list[str]:
     return _jsonl_texts(path, _read_utf8(path))
 
 
-def _jsonl_texts(path: Path, raw: str) -> list[str]:
-    texts: list[str] = []
+def _jsonl_records(path: Path, raw: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Each record of a JSON Lines text with where it is (`"<path>, line N"`), blank lines skipped; a line
+    that is not one JSON object is refused by its number."""
+    # split on "\n" only: str.splitlines() would also break at U+2028 inside strings and miscount lines.
     for lineno, line in enumerate(raw.split("\n"), start=1):
         if not line.strip():
             continue
@@ -205,6 +208,12 @@ def _jsonl_texts(path: Path, raw: str) -> list[str]:
                 f"{where} column {exc.colno}: invalid JSON ({exc.msg}): each line must be one JSON object"
             ) from None
         _check_object(obj, where)
+        yield obj, where
+
+
+def _jsonl_texts(path: Path, raw: str) -> list[str]:
+    texts: list[str] = []
+    for obj, where in _jsonl_records(path, raw):
         text = _field(obj, "text", str, where)
         if text.strip():
             texts.append(text)
@@ -424,18 +433,7 @@ _LABELS = {"true": True, "false": False}
 
 def _boolq(path: Path, raw: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    # split on "\n" only: str.splitlines() would also break at U+2028 inside strings and miscount lines.
-    for lineno, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuantmintError(
-                f"{where} column {exc.colno}: invalid JSON ({exc.msg}): each line must be one JSON object"
-            ) from None
-        _check_object(obj, where)
+    for obj, where in _jsonl_records(path, raw):
         question = _field(obj, "question", str, where)
         passage = _field(obj, "passage", str, where)
         if "answer" in obj:  # Google's original form
