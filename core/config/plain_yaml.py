@@ -104,6 +104,29 @@ class ConfigLoader(yaml.SafeLoader):
 
 ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
 
+# YAML types no config value has: refused by name (PyYAML would build dates, bytes and sets, and its
+# timestamp constructor crashes on an explicit `!!timestamp` it cannot parse).
+_NOT_IN_A_CONFIG = {
+    "timestamp": "a date or time",
+    "binary": "binary data",
+    "set": "a set",
+    "omap": "an ordered map",
+    "pairs": "a list of pairs",
+}
+
+
+def _refuse_kind(loader: ConfigLoader, node: Any) -> Any:
+    kind = node.tag.rsplit(":", 1)[-1]
+    shown = short_repr(node.value) if isinstance(node, yaml.ScalarNode) else f"(a {node.id})"
+    raise ConfigError(
+        f"{_at(node)}: {shown} reads as {_NOT_IN_A_CONFIG[kind]} (YAML !!{kind}), which no config value is: "
+        "write the value the key takes (quote it for a string, and drop any !!tag)"
+    )
+
+
+for _kind in _NOT_IN_A_CONFIG:
+    ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_kind}", _refuse_kind)
+
 
 class ConfigDumper(yaml.SafeDumper):
     """Writes every value out: no anchors or aliases, which `ConfigLoader` refuses."""
@@ -124,8 +147,8 @@ def yaml_data(text: str) -> Any:
         raise
     except yaml.YAMLError as exc:
         raise ConfigError(f"config is not valid YAML: {exc}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        # the constructors of timestamps, floats and the like: a value YAML cannot read
+    except (ValueError, TypeError, AttributeError, LookupError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors of floats, ints and the like on a value they cannot read
         raise ConfigError(f"config has a value YAML cannot read: {type(exc).__name__}: {exc}") from None
 
 

@@ -111,6 +111,23 @@ def test_yaml_alias_alone_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("weights:\n  symmetric: !!timestamp true\n", "a date or time (YAML !!timestamp)"),  # PyYAML crashed
+        ("ignore: [2001-12-14]\n", "a date or time (YAML !!timestamp)"),
+        ("block_ptq: {seed: !!binary aGVsbG8=}\n", "binary data (YAML !!binary)"),
+        ("ignore: !!set {lm_head}\n", "a set (YAML !!set)"),
+        ("ignore: !!omap [a: 1]\n", "an ordered map (YAML !!omap)"),
+        ("ignore: !!pairs [a: 1]\n", "a list of pairs (YAML !!pairs)"),
+    ],
+)
+def test_yaml_types_no_config_has_are_refused_by_line(text: str, kind: str, tmp_path: Path) -> None:
+    message = _refused(text, tmp_path)
+    assert "line " in message and kind in message and "quote it for a string" in message
+    assert PTQConfig.from_yaml('ignore: ["2001-12-14"]\n').ignore == ["2001-12-14"]  # quoted: a name
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ("weight_dtype: int4\nweights: {strategy: group, group_size: 1000000000000}\n", "group_size"),
