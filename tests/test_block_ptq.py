@@ -456,6 +456,50 @@ def test_compare_batches_measures_rtn_and_tuned_mse_on_the_first_batches() -> No
     assert "compare_batches" not in _config("w4a16-ptq", compare_batches=0).to_dict()["block_ptq"]
 
 
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_compared_outputs_are_reused_bit_for_bit_whichever_block_is_kept(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `inputs: quantized` the comparison's outputs of the kept block (RTN's or the tuned one's) on
+    the first `compare_batches` batches are the next block's inputs there, not computed again: every
+    block hands on the same quantized stream as when each output is recomputed, with blocks kept either
+    way, and no scratch is left."""
+    from quantmint.algorithms.block_ptq import BlockPTQ
+
+    # 4 signed steps of 0.5 flip most roundings: every block keeps RTN; 40 steps of the default tune
+    settings = {"kept ptq": {"n_outer_loops": 40}, "kept rtn": {"n_outer_loops": 4, "sign_lr": 0.5}}
+    tune, write = BlockPTQ._tune_block, BlockPTQ._write_outputs
+
+    def run(config: PTQConfig, recompute: bool, work: Path | None = None) -> list[torch.Tensor]:
+        handed_on: list[torch.Tensor] = []
+
+        def tune_block(self, block, calls, fp_in, q_in, fp_out, q_out):  # type: ignore[no-untyped-def]
+            entry = tune(self, block, calls, fp_in, q_in, fp_out, q_out)
+            handed_on.extend(q_out.get(i) for i in range(len(calls)))
+            return entry
+
+        def write_every_output(self, block, call_with, q_in, q_out, fp_out, n, first=0):  # type: ignore[no-untyped-def]
+            write(self, block, call_with, q_in, q_out, fp_out, n, 0 if recompute else first)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(BlockPTQ, "_tune_block", tune_block)
+            patch.setattr(BlockPTQ, "_write_outputs", write_every_output)
+            model = quantize(build_tiny("llama"), config, calibration=_calibration(), work_dir=work)
+        kept.update(e["kept"] for e in _block_log(model))
+        return handed_on
+
+    for what, extra in settings.items():
+        config = _config("w8a8-ptq", **SIGN, compare_batches=2, inputs="quantized", cache=cache, **extra)
+        kept: set[str] = set()
+        work = tmp_path / what.replace(" ", "-")
+        reused = run(config, recompute=False, work=work)
+        assert kept == {what.split()[1]}
+        assert not [p.name for p in work.rglob("tuned-*")]
+        again = run(config, recompute=True)
+        assert len(reused) == len(again) == 2 * 4  # 2 blocks, 4 batches
+        assert all(torch.equal(a, b) for a, b in zip(reused, again, strict=True))
+
+
 def test_token_relative_loss_divides_out_each_tokens_scale() -> None:
     """`loss: token_relative` weighs each token's error by its float output's mean square: a token 1000x
     larger with the same relative error counts as much as a small one (plain MSE: 10^6 times more);

@@ -185,6 +185,14 @@ class HiddenStore:
             return self._memory[index]
         return load_file(str(self._path(index)))["hidden"]
 
+    def discard(self, count: int) -> None:
+        """Forget batches 0 .. count - 1 (a scratch stream's files are deleted)."""
+        for i in range(count):
+            if self.directory is None:
+                self._memory.pop(i, None)
+            else:
+                self._path(i).unlink(missing_ok=True)
+
     def save_to(self, directory: Path, count: int) -> None:
         """Write every batch into `directory` (the resume point of the next block)."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -430,15 +438,18 @@ class BlockPTQ:
         rel = {name: name[len(block.name) + 1 :] for name in block.linears if name in steps.targets}
         rtn = {name: block.module.get_submodule(r) for name, r in rel.items()}
         self._loss = self.block_loss_kind(self.args.loss, rtn.values())
-        # RTN's and the tuned block's MSE (which decide the block kept) on the first `compared` batches
+        # RTN's and the tuned block's MSE (which decide the block kept) on the first `compared` batches;
+        # with `inputs: quantized` the outputs they compute are the kept block's outputs there, so they
+        # are stored (RTN's straight into q_out) and not computed again.
         compared = min(n, self.args.compare_batches) if self.args.compare_batches else n
-        rtn_mse = self._mse(block, call_with, q_in, fp_out, compared)
+        writing = q_out is not fp_out
+        rtn_mse = self._mse(block, call_with, q_in, fp_out, compared, q_out if writing else None)
         entry: dict[str, Any] = {"block": block.index, "name": block.name, "rtn_mse": rtn_mse}
         if self.args.loss == "auto":
             entry["loss"] = self._loss
         if not rel:
             entry.update(ptq_mse=rtn_mse, kept="rtn", loss_start=None, loss_end=None)
-            self._write_outputs(block, call_with, q_in, q_out, fp_out, n)
+            self._write_outputs(block, call_with, q_in, q_out, fp_out, n, compared)
             return entry
 
         # 3. learnable twins of the RTN layers, tuned against the float outputs.
@@ -460,14 +471,20 @@ class BlockPTQ:
         # 4. freeze, compare with RTN, keep the better block.
         for name, module in learnables.items():
             block.module.set_submodule(rel[name], carry_rotation(module, module.freeze(dtype)))
-        ptq_mse = self._mse(block, call_with, q_in, fp_out, compared)
+        tuned = HiddenStore(q_out.directory, "tuned") if writing else None
+        ptq_mse = self._mse(block, call_with, q_in, fp_out, compared, tuned)
         kept = "ptq"
         if not ptq_mse < rtn_mse:
             kept = "rtn"
             for name, module in rtn.items():
                 block.module.set_submodule(rel[name], module)
+        if tuned is not None:
+            if kept == "ptq":
+                for i in range(compared):
+                    q_out.put(i, tuned.get(i))
+            tuned.discard(compared)
         entry.update(ptq_mse=ptq_mse, kept=kept, loss_start=losses[0], loss_end=losses[-1], **self._stop)
-        self._write_outputs(block, call_with, q_in, q_out, fp_out, n)
+        self._write_outputs(block, call_with, q_in, q_out, fp_out, n, compared)
         return entry
 
     @staticmethod
@@ -650,13 +667,22 @@ class BlockPTQ:
 
     @torch.no_grad()
     def _mse(
-        self, block: BlockLayout, call_with: Any, q_in: HiddenStore, fp_out: HiddenStore, n: int
+        self,
+        block: BlockLayout,
+        call_with: Any,
+        q_in: HiddenStore,
+        fp_out: HiddenStore,
+        n: int,
+        outputs: HiddenStore | None = None,
     ) -> float:
-        """Mean over the first `n` calibration batches of the block output's MSE against the float output."""
+        """Mean over the first `n` calibration batches of the block output's MSE against the float output;
+        the block's outputs go into `outputs` when given."""
         total = 0.0
         for i in range(n):
             out = call_with(i, q_in.get(i)).run(block.module)
             total += self.weights[i] * float(block_loss(out, fp_out.get(i), self._loss))
+            if outputs is not None:
+                outputs.put(i, out)
         return self._all_sum([total])[0] / n
 
     @torch.no_grad()
@@ -668,11 +694,13 @@ class BlockPTQ:
         q_out: HiddenStore,
         fp_out: HiddenStore,
         n: int,
+        first: int = 0,
     ) -> None:
-        """The quantized block's outputs: the next block's inputs when `inputs: quantized`."""
+        """The quantized block's outputs: the next block's inputs when `inputs: quantized` (from batch
+        `first` on: the comparison stored the ones before)."""
         if q_out is fp_out:
             return
-        for i in range(n):
+        for i in range(first, n):
             q_out.put(i, call_with(i, q_in.get(i)).run(block.module))
 
     # --- resuming -------------------------------------------------------------------------------
