@@ -70,7 +70,7 @@ def squad_contexts_text(path: str | Path) -> str:
         data = json.loads(path.read_text(encoding="utf-8"))
         paragraphs = [p for article in data["data"] for p in article["paragraphs"]]
         contexts = [p["context"] for p in paragraphs]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
         raise QuantmintError(
             f"{path} is not a SQuAD v1.1 JSON file (data/paragraphs/context): {exc}"
         ) from None

@@ -32,9 +32,9 @@ def read_config_json(path: Path, error: type[QuantmintError] = QuantmintError) -
     if not config_file.is_file():
         raise error(f"{path} has no config.json: pass a Hugging Face model directory")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise error(f"{config_file} is not valid JSON: {exc}") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise error(f"{config_file} is not valid JSON: {' '.join(str(exc).split())[:300]}") from None
     refuse_custom_code(path, error, config=config)
     return config
 
@@ -59,7 +59,7 @@ def _json_or_none(file: Path) -> Any:
     """The parsed JSON in `file`, or None when it is absent or unreadable (its loader reports that)."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

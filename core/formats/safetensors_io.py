@@ -357,8 +357,8 @@ class SafetensorsFile:
                 if length > min(_MAX_HEADER, size - 8):
                     raise self._error(f"declares a {length}-byte header in a {size}-byte file")
                 header = json.loads(f.read(length))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._error(f"cannot be read: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:  # JSON, UTF-8, huge integers, deep nesting
+            raise self._error(f"cannot be read: {' '.join(str(exc).split())[:300]}") from None
         if not isinstance(header, dict):
             raise self._error("has a header that is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -427,8 +427,9 @@ class CheckpointFiles:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+            except (ValueError, RecursionError, KeyError, TypeError) as exc:
+                reason = " ".join(str(exc).split())[:300]
+                raise CheckpointError(f"{index} is not a valid safetensors index ({reason})") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.directory / shard).is_file():
                     raise CheckpointError(f"shard {self.directory / shard} named in {index} is missing")

@@ -172,7 +172,7 @@ def _jsonl_kind(path: Path, raw: str) -> Literal["jsonl", "boolq"]:
             continue
         try:
             first = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # the reader's error names the line
             return "boolq"
         if not isinstance(first, dict) or "question" in first:
             return "boolq"
@@ -206,6 +206,10 @@ def _jsonl_records(path: Path, raw: str) -> Iterator[tuple[dict[str, Any], str]]
         except json.JSONDecodeError as exc:
             raise QuantmintError(
                 f"{where} column {exc.colno}: invalid JSON ({exc.msg}): each line must be one JSON object"
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise QuantmintError(
+                f"{where}: JSON this reader refuses ({_json_refusal(exc)}): fix the line"
             ) from None
         _check_object(obj, where)
         yield obj, where
@@ -348,6 +352,19 @@ def _load_json(path: Path, raw: str) -> Any:
         raise QuantmintError(
             f"{path}, line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}): fix or re-export it"
         ) from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep
+        raise QuantmintError(
+            f"{path}: JSON this reader refuses ({_json_refusal(exc)}): fix or re-export it"
+        ) from None
+
+
+def _json_refusal(exc: Exception) -> str:
+    """Why `json.loads` gave up on a text it could parse (not a syntax error), in a few words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    if "integer string conversion" in str(exc):
+        return "an integer of thousands of digits"
+    return " ".join(str(exc).split(";")[0].split())[:120]
 
 
 _TYPE_NAMES: dict[type, str] = {

@@ -128,7 +128,7 @@ def is_quantmint_output(path: Path) -> bool:
     if "config.json" in names:
         try:
             config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return False
         if not isinstance(config, dict):
             return False

@@ -201,6 +201,56 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path: Path, tiny_model_dir, c
     assert not (tmp_path / "o").exists()
 
 
+# --- JSON that parses badly: nested too deep, integers of thousands of digits -----------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize("value", [DEEP, HUGE], ids=["deep", "huge-int"])
+def test_json_data_files_nested_too_deep_or_with_huge_integers_are_one_line(
+    value: str, tmp_path: Path, tiny_model_dir, capsys
+) -> None:
+    """Calibration and evaluation files (SQuAD JSON, JSON Lines documents, BoolQ): exit 2, one line naming
+    the file (and the line), no traceback, nothing written."""
+    squad = tmp_path / "dev.json"
+    squad.write_text('{"data": ' + value + "}")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a b c"}\n{"text": "d", "n": ' + value + "}\n")
+    boolq = tmp_path / "val.jsonl"
+    boolq.write_text('{"question": "q", "passage": "p", "answer": ' + value + "}\n")
+    model = tiny_model_dir("llama")
+    for data, where in ((squad, "dev.json"), (docs, "docs.jsonl, line 2"), (boolq, "val.jsonl, line 1")):
+        argv = ["quantize", model, "--preset", "w8a8", "-o", tmp_path / "o", "--calib", data]
+        code, err = _cli(capsys, *argv)
+        assert code == 2 and where in _one_line(err) and "Traceback" not in err
+        assert not (tmp_path / "o").exists()
+        code, err = _cli(capsys, "eval", model, "--text", data)
+        assert code == 2 and data.name in _one_line(err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [DEEP, HUGE], ids=["deep", "huge-int"])
+def test_model_json_nested_too_deep_or_with_huge_integers_is_one_line(
+    value: str, tmp_path: Path, tiny_model_dir, capsys
+) -> None:
+    """A model directory's config.json, a safetensors index and a safetensors header."""
+    import shutil
+
+    from quantmint.formats.safetensors_io import SafetensorsFile
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (model / "config.json").write_text('{"architectures": ' + value + "}")
+    code, err = _cli(capsys, "quantize", model, "-o", tmp_path / "o")
+    assert code == 2 and "config.json is not valid JSON" in _one_line(err)
+    header = ('{"x": ' + value + "}").encode()
+    shard = tmp_path / "bad.safetensors"
+    shard.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(QuantmintError, match="cannot be read") as info:
+        SafetensorsFile(shard)
+    assert "\n" not in str(info.value) and len(str(info.value)) <= MAX_MESSAGE
+
+
 # --- the CLI's error contract ----------------------------------------------------------------------------
 
 
