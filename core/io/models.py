@@ -156,5 +156,11 @@ def load_tokenizer(path: str | Path) -> Any:
     refuse_custom_code(path)  # an auto_map names Python in the directory: never imported
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise QuantmintError(f"no usable tokenizer in {path}: {exc}") from None
+    except Exception as exc:  # any failure reading tokenizer files the user gave is one line
+        # OSError, ValueError; and from broken tokenizer files KeyError, RecursionError, the tokenizers
+        # library's own Exception ("data did not match any variant"), ...
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise QuantmintError(
+            f"no usable tokenizer in {path}: {type(exc).__name__}: {reason}; give the model's own tokenizer "
+            "files (tokenizer.json or the files its tokenizer_config.json names)"
+        ) from None

@@ -251,6 +251,25 @@ def test_model_json_nested_too_deep_or_with_huge_integers_is_one_line(
     assert "\n" not in str(info.value) and len(str(info.value)) <= MAX_MESSAGE
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"version": "1.0", "truncation": ', '{"a": 1}', "[" * 100_000 + "]" * 100_000],
+    ids=["invalid-json", "not-a-tokenizer", "deep"],
+)
+def test_a_broken_tokenizer_file_is_one_line(content: str, tmp_path: Path, tiny_model_dir, capsys) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (model / "tokenizer.json").write_text(content)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 200)
+    argv = ["quantize", model, "--preset", "w8a8", "-o", tmp_path / "o", "--calib", text]
+    code, err = _cli(capsys, *argv, "--calib-samples", "2", "--calib-seq-len", "16")
+    assert code == 2 and "no usable tokenizer in" in _one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
 # --- the CLI's error contract ----------------------------------------------------------------------------
 
 
