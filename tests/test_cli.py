@@ -137,6 +137,29 @@ def test_config_file_and_extra_ignore(tmp_path: Path, tiny_model_dir, capsys) ->
     assert code == 0 and json.loads(stdout)["quantized_layers"] == 12
 
 
+def test_eval_refuses_an_embedding_comparison_of_a_causal_lm_before_any_work(
+    tmp_path: Path, tiny_model_dir, text_file: Path, capsys
+) -> None:
+    """--docs and --lee pool an encoder's last hidden state; a causal LM has none (an AttributeError
+    deep in the forward pass before): one line, before the perplexity it was also asked for."""
+    llama = str(tiny_model_dir("llama"))
+    docs = tmp_path / "docs.cor"
+    docs.write_text("one document\nanother document\n")
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", *argv])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == ""
+        return err.strip().splitlines()[-1]
+
+    for extra in (["--docs", str(docs), "--reference", llama], ["--lee", str(tmp_path)]):
+        err = refused(llama, "--text", str(text_file), *extra)
+        assert "compare sentence embeddings of an encoder" in err and "LlamaForCausalLM" in err
+    err = refused(str(tiny_model_dir("bert")), "--docs", str(docs), "--reference", llama)
+    assert "is a causal LM (LlamaForCausalLM)" in err
+
+
 def test_json_lines_documents_calibrate_and_evaluate_as_their_joined_text(
     tmp_path: Path, tiny_model_dir, text_file: Path, capsys
 ) -> None:

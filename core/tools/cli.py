@@ -244,11 +244,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "quantized": is_quantmint_checkpoint(args.model),
         "load_seconds": round(time.perf_counter() - start, 2),
     }
+    # what each evaluation needs of the model, checked before any of them runs
+    if args.text is not None and not _is_causal_lm(model):
+        raise _usage_error(f"perplexity needs a causal LM; {type(model).__name__} is not one (use --docs)")
+    if (args.squad or args.boolq) and not _is_causal_lm(model):
+        raise _usage_error(f"SQuAD and BoolQ need a causal LM; {type(model).__name__} is not one")
+    if (args.lee or args.docs is not None) and _is_causal_lm(model):
+        raise _usage_error(
+            f"--lee and --docs compare sentence embeddings of an encoder (e.g. BERT); {type(model).__name__} "
+            "is a causal LM: evaluate it with --text, --squad or --boolq"
+        )
     if args.text is not None:
-        if not _is_causal_lm(model):
-            raise _usage_error(
-                f"perplexity needs a causal LM; {type(model).__name__} is not one (use --docs)"
-            )
         ppl = perplexity(
             model,
             tokenizer,
@@ -258,8 +264,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
         )
         result.update({"text": str(args.text), **ppl, "windowing": PERPLEXITY_WINDOWING})
-    if (args.squad or args.boolq) and not _is_causal_lm(model):
-        raise _usage_error(f"SQuAD and BoolQ need a causal LM; {type(model).__name__} is not one")
     if args.squad:
         from quantmint.eval.qa import squad_f1_em
 
@@ -278,6 +282,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.docs is not None:
         docs = read_documents(args.docs)
         reference = load_model(args.reference)
+        if _is_causal_lm(reference):
+            raise _usage_error(
+                f"--reference {args.reference} is a causal LM ({type(reference).__name__}): --docs compares "
+                "with the float encoder the model was quantized from"
+            )
         reference_tokenizer = load_tokenizer(args.reference)
         _check_tokenizer_fits(reference, reference_tokenizer, args.reference)
         started = time.perf_counter()
