@@ -184,6 +184,39 @@ def test_json_lines_documents_calibrate_and_evaluate_as_their_joined_text(
     assert results[0] == results[1]
 
 
+def test_calib_kind_reads_a_file_whose_name_does_not_say_its_format(
+    tmp_path: Path, tiny_model_dir, capsys
+) -> None:
+    """BoolQ lines saved as `.json` are refused by name (auto reads `.json` as SQuAD) with the switch that
+    reads them; `--calib-kind boolq` then calibrates exactly as the same lines named `.jsonl` do."""
+    record = {
+        "question": "is the sky blue",
+        "passage": "Sky -- The sky is blue on a clear day.",
+        "label": "true",
+    }
+    lines = "".join(json.dumps({**record, "idx": i}) + "\n" for i in range(6))
+    (tmp_path / "boolq.json").write_text(lines)
+    (tmp_path / "boolq.jsonl").write_text(lines)
+    model = str(tiny_model_dir("llama"))
+
+    def quantize(data: str, *kind: str) -> tuple[int, str, Path]:
+        out = tmp_path / f"out-{data}-{len(kind)}"
+        argv = ["quantize", model, "--preset", "w8a8", "--calib", str(tmp_path / data), *kind]
+        code, _, err = _run(capsys, *argv, "--calib-samples", "4", "--calib-seq-len", "32", "-o", str(out))
+        return code, err, out
+
+    code, err, out = quantize("boolq.json")
+    assert code != 0 and not out.exists()
+    assert "boolq.json, line 2 column 1: a second JSON value" in err and "--calib-kind boolq" in err
+    assert "Traceback" not in err
+    alphas = []
+    for data, kind in (("boolq.json", ["--calib-kind", "boolq"]), ("boolq.jsonl", [])):
+        code, _, out = quantize(data, *kind)
+        assert code == 0
+        alphas.append(json.loads((out / "quantmint_calibration.json").read_text())["smooth_alpha_per_block"])
+    assert alphas[0] == alphas[1]
+
+
 def test_hadamard_flag_keeps_the_preset_and_rotates_down_proj(
     tmp_path: Path, tiny_model_dir, text_file: Path, capsys
 ) -> None:

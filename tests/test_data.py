@@ -166,7 +166,7 @@ def test_jsonl_documents_errors_name_line_and_field(tmp_path: Path, tok: Any) ->
     neither = write_jsonl(tmp_path, ["", {"content": "x"}], "neither.jsonl")
     with pytest.raises(QuantmintError, match=r'neither\.jsonl, line 2: .*neither "text" .* nor "question"'):
         detect_kind(neither)
-    assert "rename the file to .txt" in _error(neither, tok)
+    assert "--calib-kind text" in _error(neither, tok)
     msg = _error(write_jsonl(tmp_path, [{"text": DOCS[0]}, {"body": "x"}], "missing.jsonl"), tok)
     assert 'missing.jsonl, line 2: missing field "text"' in msg
     msg = _error(write_jsonl(tmp_path, [{"text": DOCS[0]}, {"text": 3}], "typed.jsonl"), tok)

@@ -159,8 +159,8 @@ def _detect(path: Path, raw: str) -> tuple[Literal["text", "jsonl", "squad", "bo
         return "squad", obj
     raise QuantmintError(
         f"{path} is JSON without a top-level \"data\" field, so it is not SQuAD v1.1: pass kind='squad' "
-        "for a SQuAD file (to see what is wrong), kind='text' to calibrate on its raw text, or rename a "
-        "BoolQ file to .jsonl"
+        "(CLI: --calib-kind squad) for a SQuAD file (to see what is wrong), kind='text' (--calib-kind "
+        "text) to calibrate on its raw text, or kind='boolq' (--calib-kind boolq) for BoolQ lines"
     )
 
 
@@ -180,8 +180,8 @@ def _jsonl_kind(path: Path, raw: str) -> Literal["jsonl", "boolq"]:
             return "jsonl"
         raise QuantmintError(
             f'{path}, line {lineno}: a JSON Lines record with neither "text" (one document per line) nor '
-            '"question" (BoolQ): name the documents\' field "text" (or rename the file to .txt to read it '
-            "as raw text)"
+            '"question" (BoolQ): name the documents\' field "text", or read the file as raw text with '
+            "kind='text' (CLI: --calib-kind text)"
         )
     return "boolq"  # only blank lines: _read_utf8 refused that already
 
@@ -349,9 +349,14 @@ def _load_json(path: Path, raw: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise QuantmintError(
-            f"{path}, line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}): fix or re-export it"
-        ) from None
+        where = f"{path}, line {exc.lineno} column {exc.colno}"
+        if exc.msg == "Extra data":  # one JSON value, then another: JSON Lines under a .json name
+            raise QuantmintError(
+                f"{where}: a second JSON value after the first, so this is not one JSON document: JSON "
+                "Lines (one object per line) are read with kind='boolq' or kind='jsonl' (CLI: --calib-kind "
+                "boolq or jsonl) or under a .jsonl name"
+            ) from None
+        raise QuantmintError(f"{where}: invalid JSON ({exc.msg}): fix or re-export it") from None
     except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep
         raise QuantmintError(
             f"{path}: JSON this reader refuses ({_json_refusal(exc)}): fix or re-export it"

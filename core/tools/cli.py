@@ -88,6 +88,7 @@ def _quantize(args: argparse.Namespace, world: Any) -> None:
             n_samples=args.calib_samples,
             seq_len=args.calib_seq_len,
             seed=args.calib_seed,
+            kind=args.calib_kind,
             vocab_size=limits["vocab"],
         )
     loaded = time.perf_counter()
@@ -480,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib",
         help='calibration data: a text file, JSON Lines of {"text": ...}, SQuAD v1.1 JSON or BoolQ JSONL',
+    )
+    q.add_argument(
+        "--calib-kind",
+        choices=("auto", "text", "jsonl", "squad", "boolq"),
+        default="auto",
+        help="how to read --calib (default auto: .json is SQuAD, .jsonl documents or BoolQ by its first "
+        "record, anything else plain text)",
     )
     q.add_argument("--calib-samples", type=POSITIVE, default=128, help="calibration samples (default 128)")
     q.add_argument(
