@@ -17,7 +17,7 @@ from torch import nn
 from quantmint.algorithms.observers import InputObserver
 from quantmint.algorithms.rotation import is_rotated
 from quantmint.errors import ModelMappingError
-from quantmint.extension.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair
+from quantmint.extension.family import BlockLayout, LinearAdapter, ModelFamily, SmoothPair, fold_smoothing
 
 __all__ = ["SmoothQuant", "smoothable_pairs", "smoothing_scales"]
 
@@ -121,21 +121,8 @@ class SmoothQuant:
     def _smooth_pair(
         self, block: nn.Module, pair: SmoothPair, adapter: LinearAdapter, x_absmax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = block.get_submodule(pair.prev)
-        linears = [block.get_submodule(rel) for rel in pair.linears]
-        weights = [adapter.weight(m).detach() for m in linears]
         scales, prev_scales = self.pair_scales(block, pair, adapter, x_absmax, self.alpha_for(pair))
-        prev_is_linear = adapter.is_linear(prev)
-        if prev_is_linear:
-            w = adapter.weight(prev).detach()
-            adapter.set_weight(prev, (w.float() / prev_scales[:, None]).to(w.dtype))
-        else:
-            prev.weight.div_(prev_scales.to(prev.weight.dtype))
-        bias = adapter.bias(prev) if prev_is_linear else getattr(prev, "bias", None)
-        if bias is not None:
-            bias.div_(prev_scales.to(bias.dtype))
-        for module, w in zip(linears, weights, strict=True):
-            adapter.set_weight(module, (w.float() * scales[None, :]).to(w.dtype))
+        fold_smoothing(block, pair, adapter, scales, prev_scales)
         return scales, prev_scales
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "ServingNeeds",
     "SmoothPair",
     "check_smoothing_exact",
+    "fold_smoothing",
     "resolve_layout",
 ]
 
@@ -394,27 +395,37 @@ def _block_inputs(model: nn.Module, block: nn.Module) -> tuple[tuple[Any, ...], 
     return _to64(captured["args"]), _to64(kwargs)
 
 
-def _fold(
-    block: nn.Module, family: ModelFamily, pair: SmoothPair, scales: torch.Tensor, groups: int, head_dim: int
+@torch.no_grad()
+def fold_smoothing(
+    block: nn.Module,
+    pair: SmoothPair,
+    adapter: LinearAdapter,
+    scales: torch.Tensor,
+    prev_scales: torch.Tensor,
 ) -> None:
-    """Divide `prev`'s output channels by `scales` and multiply the linears' input columns by them."""
-    adapter = family.adapter
+    """Fold smoothing scales into one pair of `block`, in place: `prev`'s output channels (and bias) are
+    divided by `prev_scales` [prev out] and the input columns of the pair's linears multiplied by `scales`
+    [in] (`prev_scales` repeated per query head under grouped-query attention). Weights are scaled in
+    float32 (float64 stays float64) and stored in their own dtype. SmoothQuant folds with this, and
+    `check_smoothing_exact` checks a family's pairs with it."""
     prev = block.get_submodule(pair.prev)
-    cols = scales
-    if groups > 1:
-        kv_heads = scales.numel() // head_dim
-        cols = scales.reshape(kv_heads, 1, head_dim).expand(kv_heads, groups, head_dim).reshape(-1)
+    linears = [block.get_submodule(rel) for rel in pair.linears]
     if adapter.is_linear(prev):
-        adapter.set_weight(prev, adapter.weight(prev) / scales[:, None])
+        w = adapter.weight(prev).detach()
+        adapter.set_weight(prev, (w.to(_compute_dtype(w)) / prev_scales[:, None]).to(w.dtype))
         bias = adapter.bias(prev)
     else:
-        prev.weight.div_(scales)
+        prev.weight.div_(prev_scales.to(prev.weight.dtype))
         bias = getattr(prev, "bias", None)
     if bias is not None:
-        bias.div_(scales)
-    for rel in pair.linears:
-        module = block.get_submodule(rel)
-        adapter.set_weight(module, adapter.weight(module) * cols[None, :])
+        bias.div_(prev_scales.to(bias.dtype))
+    for module in linears:
+        w = adapter.weight(module).detach()
+        adapter.set_weight(module, (w.to(_compute_dtype(w)) * scales[None, :]).to(w.dtype))
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(w.dtype, torch.float32)
 
 
 @torch.no_grad()
@@ -469,7 +480,12 @@ def _check_pairs(model: nn.Module, layout: ModelLayout) -> None:
         scales = torch.exp((torch.rand(width, generator=gen, dtype=torch.float64) * 2 - 1) * math.log(4))
         touched = [twin.get_submodule(rel) for rel in (pair.prev, *pair.linears)]
         saved = [(t, t.detach().clone()) for m in touched for t in m.parameters(recurse=False)]
-        _fold(twin, family, pair, scales.to(reference.device), groups, head_dim)
+        scales = scales.to(reference.device)
+        cols = scales
+        if groups > 1:  # each value head's scale repeated for the query heads that read it
+            kv_heads = scales.numel() // head_dim
+            cols = scales.reshape(kv_heads, 1, head_dim).expand(kv_heads, groups, head_dim).reshape(-1)
+        fold_smoothing(twin, pair, family.adapter, cols, scales)
         moved = float((_first_tensor(twin(*args, **kwargs)) - reference).abs().max())
         for tensor, value in saved:
             tensor.copy_(value)
