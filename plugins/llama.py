@@ -1,4 +1,8 @@
-"""Llama and the families that share its module layout (Mistral, Qwen2)."""
+"""Llama and the families that share its module layout (Mistral, Qwen2, Qwen3).
+
+Qwen3 adds a per-head RMSNorm to the query and key projections' outputs (`self_attn.q_norm`, `k_norm`):
+they sit after the linears, so the input-norm pair still folds exactly, and the int8 KV cache stores keys
+after them, as the model attends."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ LLAMA = ModelFamily(
     name="llama",
     architectures=tuple(
         f"{prefix}{suffix}"
-        for prefix in ("Llama", "Mistral", "Qwen2")
+        for prefix in ("Llama", "Mistral", "Qwen2", "Qwen3")
         for suffix in ("ForCausalLM", "Model", "ForSequenceClassification", "ForQuestionAnswering")
     ),
     blocks="layers",

@@ -110,6 +110,25 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> float:
 def vllm_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A 2-block model with shapes vLLM's CPU kernels accept (head size 64) and varied greedy output."""
     torch.manual_seed(seed)
+    if family == "qwen3":  # the llama family's Qwen3 layout: per-head q/k norms (given non-unit weights)
+        config = transformers.Qwen3Config(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            vocab_size=256,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+        )
+        model = transformers.Qwen3ForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.uniform_(0.5, 1.5)
+        return model
     if family == "llama":
         config = transformers.LlamaConfig(
             hidden_size=256,
@@ -585,7 +604,7 @@ def test_vllm_w8a8_rotates_a_block_diagonal_width_as_the_runtime_does() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "preset"),
-    [("llama", "w8a8"), ("llama", "w8a16"), ("gpt2", "w8a8"), ("llama", "w8a8+hadamard")],
+    [("llama", "w8a8"), ("llama", "w8a16"), ("gpt2", "w8a8"), ("llama", "w8a8+hadamard"), ("qwen3", "w8a8")],
 )
 def test_generation_agrees_with_the_torch_runtime(
     family: str, preset: str, tiny_checkpoint: Callable[[str, str], Path], tmp_path: Path

@@ -4,7 +4,9 @@ The built-in tiny models (tests/conftest.py) are one shape of each family; real 
 ways that touch the smoothing pairs, the KV cache and the rotation: biases on the projections (a
 smoothed `up_proj` must scale its bias too), `head_dim` not hidden / heads (q and o widths differ from
 the hidden size), one KV head (o_proj's smoothing groups all query heads onto it), rope scaling, a
-sliding window. Each must quantize, stay close to its float model, and reload to the same outputs.
+sliding window; and Qwen3, which the family covers too (per-head RMSNorms on the query and key
+projections' outputs, before rope and the KV cache). Each must quantize, stay close to its float model,
+and reload to the same outputs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ VARIANTS = {
     "one_kv_head": lambda: transformers.LlamaConfig(**{**_COMMON, "num_key_value_heads": 1}),
     "llama3_rope": lambda: transformers.LlamaConfig(**_COMMON, rope_scaling=_ROPE3),
     "mistral_window": lambda: transformers.MistralConfig(**_COMMON, sliding_window=16),
+    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=32),
 }
 CONFIGS = {
     "w8a8-c8": lambda: get_preset("w8a8-c8"),
@@ -50,13 +53,17 @@ CONFIGS = {
 def _model(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = VARIANTS[variant]()
-    cls = transformers.MistralForCausalLM if config.model_type == "mistral" else transformers.LlamaForCausalLM
-    model = cls(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if variant == "biases":  # transformers starts biases at zero: give them values smoothing must carry
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(".bias"):
                     param.normal_(0, 0.05)
+    if variant == "qwen3":  # q/k norms start at one: give them the spread a trained model's have
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.uniform_(0.5, 1.5)
     return model
 
 
