@@ -233,6 +233,14 @@ class AlgorithmBase:
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return None
 
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        """Whether this step reads, while a block runs in float, the input of a linear the recipe
+        rotates (through its own hooks, or through the input observers its rounding reads). Optional:
+        an algorithm without this method is taken to read them. When no step of the recipe does, the
+        float pass runs those linears unrotated (the same function, without the rotation's cost) and
+        they are rotated just before the block is rounded (`BlockSteps.finish`)."""
+        return True
+
     def deploy(self, config: AlgorithmConfig, steps: BlockSteps, schemes: dict[str, str]) -> None:
         return None
 

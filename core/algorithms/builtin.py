@@ -78,6 +78,9 @@ class HadamardRotation(AlgorithmBase):
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return 0
 
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        return False
+
     def rotated_linears(
         self, config: AlgorithmConfig, layout: ModelLayout, targets: dict[str, nn.Module]
     ) -> set[str]:
@@ -169,6 +172,9 @@ class SmoothQuantAlgorithm(AlgorithmBase):
         if config.alpha_grid and config.search == "block":
             return config.search_batches  # the block search re-runs the block on these calls
         return 0  # the pair search reads the linears' inputs captured while the block runs (`PairInputs`)
+
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        return False  # a pair with a rotated linear is neither smoothed nor searched (`smoothable_pairs`)
 
     def before_block(self, config: AlgorithmConfig, ctx: BlockContext) -> None:
         assert isinstance(config, SmoothQuantConfig)
@@ -429,6 +435,10 @@ class RTN(AlgorithmBase):
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return 0
 
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        """Only static input scales and the outlier-token ratio read a linear's input observer."""
+        return self.needs_calibration(config, [])
+
     def rounding(self, config: AlgorithmConfig) -> Rounding | None:
         from quantmint.algorithms.rtn import RoundToNearest
 
@@ -497,6 +507,9 @@ class KVCacheCalibration(AlgorithmBase):
 
     def calibration_calls(self, config: AlgorithmConfig) -> int | None:
         return 0
+
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        return False  # the keys and values, at the attention
 
     def kv_cache_modules(self, config: AlgorithmConfig, layout: ModelLayout) -> dict[str, BlockLayout]:
         from quantmint.algorithms.kv_cache import attention_module_name

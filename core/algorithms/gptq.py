@@ -384,6 +384,9 @@ class GPTQ(RTN):
     def needs_calibration(self, config: AlgorithmConfig, recipe: list[AlgorithmConfig]) -> bool:
         return True
 
+    def reads_rotated_inputs(self, config: AlgorithmConfig) -> bool:
+        return True  # the Hessian of every target's input, rotated as its weight will be
+
     def rounding(self, config: AlgorithmConfig) -> Rounding | None:
         assert isinstance(config, GPTQConfig)
         return GPTQRounding(config)

@@ -23,11 +23,13 @@ class InputObserver:
     """Statistics of one linear layer's input x [..., in] over the calibration set.
 
     `absmax` is max |x_j| per input channel (float32 [in]): what SmoothQuant and static minmax use.
-    `token_absmax` holds max_j |x_tj| of every token t seen (float32, one tensor per batch).
+    `token_absmax` holds max_j |x_tj| of every token t seen (float32, one tensor per batch), unless
+    `tokens` is False (what `token_outlier_ratio` reads; nothing else does).
     With `percentile` set, `percentiles` holds that percentile of |x| for every batch seen.
     """
 
     percentile: float | None = None
+    tokens: bool = True
     absmax: torch.Tensor | None = None
     percentiles: list[float] = field(default_factory=list)
     token_absmax: list[torch.Tensor] = field(default_factory=list)
@@ -35,21 +37,23 @@ class InputObserver:
     def observe(self, x: torch.Tensor) -> None:
         self.add(*self.measure(x))
 
-    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        """What one batch's input x contributes: channel maxima, token maxima and the percentile."""
+    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """What one batch's input x contributes: channel maxima, token maxima (None unless `tokens`)
+        and the percentile."""
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         if self.percentile is None:  # max |x| as max(max x, -min x): no |x| copy (as `row_absmax`)
-            return _absmax(x2, 0), _absmax(x2, 1), None
+            return _absmax(x2, 0), _absmax(x2, 1) if self.tokens else None, None
         x2 = x2.abs()
         flat = x2.flatten()
         if flat.numel() > _QUANTILE_MAX_ELEMENTS:
             flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
         percentile = float(torch.quantile(flat, self.percentile / 100.0))
-        return x2.amax(dim=0), x2.amax(dim=1), percentile
+        return x2.amax(dim=0), x2.amax(dim=1) if self.tokens else None, percentile
 
-    def add(self, amax: torch.Tensor, token_amax: torch.Tensor, percentile: float | None) -> None:
+    def add(self, amax: torch.Tensor, token_amax: torch.Tensor | None, percentile: float | None) -> None:
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        self.token_absmax.append(token_amax)
+        if token_amax is not None:
+            self.token_absmax.append(token_amax)
         if percentile is not None:
             self.percentiles.append(percentile)
 
@@ -72,6 +76,7 @@ class InputObserver:
         Per-token int8 gives such a token one scale for all its channels, so a ratio in the thousands
         (an attention-sink token with a massive activation) rounds its other channels to zero.
         """
+        assert self.tokens, "this observer keeps no token ranges (tokens=False)"
         assert self.token_absmax, "observer saw no data"
         tokens = torch.cat(self.token_absmax)
         median = float(tokens.median())
@@ -97,15 +102,16 @@ def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def attach_input_observers(
-    modules: dict[str, nn.Module], percentile: float | None = None
+    modules: dict[str, nn.Module], percentile: float | None = None, tokens: bool = True
 ) -> tuple[dict[str, InputObserver], list[RemovableHandle]]:
-    """Hook an `InputObserver` on the input of every module; remove the handles when done.
+    """Hook an `InputObserver` on the input of every module (`tokens`: whether they keep token ranges);
+    remove the handles when done.
 
     Linears that read one tensor (a block's q/k/v, gate/up) are measured once per call: the last input
     seen and what it gave are kept, and a module handed that same tensor object next reuses them."""
     observers: dict[str, InputObserver] = {}
     handles = []
-    last: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, float | None]]] = []
+    last: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None, float | None]]] = []
 
     def hook(observer: InputObserver, x: torch.Tensor) -> None:
         if last and last[0][0] is x:
@@ -116,7 +122,7 @@ def attach_input_observers(
         observer.add(*measured)
 
     for name, module in modules.items():
-        observer = InputObserver(percentile=percentile)
+        observer = InputObserver(percentile=percentile, tokens=tokens)
         observers[name] = observer
         handles.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: hook(obs, args[0])))
     return observers, handles

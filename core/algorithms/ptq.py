@@ -355,10 +355,18 @@ class BlockSteps:
         self.head_dim = _head_dim(model)
         rounding = ptq.rounding
         self.percentile = None if rounding is None else rounding.input_percentile
+        # Whether the observers keep each token's range (a rounding that does not say may read them)
+        self.token_ranges = rounding is not None and getattr(rounding, "reads_token_ranges", True)
         self.kv_modules = {block.name: name for name, block in ptq.kv_attention_modules(layout).items()}
         self.alphas: list[float] = []  # a fixed alpha, per block
         self.pair_alphas: dict[str, float] = {}  # the searched alpha of each smoothing pair, by `prev`'s name
         self.extra: dict[str, Any] = {}
+        # Whether the float pass runs the rotated linears rotated: only when a step reads their inputs
+        # (`AlgorithmBase.reads_rotated_inputs`); otherwise `finish` rotates them before rounding.
+        self.rotate_early = any(
+            getattr(algorithm, "reads_rotated_inputs", lambda _config: True)(step)
+            for step, algorithm in ptq.algorithms
+        )
         # Whether a block gives the same output on the first samples of a batch as on the whole batch
         # (checked once by the alpha search before it runs fewer samples; None: not checked yet).
         self.cut_calls_ok: bool | None = None
@@ -368,10 +376,10 @@ class BlockSteps:
     def attach(self, block: BlockLayout) -> BlockContext:
         if self.loader is not None:
             self.loader.load(block)
-        for name, module in block.linears.items():
-            self.ptq.rotate_if_chosen(name, module, self.family)
+        if self.rotate_early:
+            self.rotate(block)
         # Observe every family linear of the block: smoothing needs them even when one is ignored.
-        observers, handles = attach_input_observers(block.linears, self.percentile)
+        observers, handles = attach_input_observers(block.linears, self.percentile, self.token_ranges)
         ctx = BlockContext(self, block, observers, handles=list(handles))
         for step, algorithm in self.ptq.algorithms:
             algorithm.before_block(step, ctx)
@@ -399,6 +407,7 @@ class BlockSteps:
                     handle.reduce(self.world, seen)
         ctx.calls, ctx.outputs = calls, outputs
         observers = ctx.observers
+        self.rotate(block)  # (done already when `rotate_early`)
         for step, algorithm in self.ptq.algorithms:
             algorithm.before_round(step, ctx)
         ctx.prev_scales = self.round_block(block, observers, ctx.smoothing)
@@ -416,10 +425,14 @@ class BlockSteps:
         the recipe's rounding; returns the scales folded into `prev` outputs."""
         return self.ptq._transform_block(block, self.family, observers, self.targets, smoothing)
 
-    def run_without_data(self, block: BlockLayout) -> None:
-        """A recipe that measures nothing: the per-block steps with no observers and no calls."""
+    def rotate(self, block: BlockLayout) -> None:
+        """Fold the rotation into the block's chosen linears (`PTQ.rotate_if_chosen`; idempotent)."""
         for name, module in block.linears.items():
             self.ptq.rotate_if_chosen(name, module, self.family)
+
+    def run_without_data(self, block: BlockLayout) -> None:
+        """A recipe that measures nothing: the per-block steps with no observers and no calls."""
+        self.rotate(block)
         self.finish(block, BlockContext(self, block, {}), [], [])
 
     @property

@@ -71,6 +71,11 @@ class RoundToNearest:
         act = self.activations
         return act.percentile if act is not None and act.observer == "percentile" else None
 
+    @property
+    def reads_token_ranges(self) -> bool:
+        """Whether `scheme_for` reads the observers' token ranges (only for `w8a16_outlier_ratio`)."""
+        return self.w8a16_outlier_ratio is not None
+
     def scheme_for(self, observer: InputObserver | None) -> str:
         """`scheme`, or its a16 twin for a W?A8 linear whose input has an outlier token (see
         `AlgorithmArgs.w8a16_outlier_ratio`). Linears that share an input decide alike."""
