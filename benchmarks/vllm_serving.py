@@ -23,7 +23,8 @@ Per variant (each in its own vLLM process, `enforce_eager`, on the CPU defaults 
 
 Checkpoints: `--w8a8 DIR` / `--w8a16 DIR` / `--w4a16 DIR` / `--w8a8c8 DIR` reuse quantmint checkpoints;
 otherwise they are made here (W8A16: RTN; W8A8 and W8A8-C8: the `w8a8` / `w8a8-c8` presets calibrated on
-`--calib`; W4A16: the `w4a16-gptq`
+`--calib`, `w8a8` without its Hadamard rotation (`--no-hadamard`), whose compressed-tensors export the
+native variant serves; a rotated `--w8a8 DIR` cannot be exported; W4A16: the `w4a16-gptq`
 preset in groups of `--w4a16-group-size` (default 64: SmolLM2's 576 columns are not whole groups of 128,
 which vLLM's 4-bit kernels need), calibrated on `--calib`). The native variants are the W8A8 and W4A16
 checkpoints exported with `quantmint export --format compressed-tensors` (W4A16: pack-quantized),
@@ -136,10 +137,14 @@ def make_checkpoints(
     tokenizer = load_tokenizer(source)
     w4a16 = get_preset("w4a16-gptq")
     w4a16 = w4a16.with_updates(weights={**w4a16.to_dict()["weights"], "group_size": args.w4a16_group_size})
+    # W8A8 without the preset's rotation: the native variant serves its compressed-tensors export, which
+    # cannot describe a rotated layer, and both W8A8 rows must serve the same weights.
+    w8a8 = get_preset("w8a8")
+    w8a8 = w8a8.with_updates(algorithm_args={**w8a8.algorithm_args.model_dump(), "hadamard": False})
     # scheme -> (config, what the log calls it, whether it calibrates)
     recipes: dict[str, tuple[Any, str, bool]] = {
         "w8a16": ("w8a16", "W8A16", False),
-        "w8a8": ("w8a8", "W8A8 (SmoothQuant preset)", True),
+        "w8a8": (w8a8, "W8A8 (SmoothQuant preset, --no-hadamard)", True),
         "w4a16": (w4a16, f"W4A16 (GPTQ, groups of {args.w4a16_group_size})", True),
         "w8a8c8": ("w8a8-c8", "W8A8-C8 (SmoothQuant + int8 KV cache preset)", True),
     }

@@ -13,6 +13,7 @@ import torch
 import transformers
 from torch import nn
 
+from quantmint.config import PTQConfig, get_preset
 from quantmint.extension import registry
 
 VOCAB = 256
@@ -63,6 +64,12 @@ def build_tiny(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model_cls = getattr(transformers, TINY_CLASSES[family])
     return model_cls(tiny_config(family)).eval()
+
+
+def unrotated(preset: str) -> PTQConfig:
+    """`preset` without its Hadamard rotation (`--no-hadamard`): what compressed-tensors export takes."""
+    config = get_preset(preset)
+    return config.with_updates(algorithm_args={**config.algorithm_args.model_dump(), "hadamard": False})
 
 
 def model_output(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -350,7 +350,7 @@ def test_cli_gptq_flag_turns_a_presets_rounding_into_gptq(tmp_path, tiny_model_d
     assert code == 0, capsys.readouterr().err
     config = load_quantized(tmp_path / "q")._quantmint_state.config
     assert config.gptq is not None and config.scheme_name == "w8a8-gptq"
-    assert [s.name for s in config.recipe()] == ["smooth_quant", "gptq"]
+    assert [s.name for s in config.recipe()] == ["hadamard", "smooth_quant", "gptq"]
     capsys.readouterr()
     for preset, fragment in (("c8", "rounds no weights"), ("w8a16-ptq", "block PTQ")):
         with pytest.raises(SystemExit) as exit_info:  # a usage error: argparse's exit status 2

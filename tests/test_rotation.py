@@ -354,7 +354,8 @@ def test_hadamard_auto_round_trips_and_bad_values_name_the_choices() -> None:
     assert step.auto and step.model_dump() == {"auto": True}
     assert _hadamard().recipe()[0].model_dump() == {}  # true: written as before the key existed
     assert get_preset("w8a8-ptq").algorithm_args.hadamard == "auto"
-    assert get_preset("w8a8").algorithm_args.hadamard is False
+    assert get_preset("w8a8").algorithm_args.hadamard == "auto"
+    assert get_preset("w8a8-c8").algorithm_args.hadamard is False
     for bad in ("yes", 1, "true"):
         with pytest.raises(ValueError, match="use true, false or auto"):
             _hadamard(hadamard=bad)
@@ -394,3 +395,67 @@ def test_a_family_must_declare_its_hadamard_linears_among_its_linears(
     temporary_plugin(Plugin(), "stray")
     with pytest.raises(PluginError, match=r"hadamard_linears \['mlp.fc2'\] that are not among its linears"):
         registry.model_families()
+
+
+# ---------------------------------------------------------------- the float pass
+
+
+def _rotate_early(config: PTQConfig) -> bool:
+    from quantmint.algorithms.ptq import BlockSteps
+
+    model = build_tiny("llama")
+    ptq = quantmint.PTQ(config)
+    layout = ptq.layout(model)
+    return BlockSteps(ptq, model, layout, ptq.targets(layout), None).rotate_early  # type: ignore[arg-type]
+
+
+def test_the_float_pass_runs_rotated_linears_unrotated_unless_a_step_reads_their_inputs() -> None:
+    """Only steps that read a rotated linear's input while the block runs in float need the rotation
+    there: GPTQ's Hessians, static input scales, the outlier-token ratio (and any algorithm that does
+    not say, such as block PTQ's). Everything else rotates just before rounding."""
+    w8a8 = get_preset("w8a8")
+    assert not _rotate_early(w8a8)  # dynamic activations, SmoothQuant, the rotation itself
+    assert not _rotate_early(get_preset("w8a8-c8").with_updates(algorithm_args={"hadamard": True}))
+    assert _rotate_early(w8a8.with_updates(gptq={}))
+    assert _rotate_early(w8a8.with_updates(activations={"dynamic": False, "strategy": "tensor"}))
+    args = {**w8a8.algorithm_args.model_dump(), "w8a16_outlier_ratio": 50.0}
+    assert _rotate_early(w8a8.with_updates(algorithm_args=args))
+    assert _rotate_early(get_preset("w8a8-ptq"))
+
+
+def test_rotating_before_rounding_gives_the_model_rotating_in_the_float_pass_gives(monkeypatch) -> None:
+    """The float pass computes the same function either way (only float summation order differs), and
+    the rotation is folded in before anything is rounded: the two quantized models agree, and no
+    rotation runs while the deferred block's observers are attached."""
+    from quantmint.algorithms import ptq as ptq_module
+    from quantmint.algorithms import rotation
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    config = get_preset("w8a8")
+    deferred = quantmint.quantize(build_tiny("llama"), config, calibration=_calibration())
+    original_init = ptq_module.BlockSteps.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_init(self, *args, **kwargs)
+        self.rotate_early = True
+
+    monkeypatch.setattr(ptq_module.BlockSteps, "__init__", init)
+    early = quantmint.quantize(build_tiny("llama"), config, calibration=_calibration())
+    rotated = [n for n, m in deferred.named_modules() if is_rotated(m)]
+    assert rotated and rotated == [n for n, m in early.named_modules() if is_rotated(m)]
+    want, got = model_output(early, ids), model_output(deferred, ids)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+    # Deferred, with one fixed alpha (no search re-runs the block): the only rotations are the weights'
+    # (W -> W H, once per rotated linear); rotating early adds one per calibration batch and linear.
+    config = config.with_updates(algorithm_args={"hadamard": "auto", "smooth_alpha": 0.5})
+    counts = []
+    real = rotation.hadamard_transform
+    calls: list[torch.Tensor] = []
+    monkeypatch.setattr(rotation, "hadamard_transform", lambda x: calls.append(x) or real(x))
+    for init_fn in (original_init, init):
+        monkeypatch.setattr(ptq_module.BlockSteps, "__init__", init_fn)
+        calls.clear()
+        quantmint.quantize(build_tiny("llama"), config, calibration=_calibration())
+        counts.append(len(calls))
+    assert counts[0] == len(rotated) and counts[1] > counts[0], counts

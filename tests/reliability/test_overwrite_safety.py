@@ -14,7 +14,7 @@ import torch
 from quantmint import load_quantized, quantize, save_quantized
 from quantmint.errors import QuantmintError
 from quantmint.tools.cli import main
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, unrotated
 
 
 def _fingerprint(path: Path) -> dict[str, str]:
@@ -123,7 +123,7 @@ def test_save_quantized_refuses_the_directory_the_model_was_loaded_from(model: P
 def _w8a8_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     calibration = [torch.randint(0, 256, (32,)) for _ in range(2)]
-    return save_quantized(quantize(build_tiny("llama"), "w8a8", calibration=calibration), path)
+    return save_quantized(quantize(build_tiny("llama"), unrotated("w8a8"), calibration=calibration), path)
 
 
 def test_export_refuses_to_write_over_its_input(tmp_path: Path, capsys) -> None:
