@@ -39,7 +39,8 @@ tensor in
 a temporary safetensors file that both children read; each reports the sha256 of the ids it read. quantmint
 calibrates in batches of 8 (its default), llm-compressor in batches of ``--llmc-batch-size`` (1, its
 default). Runs: quantmint preset ``w8a8`` (alpha searched per block in {0.5, 0.6, 0.7, 0.8}) vs
-llm-compressor at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5;
+llm-compressor at ``--llmc-alpha`` 0.8 (its best on this model), then quantmint at a fixed alpha of 0.5
+(``algorithm_args`` replaced by ``smooth_alpha: 0.5``: no search and no Hadamard rotation);
 ``--alpha05`` adds llm-compressor at 0.5 too.
 
 Setup, once: llm-compressor lives in its own virtual environment (``--venv``, default
@@ -519,7 +520,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "windowing": PERPLEXITY_WINDOWING,
         },
         "settings": {
-            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block), batch 8",
+            "quantmint": f"preset {QUANTMINT_PRESET} (SmoothQuant, alpha searched per block, down_proj "
+            "rotated where the family allows), batch 8",
             "llmcompressor": f"SmoothQuantModifier(smoothing_strength={args.llmc_alpha}) default mappings + "
             f"QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']), "
             f"batch {args.llmc_batch_size}, default pipeline",
